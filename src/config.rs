@@ -1,0 +1,1030 @@
+//! The YAML contract (see README "Configuration") turned into a typed, validated
+//! [`Config`]. Parsing walks the YAML tree once and collects *every* problem with
+//! its key path (`hosts[1].backends.imaps: invalid address "10.0.0.5:99999"`)
+//! before failing, the way `nginx -t` does; unknown keys are errors at every
+//! level, because a typo in a routing map is a security bug.
+//!
+//! This module reads no file other than the config itself and opens no socket:
+//! certificates are loaded by [`crate::tls::certs`], listeners bound by
+//! [`crate::server`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use crate::names::{HostPattern, Hostname};
+
+/// Every default in one place.
+pub mod defaults {
+    use std::time::Duration;
+    /// ClientHello read plus the rest of the handshake.
+    pub const HANDSHAKE: Duration = Duration::from_secs(10);
+    pub const CONNECT: Duration = Duration::from_secs(5);
+    /// Longer than the 29 minutes RFC 2177 lets an IMAP IDLE client stay silent.
+    pub const IDLE: Duration = Duration::from_secs(31 * 60);
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Each proxied session costs two descriptors; 20,000 per process is common.
+    pub const MAX_CONNECTIONS: usize = 9_000;
+    pub const STATE_DIR: &str = "./state";
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub listeners: BTreeMap<String, Listener>,
+    pub hosts: Vec<Host>,
+    /// Certificate and route for clients that send no SNI.
+    pub default_host: Hostname,
+    pub unknown_sni: UnknownSni,
+    pub max_connections: usize,
+    pub timeouts: Timeouts,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: Vec<SocketAddr>,
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    /// ALPN protocols offered, in preference order; empty = no ALPN (mail default).
+    pub alpn: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+    Smtp,
+    Pop3,
+    Sieve,
+    Tcp,
+    Http,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Implicit,
+    Starttls,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    None,
+    V1,
+    V2,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub proxy_protocol: ProxyProtocol,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertSource {
+    SelfSigned,
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub names: Vec<HostPattern>,
+    pub certificate: CertSource,
+    /// Listener name → backend, with the top-level defaults already merged in.
+    pub backends: BTreeMap<String, Backend>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSni {
+    /// Serve `default_host`'s certificate and route.
+    Default,
+    /// Abort the handshake with an `unrecognized_name` alert.
+    Reject,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `portcullis=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+/// One problem found in a config, with the key path it is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+/// Everything wrong with a config file; never empty.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {p}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it are taken
+    /// relative to the file's own directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|problems| ConfigError { file, problems })
+    }
+
+    /// Parses config text; `base` anchors relative paths.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+        let root: Value = serde_yaml::from_str(text).map_err(|e| {
+            vec![Problem {
+                path: String::new(),
+                message: format!("YAML: {e}"),
+            }]
+        })?;
+        let mut w = Walk {
+            problems: Vec::new(),
+            base,
+            seen_names: BTreeMap::new(),
+        };
+        let config = w.config(&root);
+        match config {
+            Some(c) if w.problems.is_empty() => Ok(c),
+            _ => Err(w.problems),
+        }
+    }
+
+    /// Sessions a listener can route: (listener, host) pairs with a backend.
+    pub fn route_count(&self) -> usize {
+        self.hosts.iter().map(|h| h.backends.len()).sum()
+    }
+
+    /// Listener names that some host has no backend for: a client reaching that
+    /// host there is turned away. Not an error (a webmail host needs no IMAP).
+    pub fn unrouted(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for l in self
+            .listeners
+            .values()
+            .filter(|l| l.protocol != Protocol::Http)
+        {
+            for h in &self.hosts {
+                if !h.backends.contains_key(&l.name) {
+                    out.push((l.name.clone(), h.names[0].to_string()));
+                }
+            }
+        }
+        out
+    }
+}
+
+const TOP_KEYS: &[&str] = &[
+    "state_dir",
+    "acme",
+    "listeners",
+    "backends",
+    "hosts",
+    "default_host",
+    "unknown_sni",
+    "max_connections",
+    "timeouts",
+    "log",
+];
+const LISTENER_KEYS: &[&str] = &["bind", "protocol", "tls", "alpn"];
+const BACKEND_KEYS: &[&str] = &["address", "proxy_protocol", "connect_timeout"];
+const HOST_KEYS: &[&str] = &["names", "certificate", "backends"];
+const CERT_FILE_KEYS: &[&str] = &["cert", "key"];
+const TIMEOUT_KEYS: &[&str] = &["handshake", "connect", "idle", "shutdown_grace"];
+const LOG_KEYS: &[&str] = &["format", "level"];
+
+/// Listener name → the listener, or `None` where its definition has problems.
+type Listeners = BTreeMap<String, Option<Listener>>;
+
+/// A backend as written, before the listener's defaults are merged in.
+struct RawBackend {
+    address: SocketAddr,
+    proxy_protocol: ProxyProtocol,
+    connect_timeout: Option<Duration>,
+}
+
+struct Walk<'b> {
+    problems: Vec<Problem>,
+    base: &'b Path,
+    /// Every host name seen so far → the host that listed it first.
+    seen_names: BTreeMap<HostPattern, String>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// `key` of a mapping, with an explicit `null` read as absent.
+fn field<'v>(m: &'v Mapping, key: &str) -> Option<&'v Value> {
+    m.get(key).filter(|v| !v.is_null())
+}
+
+impl Walk<'_> {
+    fn err(&mut self, path: &str, message: impl fmt::Display) {
+        self.problems.push(Problem {
+            path: path.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    /// `v` as a mapping whose keys are all in `keys`; reports every other key.
+    fn mapping<'v>(&mut self, v: &'v Value, path: &str, keys: &[&str]) -> Option<&'v Mapping> {
+        let Value::Mapping(m) = v else {
+            self.err(path, format!("expected a mapping, found {}", kind(v)));
+            return None;
+        };
+        for k in m.keys() {
+            match k.as_str() {
+                Some(k) if keys.contains(&k) => {}
+                Some(k) => self.err(
+                    &join(path, k),
+                    format!("unknown key (expected one of: {})", keys.join(", ")),
+                ),
+                None => self.err(path, format!("keys must be strings, found {}", kind(k))),
+            }
+        }
+        Some(m)
+    }
+
+    /// A mapping with free-form string keys (listener names): each key and value.
+    fn named<'v>(&mut self, v: &'v Value, path: &str) -> Vec<(String, &'v Value)> {
+        let Value::Mapping(m) = v else {
+            self.err(path, format!("expected a mapping, found {}", kind(v)));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (k, v) in m {
+            match k.as_str() {
+                Some(name) => out.push((name.to_string(), v)),
+                None => self.err(path, format!("keys must be strings, found {}", kind(k))),
+            }
+        }
+        out
+    }
+
+    fn de<T: DeserializeOwned>(&mut self, v: &Value, path: &str) -> Option<T> {
+        serde_yaml::from_value(v.clone())
+            .map_err(|e| self.err(path, e))
+            .ok()
+    }
+
+    fn required<'v>(&mut self, m: &'v Mapping, path: &str, key: &str) -> Option<&'v Value> {
+        let v = field(m, key);
+        if v.is_none() {
+            self.err(&join(path, key), "missing");
+        }
+        v
+    }
+
+    fn string(&mut self, v: &Value, path: &str) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.err(path, format!("expected a string, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    /// A string or a list of strings.
+    fn strings(&mut self, v: &Value, path: &str) -> Vec<(String, String)> {
+        match v {
+            Value::Sequence(items) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    let p = format!("{path}[{i}]");
+                    self.string(item, &p).map(|s| (p, s))
+                })
+                .collect(),
+            other => self
+                .string(other, path)
+                .map(|s| vec![(path.to_string(), s)])
+                .unwrap_or_default(),
+        }
+    }
+
+    fn path(&self, s: &str) -> PathBuf {
+        let p = Path::new(s);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// `30s`, `31m`, `1h 30m`, or a bare number of seconds.
+    fn duration(&mut self, v: &Value, path: &str) -> Option<Duration> {
+        let d = match v {
+            Value::Number(n) => n.as_u64().map(Duration::from_secs),
+            Value::String(s) => humantime::parse_duration(s).ok(),
+            _ => None,
+        };
+        if d.is_none() {
+            self.err(
+                path,
+                format!(
+                    "invalid duration {} (examples: 10s, 31m, 1h)",
+                    serde_yaml::to_string(v).unwrap_or_default().trim()
+                ),
+            );
+        }
+        d
+    }
+
+    fn socket_addr(&mut self, s: &str, path: &str) -> Option<SocketAddr> {
+        let parsed = s.parse::<SocketAddr>();
+        if parsed.is_err() {
+            self.err(
+                path,
+                format!(
+                    "invalid address {s:?} (expected IP:port, e.g. 127.0.0.1:10143 or [::1]:10143)"
+                ),
+            );
+        }
+        parsed.ok()
+    }
+
+    fn config(&mut self, root: &Value) -> Option<Config> {
+        let m = self.mapping(root, "", TOP_KEYS)?;
+
+        let state_dir = match field(m, "state_dir") {
+            Some(v) => self.string(v, "state_dir").map(|s| self.path(&s)),
+            None => Some(self.path(defaults::STATE_DIR)),
+        };
+        if field(m, "acme").is_some() {
+            self.err(
+                "acme",
+                "ACME is not available in this version yet; use `certificate: self-signed` or `{ cert, key }` files",
+            );
+        }
+
+        let listeners = match self.required(m, "", "listeners") {
+            Some(v) => self.listeners(v),
+            None => BTreeMap::new(),
+        };
+        let defaults = match field(m, "backends") {
+            Some(v) => self.backend_map(v, "backends", &listeners),
+            None => BTreeMap::new(),
+        };
+        let timeouts = self.timeouts(field(m, "timeouts"));
+        let hosts = match self.required(m, "", "hosts") {
+            Some(v) => self.hosts(v, &listeners, &defaults, timeouts.connect),
+            None => Vec::new(),
+        };
+        let listeners: BTreeMap<String, Listener> = listeners
+            .into_iter()
+            .filter_map(|(name, l)| Some((name, l?)))
+            .collect();
+
+        let default_host = match field(m, "default_host") {
+            Some(v) => self.default_host(v, &hosts),
+            None => hosts.first().and_then(|h| first_exact(&h.names)).or_else(|| {
+                if !hosts.is_empty() {
+                    self.err(
+                        "default_host",
+                        "missing, and the first host has no exact (non-wildcard) name to default to",
+                    );
+                }
+                None
+            }),
+        };
+        let unknown_sni = field(m, "unknown_sni")
+            .map(|v| self.de(v, "unknown_sni"))
+            .unwrap_or(Some(UnknownSni::Default));
+        let max_connections = match field(m, "max_connections") {
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Some(n as usize),
+                _ => {
+                    self.err("max_connections", "expected a whole number above 0");
+                    None
+                }
+            },
+            None => Some(defaults::MAX_CONNECTIONS),
+        };
+        let log = self.log(field(m, "log"));
+
+        if listeners.is_empty() && field(m, "listeners").is_some() {
+            self.err("listeners", "at least one listener is needed");
+        }
+        if hosts.is_empty() && field(m, "hosts").is_some() {
+            self.err("hosts", "at least one host is needed");
+        }
+        Some(Config {
+            state_dir: state_dir?,
+            listeners,
+            hosts,
+            default_host: default_host?,
+            unknown_sni: unknown_sni?,
+            max_connections: max_connections?,
+            timeouts,
+            log,
+        })
+    }
+
+    /// Every listener name, with `None` where its body has problems: a broken
+    /// listener still exists for the backends that name it.
+    fn listeners(&mut self, v: &Value) -> Listeners {
+        let mut out = BTreeMap::new();
+        let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        for (name, v) in self.named(v, "listeners") {
+            let path = format!("listeners.{name}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                self.err(&path, "listener names use letters, digits, '_' and '-'");
+                continue;
+            }
+            let Some(l) = self.listener(&name, v, &path) else {
+                out.insert(name, None);
+                continue;
+            };
+            for addr in l.bind.iter().filter(|a| a.port() != 0) {
+                if let Some(other) = seen.insert(*addr, name.clone()) {
+                    self.err(
+                        &format!("{path}.bind"),
+                        format!("{addr} is already bound by listener {other:?}"),
+                    );
+                }
+            }
+            out.insert(name, Some(l));
+        }
+        out
+    }
+
+    fn listener(&mut self, name: &str, v: &Value, path: &str) -> Option<Listener> {
+        let m = self.mapping(v, path, LISTENER_KEYS)?;
+        let bind_path = join(path, "bind");
+        let bind: Vec<SocketAddr> = match self.required(m, path, "bind") {
+            Some(v) => self
+                .strings(v, &bind_path)
+                .into_iter()
+                .filter_map(|(p, s)| self.socket_addr(&s, &p))
+                .collect(),
+            None => Vec::new(),
+        };
+        if bind.is_empty() && field(m, "bind").is_some() {
+            self.err(&bind_path, "at least one address is needed");
+        }
+        let protocol: Option<Protocol> = self
+            .required(m, path, "protocol")
+            .and_then(|v| self.de(v, &join(path, "protocol")));
+        let tls: Option<TlsMode> = match field(m, "tls") {
+            Some(v) => self.de(v, &join(path, "tls")),
+            None if protocol == Some(Protocol::Http) => Some(TlsMode::None),
+            None => {
+                self.err(&join(path, "tls"), "missing (implicit or starttls)");
+                None
+            }
+        };
+        let alpn: Vec<Vec<u8>> = match field(m, "alpn") {
+            Some(v) => self
+                .strings(v, &join(path, "alpn"))
+                .into_iter()
+                .filter_map(|(p, s)| {
+                    if s.is_empty() || s.len() > 255 {
+                        self.err(&p, "an ALPN protocol name is 1 to 255 bytes");
+                        None
+                    } else {
+                        Some(s.into_bytes())
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let (protocol, tls) = (protocol?, tls?);
+        match (protocol, tls) {
+            (
+                Protocol::Imap | Protocol::Smtp | Protocol::Pop3 | Protocol::Tcp,
+                TlsMode::Implicit,
+            ) => {}
+            (_, TlsMode::Starttls) => self.err(
+                &join(path, "tls"),
+                "starttls listeners are not available in this version yet",
+            ),
+            (Protocol::Http, _) => self.err(
+                &join(path, "protocol"),
+                "http listeners are not available in this version yet",
+            ),
+            (Protocol::Sieve, _) => self.err(
+                &join(path, "protocol"),
+                "ManageSieve has no implicit-TLS port; it needs tls: starttls",
+            ),
+            (_, TlsMode::None) => self.err(
+                &join(path, "tls"),
+                format!("{protocol:?} needs TLS: implicit (or starttls)").to_lowercase(),
+            ),
+        }
+        if !alpn.is_empty() && tls != TlsMode::Implicit {
+            self.err(&join(path, "alpn"), "ALPN only applies to tls: implicit");
+        }
+        Some(Listener {
+            name: name.to_string(),
+            bind,
+            protocol,
+            tls,
+            alpn,
+        })
+    }
+
+    fn backend(&mut self, v: &Value, path: &str) -> Option<RawBackend> {
+        match v {
+            Value::String(s) => Some(RawBackend {
+                address: self.socket_addr(s, path)?,
+                proxy_protocol: ProxyProtocol::V2,
+                connect_timeout: None,
+            }),
+            Value::Mapping(_) => {
+                let m = self.mapping(v, path, BACKEND_KEYS)?;
+                let address = self
+                    .required(m, path, "address")
+                    .and_then(|a| self.string(a, &join(path, "address")))
+                    .and_then(|s| self.socket_addr(&s, &join(path, "address")));
+                let proxy_protocol = field(m, "proxy_protocol")
+                    .map(|p| self.de(p, &join(path, "proxy_protocol")))
+                    .unwrap_or(Some(ProxyProtocol::V2));
+                let connect_timeout = match field(m, "connect_timeout") {
+                    Some(t) => Some(self.duration(t, &join(path, "connect_timeout"))?),
+                    None => None,
+                };
+                Some(RawBackend {
+                    address: address?,
+                    proxy_protocol: proxy_protocol?,
+                    connect_timeout,
+                })
+            }
+            other => {
+                self.err(
+                    path,
+                    format!(
+                        "expected an address or a mapping with `address`, found {}",
+                        kind(other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// `listener name → backend`; every name must be a configured listener.
+    fn backend_map(
+        &mut self,
+        v: &Value,
+        path: &str,
+        listeners: &Listeners,
+    ) -> BTreeMap<String, RawBackend> {
+        let mut out = BTreeMap::new();
+        for (name, v) in self.named(v, path) {
+            let p = join(path, &name);
+            let backend = self.backend(v, &p);
+            match listeners.get(&name) {
+                None if !listeners.is_empty() => {
+                    self.err(&p, format!("no listener named {name:?}"));
+                    continue;
+                }
+                Some(Some(l)) if l.protocol == Protocol::Http => {
+                    self.err(&p, "http listeners take no backend here");
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some(b) = backend {
+                out.insert(name, b);
+            }
+        }
+        out
+    }
+
+    fn hosts(
+        &mut self,
+        v: &Value,
+        listeners: &Listeners,
+        defaults: &BTreeMap<String, RawBackend>,
+        connect: Duration,
+    ) -> Vec<Host> {
+        let Value::Sequence(items) = v else {
+            self.err("hosts", format!("expected a list, found {}", kind(v)));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("hosts[{i}]");
+            if let Some(h) = self.host(item, &path, listeners, defaults, connect) {
+                out.push(h);
+            }
+        }
+        out
+    }
+
+    fn host(
+        &mut self,
+        v: &Value,
+        path: &str,
+        listeners: &Listeners,
+        defaults: &BTreeMap<String, RawBackend>,
+        connect: Duration,
+    ) -> Option<Host> {
+        let m = self.mapping(v, path, HOST_KEYS)?;
+        let names_path = join(path, "names");
+        let names: Vec<HostPattern> = match self.required(m, path, "names") {
+            Some(v) => self
+                .strings(v, &names_path)
+                .into_iter()
+                .filter_map(|(p, s)| {
+                    HostPattern::parse(&s)
+                        .map_err(|e| self.err(&p, format!("{s:?}: {e}")))
+                        .ok()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        if names.is_empty() && field(m, "names").is_some() {
+            self.err(&names_path, "at least one name is needed");
+        }
+        for n in &names {
+            if let Some(first) = self.seen_names.insert(n.clone(), path.to_string()) {
+                self.err(&names_path, format!("{n} is already listed under {first}"));
+            }
+        }
+        let certificate = match self.required(m, path, "certificate") {
+            Some(v) => self.cert_source(v, &join(path, "certificate")),
+            None => None,
+        };
+        let overrides = match field(m, "backends") {
+            Some(v) => self.backend_map(v, &join(path, "backends"), listeners),
+            None => BTreeMap::new(),
+        };
+        let mut backends = BTreeMap::new();
+        for name in listeners.keys() {
+            if let Some(raw) = overrides.get(name).or_else(|| defaults.get(name)) {
+                backends.insert(
+                    name.clone(),
+                    Backend {
+                        address: raw.address,
+                        proxy_protocol: raw.proxy_protocol,
+                        connect_timeout: raw.connect_timeout.unwrap_or(connect),
+                    },
+                );
+            }
+        }
+        if names.is_empty() {
+            return None;
+        }
+        Some(Host {
+            names,
+            certificate: certificate?,
+            backends,
+        })
+    }
+
+    fn cert_source(&mut self, v: &Value, path: &str) -> Option<CertSource> {
+        match v {
+            Value::String(s) if s == "self-signed" => Some(CertSource::SelfSigned),
+            Value::String(s) if s == "acme" => {
+                self.err(
+                    path,
+                    "acme certificates are not available in this version yet; use self-signed or { cert, key }",
+                );
+                None
+            }
+            Value::String(s) => {
+                self.err(
+                    path,
+                    format!("unknown certificate source {s:?} (expected self-signed, acme or {{ cert, key }})"),
+                );
+                None
+            }
+            Value::Mapping(_) => {
+                let m = self.mapping(v, path, CERT_FILE_KEYS)?;
+                let cert = self
+                    .required(m, path, "cert")
+                    .and_then(|c| self.string(c, &join(path, "cert")));
+                let key = self
+                    .required(m, path, "key")
+                    .and_then(|k| self.string(k, &join(path, "key")));
+                Some(CertSource::Files {
+                    cert: self.path(&cert?),
+                    key: self.path(&key?),
+                })
+            }
+            other => {
+                self.err(
+                    path,
+                    format!(
+                        "expected self-signed or {{ cert, key }}, found {}",
+                        kind(other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn default_host(&mut self, v: &Value, hosts: &[Host]) -> Option<Hostname> {
+        let s = self.string(v, "default_host")?;
+        let name = Hostname::parse(&s)
+            .map_err(|e| self.err("default_host", format!("{s:?}: {e}")))
+            .ok()?;
+        if !hosts.is_empty()
+            && !hosts
+                .iter()
+                .any(|h| h.names.iter().any(|p| p.matches(&name)))
+        {
+            self.err(
+                "default_host",
+                format!("{name} is not among the names of any host"),
+            );
+        }
+        Some(name)
+    }
+
+    fn timeouts(&mut self, v: Option<&Value>) -> Timeouts {
+        let mut t = Timeouts {
+            handshake: defaults::HANDSHAKE,
+            connect: defaults::CONNECT,
+            idle: defaults::IDLE,
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+        };
+        let Some(m) = v.and_then(|v| self.mapping(v, "timeouts", TIMEOUT_KEYS)) else {
+            return t;
+        };
+        for (key, slot) in [
+            ("handshake", &mut t.handshake),
+            ("connect", &mut t.connect),
+            ("idle", &mut t.idle),
+            ("shutdown_grace", &mut t.shutdown_grace),
+        ] {
+            if let Some(v) = field(m, key) {
+                if let Some(d) = self.duration(v, &join("timeouts", key)) {
+                    *slot = d;
+                }
+            }
+        }
+        t
+    }
+
+    fn log(&mut self, v: Option<&Value>) -> LogConfig {
+        let mut log = LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        };
+        let Some(m) = v.and_then(|v| self.mapping(v, "log", LOG_KEYS)) else {
+            return log;
+        };
+        if let Some(f) = field(m, "format").and_then(|f| self.de(f, "log.format")) {
+            log.format = f;
+        }
+        if let Some(l) = field(m, "level").and_then(|l| self.string(l, "log.level")) {
+            log.level = l;
+        }
+        log
+    }
+}
+
+fn first_exact(names: &[HostPattern]) -> Option<Hostname> {
+    names.iter().find_map(|n| match n {
+        HostPattern::Exact(h) => Some(h.clone()),
+        HostPattern::Wildcard(_) => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Vec<String>> {
+        Config::parse(text, Path::new("/etc/portcullis"))
+            .map_err(|ps| ps.iter().map(|p| p.to_string()).collect())
+    }
+
+    const GOOD: &str = r#"
+state_dir: state
+listeners:
+  imaps: { bind: ["127.0.0.1:10993", "[::1]:10993"], protocol: imap, tls: implicit }
+  https: { bind: "127.0.0.1:10443", protocol: tcp, tls: implicit, alpn: [h2, http/1.1] }
+backends:
+  imaps: 127.0.0.1:10143
+hosts:
+  - names: [mail.example.test, IMAP.example.test]
+    certificate: self-signed
+    backends:
+      https: { address: "127.0.0.1:8080", proxy_protocol: none, connect_timeout: 2s }
+  - names: ["*.example.org"]
+    certificate: { cert: /etc/ssl/org.pem, key: org.key }
+default_host: mail.example.test
+timeouts: { idle: 45m }
+"#;
+
+    #[test]
+    fn a_good_config_parses_into_typed_values() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/portcullis/state"));
+        assert_eq!(c.listeners["imaps"].bind.len(), 2);
+        assert_eq!(
+            c.listeners["https"].alpn,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        assert_eq!(c.hosts[0].names[1].to_string(), "imap.example.test");
+        let https = &c.hosts[0].backends["https"];
+        assert_eq!(https.proxy_protocol, ProxyProtocol::None);
+        assert_eq!(https.connect_timeout, Duration::from_secs(2));
+        // defaults merge in, and the host without an https override gets none
+        assert_eq!(
+            c.hosts[1].backends["imaps"].proxy_protocol,
+            ProxyProtocol::V2
+        );
+        assert_eq!(
+            c.hosts[1].backends["imaps"].connect_timeout,
+            defaults::CONNECT
+        );
+        assert!(!c.hosts[1].backends.contains_key("https"));
+        assert_eq!(
+            c.hosts[1].certificate,
+            CertSource::Files {
+                cert: "/etc/ssl/org.pem".into(),
+                key: "/etc/portcullis/org.key".into()
+            }
+        );
+        assert_eq!(c.timeouts.idle, Duration::from_secs(45 * 60));
+        assert_eq!(c.timeouts.handshake, defaults::HANDSHAKE);
+        assert_eq!(
+            c.unrouted(),
+            vec![("https".to_string(), "*.example.org".to_string())]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_path() {
+        let text = r#"
+listeners:
+  imaps: { bind: ["127.0.0.1:10993"], protocol: imap, tls: implict }
+  pop3s: { bind: "127.0.0.1:10995", protocol: pop3, tls: implicit, colour: blue }
+backends:
+  imaps: 127.0.0.1:10143
+  imap: 127.0.0.1:10144
+hosts:
+  - names: [a.example.test]
+    certificate: self-signed
+  - names: [b.example.test, "bad name"]
+    certificate: self-signed
+    backends:
+      pop3s: "10.0.0.5:99999"
+  - names: [a.example.test]
+    certificate: { cert: x.pem }
+default_host: nowhere.test
+timeouts: { idle: forever }
+"#;
+        let errs = parse(text).unwrap_err();
+        let expect = [
+            "listeners.imaps.tls: unknown variant `implict`, expected one of",
+            "listeners.pop3s.colour: unknown key",
+            "backends.imap: no listener named \"imap\"",
+            "hosts[1].names[1]: \"bad name\": invalid label",
+            "hosts[1].backends.pop3s: invalid address \"10.0.0.5:99999\"",
+            "hosts[2].certificate.key: missing",
+            "hosts[2].names: a.example.test is already listed under hosts[0]",
+            "default_host: nowhere.test is not among the names of any host",
+            "timeouts.idle: invalid duration forever",
+        ];
+        for e in expect {
+            assert!(
+                errs.iter().any(|got| got.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn missing_sections_and_bad_yaml_are_reported() {
+        let errs = parse("state_dir: x\n").unwrap_err();
+        assert_eq!(errs, vec!["listeners: missing", "hosts: missing"]);
+        let errs = parse("listeners: [\n").unwrap_err();
+        assert!(errs[0].starts_with("YAML: "), "{errs:?}");
+        let errs = parse("- just\n- a list\n").unwrap_err();
+        assert_eq!(errs, vec!["expected a mapping, found a list"]);
+    }
+
+    #[test]
+    fn features_of_later_versions_are_refused_clearly() {
+        let text = r#"
+acme: { directory: letsencrypt }
+listeners:
+  imap: { bind: "127.0.0.1:10143", protocol: imap, tls: starttls }
+  http: { bind: "127.0.0.1:10080", protocol: http }
+hosts:
+  - names: [a.example.test]
+    certificate: acme
+"#;
+        let errs = parse(text).unwrap_err();
+        assert!(
+            errs[0].starts_with("acme: ACME is not available"),
+            "{errs:?}"
+        );
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("listeners.http.protocol: http listeners")));
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("listeners.imap.tls: starttls")));
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("hosts[0].certificate: acme")));
+    }
+
+    #[test]
+    fn default_host_defaults_to_the_first_exact_name() {
+        let text = GOOD.replace("default_host: mail.example.test", "");
+        assert_eq!(
+            parse(&text).unwrap().default_host.as_str(),
+            "mail.example.test"
+        );
+    }
+
+    #[test]
+    fn two_listeners_cannot_share_an_address() {
+        let text = GOOD.replace("127.0.0.1:10443", "127.0.0.1:10993");
+        let errs = parse(&text).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("already bound by listener"), "{errs:?}");
+    }
+}

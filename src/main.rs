@@ -1,0 +1,153 @@
+//! The `portcullis` command: parses the command line, starts logging, and maps
+//! outcomes to exit codes (0 ok, 1 bad config or failed start). Everything else
+//! lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use portcullis::config::Config;
+use portcullis::server::{load_certificates, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "TLS-terminating front proxy for mail and web servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run in the foreground; SIGTERM or SIGINT drains and exits.
+    Run {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file and its certificates; exit 1 on any problem.
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+        Command::Version => {
+            println!("portcullis {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{}: {} problem(s), config not valid",
+                path.display(),
+                e.problems.len()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let (loaded, errors) = load_certificates(&config, &provider, false);
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("{}: {e}", path.display());
+        }
+        eprintln!(
+            "{}: {} problem(s), config not valid",
+            path.display(),
+            errors.len()
+        );
+        return ExitCode::FAILURE;
+    }
+    for cert in loaded.iter().flatten() {
+        if !cert.info.uncovered.is_empty() {
+            eprintln!(
+                "{}: warning: certificate for {} does not cover {}",
+                path.display(),
+                cert.info.sans.join(", "),
+                cert.info.uncovered.join(", ")
+            );
+        }
+    }
+    for (listener, host) in config.unrouted() {
+        eprintln!(
+            "{}: warning: no backend for host {host} on listener {listener}: its clients there get a goodbye",
+            path.display()
+        );
+    }
+    let addrs: usize = config.listeners.values().map(|l| l.bind.len()).sum();
+    let names: usize = config.hosts.iter().map(|h| h.names.len()).sum();
+    println!(
+        "{}: ok: {} listeners on {} addresses, {} hosts with {} names, {} routes",
+        path.display(),
+        config.listeners.len(),
+        addrs,
+        config.hosts.len(),
+        names,
+        config.route_count()
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    portcullis::logging::init(config.log.format, &config.log.level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match Server::bind(&config) {
+            Ok(s) => s,
+            Err(errors) => {
+                for e in errors {
+                    tracing::error!("{e}");
+                }
+                return ExitCode::FAILURE;
+            }
+        };
+        server.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+}

@@ -1,0 +1,248 @@
+//! From a validated [`Config`] to running listeners: load every certificate,
+//! build the host table, bind every address, then accept until shutdown.
+//!
+//! Shutdown is two-staged: stop accepting (connections still in their
+//! handshake are dropped), then give relays `timeouts.shutdown_grace` to finish
+//! before ending them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{CertSource, Config, Listener};
+use crate::hosts::{Host, HostTable, NoDefaultHost};
+use crate::listener::{accept_loop, ListenerCtx, Stop};
+use crate::tls::certs::{self, CertError, LoadedCert};
+use crate::tls::resolver::CertResolver;
+use crate::tls::TlsContext;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("hosts[{index}] ({name}): {source}")]
+    Certificate {
+        index: usize,
+        name: String,
+        source: CertError,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    DefaultHost(#[from] NoDefaultHost),
+    #[error("listeners.{listener}: cannot listen on {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// Loads the certificate of every host; self-signed ones are created (and
+/// stored) when `generate` is true, skipped otherwise (`portcullis check`).
+/// Returns every failure, not just the first.
+pub fn load_certificates(
+    config: &Config,
+    provider: &rustls::crypto::CryptoProvider,
+    generate: bool,
+) -> (Vec<Option<LoadedCert>>, Vec<BuildError>) {
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for (index, host) in config.hosts.iter().enumerate() {
+        let result = match &host.certificate {
+            CertSource::Files { cert, key } => certs::load_files(cert, key, &host.names, provider),
+            CertSource::SelfSigned if generate => {
+                certs::self_signed(&config.state_dir, &host.names, provider)
+            }
+            CertSource::SelfSigned => {
+                loaded.push(None);
+                continue;
+            }
+        };
+        match result {
+            Ok(c) => loaded.push(Some(c)),
+            Err(source) => {
+                loaded.push(None);
+                errors.push(BuildError::Certificate {
+                    index,
+                    name: host.names[0].to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    (loaded, errors)
+}
+
+/// A server with its sockets bound, ready to [`run`](Server::run).
+pub struct Server {
+    listeners: Vec<(Arc<ListenerCtx>, Vec<TcpListener>)>,
+    table: Arc<ArcSwap<HostTable>>,
+    max_connections: usize,
+    shutdown_grace: std::time::Duration,
+}
+
+impl Server {
+    /// Loads certificates and binds every listener address. Must be called
+    /// inside a tokio runtime.
+    pub fn bind(config: &Config) -> Result<Server, Vec<BuildError>> {
+        let tls = TlsContext::new().map_err(|e| vec![e.into()])?;
+        let (loaded, errors) = load_certificates(config, &tls.provider, true);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut hosts = Vec::new();
+        for (host, cert) in config.hosts.iter().zip(loaded) {
+            let Some(cert) = cert else { continue };
+            if !cert.info.uncovered.is_empty() {
+                warn!(
+                    host = %host.names[0],
+                    uncovered = %cert.info.uncovered.join(", "),
+                    "certificate does not cover every name of its host"
+                );
+            }
+            hosts.push(Host {
+                names: host.names.clone(),
+                cert: cert.key,
+                cert_info: cert.info,
+                backends: host.backends.clone(),
+            });
+        }
+        let table = HostTable::new(hosts, &config.default_host, config.unknown_sni)
+            .map_err(|e| vec![e.into()])?;
+        let table = Arc::new(ArcSwap::from_pointee(table));
+        let resolver = Arc::new(CertResolver::new(table.clone()));
+
+        let v4_any = v4_any_ports(config.listeners.values());
+        let mut listeners = Vec::new();
+        let mut errors = Vec::new();
+        for l in config.listeners.values() {
+            let server_config = tls
+                .server_config(l, resolver.clone())
+                .map_err(|e| vec![e.into()])?;
+            let mut sockets = Vec::new();
+            for addr in &l.bind {
+                match bind_socket(*addr, &v4_any) {
+                    Ok(s) => sockets.push(s),
+                    Err(source) => errors.push(BuildError::Bind {
+                        listener: l.name.clone(),
+                        addr: *addr,
+                        source,
+                    }),
+                }
+            }
+            let ctx = ListenerCtx {
+                listener: l.clone(),
+                tls: server_config,
+                table: table.clone(),
+                timeouts: config.timeouts,
+            };
+            listeners.push((Arc::new(ctx), sockets));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Server {
+            listeners,
+            table,
+            max_connections: config.max_connections,
+            shutdown_grace: config.timeouts.shutdown_grace,
+        })
+    }
+
+    /// Where each listener is bound (port 0 resolved to the real port).
+    pub fn local_addrs(&self) -> BTreeMap<String, Vec<SocketAddr>> {
+        self.listeners
+            .iter()
+            .map(|(ctx, sockets)| {
+                let addrs = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
+                (ctx.listener.name.clone(), addrs)
+            })
+            .collect()
+    }
+
+    /// The live host table (certificates and routes).
+    pub fn hosts(&self) -> Arc<ArcSwap<HostTable>> {
+        self.table.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop = Stop::default();
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let accepts = TaskTracker::new();
+        for (ctx, sockets) in self.listeners {
+            for socket in sockets {
+                if let Ok(addr) = socket.local_addr() {
+                    info!(listener = %ctx.listener.name, addr = %addr, "listening");
+                }
+                accepts.spawn(accept_loop(
+                    socket,
+                    ctx.clone(),
+                    limit.clone(),
+                    tracker.clone(),
+                    stop.clone(),
+                ));
+            }
+        }
+        accepts.close();
+        shutdown.await;
+
+        info!(open_sessions = tracker.len(), grace = ?self.shutdown_grace, "shutting down: no new connections");
+        stop.accepting.cancel();
+        accepts.wait().await;
+        tracker.close();
+        if tokio::time::timeout(self.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = tracker.len(),
+                "grace period over: closing remaining sessions"
+            );
+            stop.relays.cancel();
+            tracker.wait().await;
+        }
+        info!("stopped");
+    }
+}
+
+/// Ports on which some listener binds `0.0.0.0`: an `[::]` socket on the same
+/// port must then be IPv6-only, or the two binds collide. Elsewhere `[::]` is
+/// dual-stack and takes IPv4 clients too.
+fn v4_any_ports<'a>(listeners: impl Iterator<Item = &'a Listener>) -> BTreeSet<u16> {
+    let mut v4_any = BTreeSet::new();
+    for l in listeners {
+        for a in &l.bind {
+            if a.ip() == Ipv4Addr::UNSPECIFIED {
+                v4_any.insert(a.port());
+            }
+        }
+    }
+    v4_any
+}
+
+fn bind_socket(addr: SocketAddr, v4_any_ports: &BTreeSet<u16>) -> io::Result<TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if let SocketAddr::V6(v6) = addr {
+        let dual = v6.ip().is_unspecified() && !v4_any_ports.contains(&addr.port());
+        socket.set_only_v6(!dual)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
