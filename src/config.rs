@@ -25,6 +25,8 @@ pub mod defaults {
     use std::time::Duration;
     /// ClientHello read plus the rest of the handshake.
     pub const HANDSHAKE: Duration = Duration::from_secs(10);
+    /// Greeting to STARTTLS takes a client well under a second.
+    pub const DIALOGUE: Duration = Duration::from_secs(60);
     pub const CONNECT: Duration = Duration::from_secs(5);
     /// Longer than the 29 minutes RFC 2177 lets an IMAP IDLE client stay silent.
     pub const IDLE: Duration = Duration::from_secs(31 * 60);
@@ -55,6 +57,11 @@ pub struct Listener {
     pub tls: TlsMode,
     /// ALPN protocols offered, in preference order; empty = no ALPN (mail default).
     pub alpn: Vec<Vec<u8>>,
+    /// The name in STARTTLS greetings; `None` = `default_host`.
+    pub hostname: Option<Hostname>,
+    /// SMTP STARTTLS only: refuse everything but the upgrade before TLS
+    /// (submission). `false` lets plaintext mail through (an MX on port 25).
+    pub require_tls: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -117,6 +124,8 @@ pub enum UnknownSni {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub handshake: Duration,
+    /// The whole plaintext dialogue before STARTTLS.
+    pub dialogue: Duration,
     pub connect: Duration,
     pub idle: Duration,
     pub shutdown_grace: Duration,
@@ -247,11 +256,11 @@ const TOP_KEYS: &[&str] = &[
     "timeouts",
     "log",
 ];
-const LISTENER_KEYS: &[&str] = &["bind", "protocol", "tls", "alpn"];
+const LISTENER_KEYS: &[&str] = &["bind", "protocol", "tls", "alpn", "hostname", "require_tls"];
 const BACKEND_KEYS: &[&str] = &["address", "proxy_protocol", "connect_timeout"];
 const HOST_KEYS: &[&str] = &["names", "certificate", "backends"];
 const CERT_FILE_KEYS: &[&str] = &["cert", "key"];
-const TIMEOUT_KEYS: &[&str] = &["handshake", "connect", "idle", "shutdown_grace"];
+const TIMEOUT_KEYS: &[&str] = &["handshake", "dialogue", "connect", "idle", "shutdown_grace"];
 const LOG_KEYS: &[&str] = &["format", "level"];
 
 /// Listener name → the listener, or `None` where its definition has problems.
@@ -571,31 +580,61 @@ impl Walk<'_> {
                 .collect(),
             None => Vec::new(),
         };
+        let hostname = match field(m, "hostname") {
+            Some(v) => self.string(v, &join(path, "hostname")).and_then(|s| {
+                Hostname::parse(&s)
+                    .map_err(|e| self.err(&join(path, "hostname"), format!("{s:?}: {e}")))
+                    .ok()
+            }),
+            None => None,
+        };
+        let require_tls = match field(m, "require_tls") {
+            Some(v) => self.de::<bool>(v, &join(path, "require_tls")),
+            None => Some(true),
+        };
         let (protocol, tls) = (protocol?, tls?);
         match (protocol, tls) {
             (
                 Protocol::Imap | Protocol::Smtp | Protocol::Pop3 | Protocol::Tcp,
                 TlsMode::Implicit,
             ) => {}
-            (_, TlsMode::Starttls) => self.err(
-                &join(path, "tls"),
-                "starttls listeners are not available in this version yet",
-            ),
+            (
+                Protocol::Imap | Protocol::Smtp | Protocol::Pop3 | Protocol::Sieve,
+                TlsMode::Starttls,
+            ) => {}
             (Protocol::Http, _) => self.err(
                 &join(path, "protocol"),
                 "http listeners are not available in this version yet",
             ),
             (Protocol::Sieve, _) => self.err(
-                &join(path, "protocol"),
+                &join(path, "tls"),
                 "ManageSieve has no implicit-TLS port; it needs tls: starttls",
+            ),
+            (Protocol::Tcp, _) => self.err(
+                &join(path, "tls"),
+                "tcp has no STARTTLS; it needs tls: implicit",
             ),
             (_, TlsMode::None) => self.err(
                 &join(path, "tls"),
-                format!("{protocol:?} needs TLS: implicit (or starttls)").to_lowercase(),
+                format!("{protocol:?} needs TLS: implicit or starttls").to_lowercase(),
             ),
         }
         if !alpn.is_empty() && tls != TlsMode::Implicit {
             self.err(&join(path, "alpn"), "ALPN only applies to tls: implicit");
+        }
+        if field(m, "hostname").is_some() && tls != TlsMode::Starttls {
+            self.err(
+                &join(path, "hostname"),
+                "only STARTTLS listeners greet with a name",
+            );
+        }
+        if field(m, "require_tls").is_some()
+            && (protocol, tls) != (Protocol::Smtp, TlsMode::Starttls)
+        {
+            self.err(
+                &join(path, "require_tls"),
+                "only SMTP STARTTLS listeners can let plaintext through; everything else requires TLS",
+            );
         }
         Some(Listener {
             name: name.to_string(),
@@ -603,6 +642,8 @@ impl Walk<'_> {
             protocol,
             tls,
             alpn,
+            hostname,
+            require_tls: require_tls?,
         })
     }
 
@@ -820,6 +861,7 @@ impl Walk<'_> {
     fn timeouts(&mut self, v: Option<&Value>) -> Timeouts {
         let mut t = Timeouts {
             handshake: defaults::HANDSHAKE,
+            dialogue: defaults::DIALOGUE,
             connect: defaults::CONNECT,
             idle: defaults::IDLE,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
@@ -829,6 +871,7 @@ impl Walk<'_> {
         };
         for (key, slot) in [
             ("handshake", &mut t.handshake),
+            ("dialogue", &mut t.dialogue),
             ("connect", &mut t.connect),
             ("idle", &mut t.idle),
             ("shutdown_grace", &mut t.shutdown_grace),
@@ -989,7 +1032,7 @@ timeouts: { idle: forever }
         let text = r#"
 acme: { directory: letsencrypt }
 listeners:
-  imap: { bind: "127.0.0.1:10143", protocol: imap, tls: starttls }
+  imap: { bind: "127.0.0.1:10143", protocol: imap, tls: starttls, require_tls: false }
   http: { bind: "127.0.0.1:10080", protocol: http }
 hosts:
   - names: [a.example.test]
@@ -1005,7 +1048,7 @@ hosts:
             .any(|e| e.starts_with("listeners.http.protocol: http listeners")));
         assert!(errs
             .iter()
-            .any(|e| e.starts_with("listeners.imap.tls: starttls")));
+            .any(|e| e.starts_with("listeners.imap.require_tls: only SMTP")));
         assert!(errs
             .iter()
             .any(|e| e.starts_with("hosts[0].certificate: acme")));

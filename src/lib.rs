@@ -13,4 +13,5 @@ pub mod protocol;
 pub mod proxy_header;
 pub mod relay;
 pub mod server;
+pub mod starttls;
 pub mod tls;

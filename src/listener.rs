@@ -1,9 +1,14 @@
-//! Accept loops and the life of one connection on an implicit-TLS listener:
+//! Accept loops and the life of one connection:
 //!
 //! ```text
-//! accept ─▶ ClientHello ─▶ host lookup ─▶ handshake ─▶ backend connect ─▶ PROXY header ─▶ relay
-//!           └──── one deadline: timeouts.handshake ───┘   connect_timeout               idle timeout
+//! accept ─(starttls: plaintext dialogue)─▶ ClientHello ─▶ host lookup ─▶ handshake
+//!         timeouts.dialogue                 └──── one deadline: timeouts.handshake ───┘
+//!   ─▶ backend connect ─▶ PROXY header ─(starttls: drop the backend's greeting)─▶ relay
+//!      connect_timeout                                                          idle timeout
 //! ```
+//!
+//! An SMTP listener with `require_tls: false` may instead hand a client that
+//! never says STARTTLS to the default host's backend in plaintext.
 //!
 //! Every phase has a deadline; every connection has one tracing span with
 //! `listener`, `client.addr`, then `sni`, `tls.version` and `backend` as they
@@ -18,7 +23,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use rustls::server::Acceptor;
 use rustls::ServerConfig;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -27,10 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Backend, Listener, ProxyProtocol, Timeouts};
+use crate::config::{Backend, Listener, ProxyProtocol, Timeouts, TlsMode};
 use crate::hosts::{Host, HostTable, Matched};
+use crate::protocol::BackendGreeting;
 use crate::proxy_header::{self, TlsFacts};
 use crate::relay::{self, RelayEnd};
+use crate::starttls::{self, Phase};
 use crate::{protocol, tls};
 
 /// A TLS alert record: fatal `unrecognized_name` (RFC 6066 §3), sent when
@@ -44,6 +51,8 @@ pub struct ListenerCtx {
     pub tls: Arc<ServerConfig>,
     pub table: Arc<ArcSwap<HostTable>>,
     pub timeouts: Timeouts,
+    /// The name STARTTLS greetings and SMTP goodbyes use before SNI is known.
+    pub hostname: String,
 }
 
 /// Cancellation for the two stages of shutdown.
@@ -169,6 +178,45 @@ async fn connection(
             return;
         }
     };
+    let mut greeting = BackendGreeting::Keep;
+    let socket = if ctx.listener.tls == TlsMode::Starttls {
+        let Some(mut dialogue) = protocol::dialogue(
+            ctx.listener.protocol,
+            &ctx.hostname,
+            ctx.listener.require_tls,
+        ) else {
+            return;
+        };
+        greeting = dialogue.backend_greeting();
+        let phase = starttls::dialogue(
+            socket,
+            dialogue.as_mut(),
+            ctx.timeouts.dialogue,
+            ctx.timeouts.handshake,
+            &stop.accepting,
+        )
+        .await;
+        match phase {
+            Phase::Upgrade(s) => s,
+            Phase::PassThrough {
+                socket,
+                hello,
+                line,
+                pending,
+            } => {
+                let opening = Opening {
+                    hello: &hello,
+                    line: &line,
+                    pending: &pending,
+                };
+                return plaintext_session(socket, peer, local, &ctx, &stop, opening, started).await;
+            }
+            Phase::Ended => return,
+        }
+    } else {
+        socket
+    };
+
     let shaken = tokio::select! {
         r = handshake(socket, &ctx) => r,
         _ = stop.accepting.cancelled() => Err(Refused::Shutdown),
@@ -218,10 +266,10 @@ async fn connection(
         sni: sni.as_deref(),
     };
     let upstream = tokio::select! {
-        r = connect(backend, peer, local, &facts) => r,
+        r = connect(backend, peer, local, Some(&facts)) => r,
         _ = stop.accepting.cancelled() => Err(io::Error::other("shutting down")),
     };
-    let upstream = match upstream {
+    let mut upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "backend unavailable");
@@ -229,7 +277,30 @@ async fn connection(
             return;
         }
     };
+    if greeting != BackendGreeting::Keep {
+        // The client had our greeting before STARTTLS; it must not get a second one.
+        let early = match read_greeting(&mut upstream, greeting, ctx.timeouts.dialogue).await {
+            Ok((_, early)) => early,
+            Err(e) => {
+                warn!(error = %e, "backend greeting not received");
+                goodbye(&mut client, &ctx, &greeting_name).await;
+                return;
+            }
+        };
+        if !early.is_empty() && client.write_all(&early).await.is_err() {
+            return;
+        }
+    }
     debug!(sni.match = matched.as_str(), cipher = %cipher, "relaying");
+    finish(client, upstream, &ctx, &stop, started).await;
+}
+
+/// Relays to the end and logs the session's one summary line.
+async fn finish<C, B>(client: C, upstream: B, ctx: &ListenerCtx, stop: &Stop, started: Instant)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let stats = relay::relay(client, upstream, ctx.timeouts.idle, &stop.relays).await;
     let duration_ms = started.elapsed().as_millis() as u64;
     match &stats.end {
@@ -247,12 +318,141 @@ async fn connection(
     }
 }
 
-/// Connects to the backend and sends its PROXY header.
+/// What an SMTP client said before it went on without TLS.
+struct Opening<'a> {
+    hello: &'a [u8],
+    line: &'a [u8],
+    pending: &'a [u8],
+}
+
+/// SMTP without TLS (`require_tls: false`): the default host's backend gets a
+/// PROXY header without TLS facts, the client's own HELO/EHLO, then the
+/// client's first mail command and everything after it.
+async fn plaintext_session(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: &ListenerCtx,
+    stop: &Stop,
+    opening: Opening<'_>,
+    started: Instant,
+) {
+    tracing::Span::current().record("tls.version", "none");
+    let (host, _) = ctx.table.load().lookup(None);
+    let backend = host.and_then(|h| h.backends.get(&ctx.listener.name).cloned());
+    let Some(backend) = backend else {
+        warn!("no backend for the default host on this listener");
+        let _ = client
+            .write_all(&protocol::smtp::unavailable(&ctx.hostname))
+            .await;
+        return;
+    };
+    tracing::Span::current().record("backend", tracing::field::display(backend.address));
+    let opened = tokio::select! {
+        r = open_plaintext(&backend, peer, local, opening.hello, ctx.timeouts.dialogue) => r,
+        _ = stop.accepting.cancelled() => Err(io::Error::other("shutting down")),
+    };
+    let mut upstream = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "backend unavailable");
+            let _ = client
+                .write_all(&protocol::smtp::unavailable(&ctx.hostname))
+                .await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    if upstream.write_all(opening.line).await.is_err()
+        || upstream.write_all(opening.pending).await.is_err()
+    {
+        let _ = client
+            .write_all(&protocol::smtp::unavailable(&ctx.hostname))
+            .await;
+        return;
+    }
+    debug!("relaying without TLS");
+    finish(client, upstream, ctx, stop, started).await;
+}
+
+/// Connects, sends the PROXY header, takes the greeting and answers it with
+/// the client's HELO/EHLO; both replies must be positive.
+async fn open_plaintext(
+    backend: &Backend,
+    peer: SocketAddr,
+    local: SocketAddr,
+    hello: &[u8],
+    limit: Duration,
+) -> io::Result<TcpStream> {
+    let mut upstream = connect(backend, peer, local, None).await?;
+    let (greeting, _) = read_greeting(&mut upstream, BackendGreeting::DropSmtpReply, limit).await?;
+    expect_positive(&greeting)?;
+    upstream.write_all(hello).await?;
+    let (reply, _) = read_greeting(&mut upstream, BackendGreeting::DropSmtpReply, limit).await?;
+    expect_positive(&reply)?;
+    Ok(upstream)
+}
+
+fn expect_positive(reply: &[u8]) -> io::Result<()> {
+    if reply.first() == Some(&b'2') {
+        Ok(())
+    } else {
+        let text = String::from_utf8_lossy(reply);
+        Err(io::Error::other(format!(
+            "backend said {:?}",
+            text.trim_end()
+        )))
+    }
+}
+
+/// Longest backend greeting accepted (Postfix's multi-line banners are short).
+const GREETING_LIMIT: usize = 16 * 1024;
+
+/// Reads the backend's greeting (or one SMTP reply); returns it and any bytes
+/// that came after it.
+async fn read_greeting(
+    upstream: &mut TcpStream,
+    kind: BackendGreeting,
+    limit: Duration,
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let read = async {
+        loop {
+            let end = match kind {
+                BackendGreeting::DropSmtpReply => protocol::smtp::reply_len(&buf),
+                BackendGreeting::DropLine => buf.iter().position(|&b| b == b'\n').map(|i| i + 1),
+                BackendGreeting::Keep => Some(0),
+            };
+            if let Some(end) = end {
+                let rest = buf.split_off(end);
+                return Ok((buf, rest));
+            }
+            if buf.len() > GREETING_LIMIT {
+                return Err(io::Error::other("backend greeting too long"));
+            }
+            let n = upstream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "backend closed before its greeting",
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "backend greeting timed out"))?
+}
+
+/// Connects to the backend and sends its PROXY header; `facts` describe the
+/// client's TLS session, `None` for a plaintext one.
 async fn connect(
     backend: &Backend,
     peer: SocketAddr,
     local: SocketAddr,
-    facts: &TlsFacts<'_>,
+    facts: Option<&TlsFacts<'_>>,
 ) -> io::Result<TcpStream> {
     let mut stream =
         tokio::time::timeout(backend.connect_timeout, TcpStream::connect(backend.address))
@@ -267,7 +467,7 @@ async fn connect(
     let header = match backend.proxy_protocol {
         ProxyProtocol::None => None,
         ProxyProtocol::V1 => Some(proxy_header::v1(peer, local)),
-        ProxyProtocol::V2 => Some(proxy_header::v2(peer, local, Some(facts))?),
+        ProxyProtocol::V2 => Some(proxy_header::v2(peer, local, facts)?),
     };
     if let Some(h) = header {
         stream.write_all(&h).await?;
@@ -277,13 +477,10 @@ async fn connect(
 
 /// The protocol's "try later" line, then close_notify and close.
 async fn goodbye(client: &mut TlsStream<TcpStream>, ctx: &ListenerCtx, hostname: &str) {
-    if let Some(line) = protocol::unavailable(ctx.listener.protocol, hostname) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let _ = client.write_all(&line).await;
-            let _ = client.shutdown().await;
-        })
-        .await;
-    } else {
-        let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
-    }
+    let line = protocol::unavailable(ctx.listener.protocol, hostname).unwrap_or_default();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = client.write_all(&line).await;
+        let _ = client.shutdown().await;
+    })
+    .await;
 }

@@ -143,6 +143,11 @@ impl Server {
                 tls: server_config,
                 table: table.clone(),
                 timeouts: config.timeouts,
+                hostname: l
+                    .hostname
+                    .as_ref()
+                    .unwrap_or(&config.default_host)
+                    .to_string(),
             };
             listeners.push((Arc::new(ctx), sockets));
         }

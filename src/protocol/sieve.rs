@@ -1,0 +1,127 @@
+//! ManageSieve (RFC 5804) before STARTTLS. The greeting is the capability
+//! list, with STARTTLS and no SASL mechanism; AUTHENTICATE is refused with
+//! `NO (ENCRYPT-NEEDED)`. After the upgrade the backend's own capability
+//! greeting reaches the client, as §2.2 requires.
+//!
+//! ```text
+//! ExpectCommand ─STARTTLS─▶ StartTls      (CAPABILITY, NOOP: Reply; LOGOUT: Close)
+//! ```
+
+use super::{Action, BackendGreeting, Dialogue, MAX_ERRORS};
+
+pub const BYE_UNAVAILABLE: &[u8] =
+    b"BYE (TRYLATER) \"Service temporarily unavailable, try again later\"\r\n";
+
+pub const LINE_LIMIT: usize = 8 * 1024;
+
+#[derive(Debug)]
+pub struct SieveDialogue {
+    errors: u32,
+}
+
+const CAPABILITIES: &str =
+    "\"IMPLEMENTATION\" \"portcullis\"\r\n\"SASL\" \"\"\r\n\"STARTTLS\"\r\n\"VERSION\" \"1.0\"\r\n";
+
+impl SieveDialogue {
+    pub fn new(_hostname: &str) -> SieveDialogue {
+        SieveDialogue { errors: 0 }
+    }
+
+    fn error(&mut self, reply: &str) -> Action {
+        self.errors += 1;
+        let reply = format!("{reply}\r\n");
+        if self.errors >= MAX_ERRORS {
+            return Action::Close(
+                format!("{reply}BYE \"Too many invalid commands\"\r\n").into_bytes(),
+            );
+        }
+        Action::Reply(reply.into_bytes())
+    }
+}
+
+impl Dialogue for SieveDialogue {
+    fn greeting(&self) -> Vec<u8> {
+        format!("{CAPABILITIES}OK \"ManageSieve ready, STARTTLS first\"\r\n").into_bytes()
+    }
+
+    fn line(&mut self, line: &[u8]) -> Action {
+        if line.ends_with(b"}") {
+            return self.error("NO \"Literals are not allowed before STARTTLS\"");
+        }
+        match super::line::verb(line).0.as_str() {
+            "CAPABILITY" => {
+                Action::Reply(format!("{CAPABILITIES}OK \"Capability completed\"\r\n").into_bytes())
+            }
+            "NOOP" => Action::Reply(b"OK \"NOOP completed\"\r\n".to_vec()),
+            "STARTTLS" => Action::StartTls(b"OK \"Begin TLS negotiation now\"\r\n".to_vec()),
+            "LOGOUT" => Action::Close(b"OK \"Logout completed\"\r\n".to_vec()),
+            "AUTHENTICATE" => {
+                self.error("NO (ENCRYPT-NEEDED) \"Authentication requires STARTTLS\"")
+            }
+            _ => self.error("NO \"Command not permitted before STARTTLS\""),
+        }
+    }
+
+    fn line_limit(&self) -> usize {
+        LINE_LIMIT
+    }
+
+    fn too_long(&self) -> Vec<u8> {
+        b"BYE \"Line too long\"\r\n".to_vec()
+    }
+
+    fn injected(&self, _after: &[u8]) -> Vec<u8> {
+        b"BYE \"Command pipelined after STARTTLS\"\r\n".to_vec()
+    }
+
+    fn shutting_down(&self) -> Vec<u8> {
+        b"BYE (TRYLATER) \"Server shutting down\"\r\n".to_vec()
+    }
+
+    fn timed_out(&self) -> Vec<u8> {
+        b"BYE \"Disconnected for inactivity\"\r\n".to_vec()
+    }
+
+    fn backend_greeting(&self) -> BackendGreeting {
+        BackendGreeting::Keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{assert_script, close, reply, starttls};
+
+    fn sieve() -> Box<dyn Dialogue> {
+        Box::new(SieveDialogue::new("mail.example.test"))
+    }
+
+    #[test]
+    fn greeting_offers_starttls_and_no_sasl() {
+        let g = String::from_utf8(sieve().greeting()).unwrap();
+        assert!(
+            g.contains("\"STARTTLS\"\r\n") && g.contains("\"SASL\" \"\"\r\n"),
+            "{g}"
+        );
+        assert!(g.ends_with("\r\nOK \"ManageSieve ready, STARTTLS first\"\r\n"));
+    }
+
+    #[test]
+    fn dialogue_table() {
+        assert_script(
+            &sieve,
+            b"AUTHENTICATE \"PLAIN\" \"AGFsaWNlAHNlY3JldA==\"\r\nPUTSCRIPT \"a\" {10+}\r\nNOOP\r\nSTARTTLS\r\n",
+            &[
+                reply("NO (ENCRYPT-NEEDED) \"Authentication requires STARTTLS\"\r\n"),
+                reply("NO \"Literals are not allowed before STARTTLS\"\r\n"),
+                reply("OK \"NOOP completed\"\r\n"),
+                starttls("OK \"Begin TLS negotiation now\"\r\n"),
+            ],
+        );
+        assert_script(
+            &sieve,
+            b"logout\r\n",
+            &[close("OK \"Logout completed\"\r\n")],
+        );
+    }
+}
