@@ -454,25 +454,29 @@ async fn connect(
     local: SocketAddr,
     facts: Option<&TlsFacts<'_>>,
 ) -> io::Result<TcpStream> {
-    let mut stream =
-        tokio::time::timeout(backend.connect_timeout, TcpStream::connect(backend.address))
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect timed out after {:?}", backend.connect_timeout),
-                )
-            })??;
-    let _ = stream.set_nodelay(true);
     let header = match backend.proxy_protocol {
         ProxyProtocol::None => None,
         ProxyProtocol::V1 => Some(proxy_header::v1(peer, local)),
         ProxyProtocol::V2 => Some(proxy_header::v2(peer, local, facts)?),
     };
-    if let Some(h) = header {
-        stream.write_all(&h).await?;
-    }
-    Ok(stream)
+    // One deadline for the connect and the header: a backend that accepts but
+    // never reads must not hold the session.
+    let open = async {
+        let mut stream = TcpStream::connect(backend.address).await?;
+        let _ = stream.set_nodelay(true);
+        if let Some(h) = header {
+            stream.write_all(&h).await?;
+        }
+        Ok(stream)
+    };
+    tokio::time::timeout(backend.connect_timeout, open)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", backend.connect_timeout),
+            )
+        })?
 }
 
 /// The protocol's "try later" line, then close_notify and close.

@@ -30,7 +30,7 @@ fn check_accepts_the_example_with_a_one_line_summary() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(
-        out.contains("ok: 4 listeners on 5 addresses, 3 hosts with 5 names"),
+        out.contains("ok: 9 listeners on 10 addresses, 3 hosts with 5 names"),
         "{out}"
     );
     assert!(err.is_empty(), "no warnings for the example: {err}");
@@ -119,7 +119,9 @@ fn the_example_config_runs_and_serves_its_certificates() {
     }
     let dir = common::scratch();
     let mut text = std::fs::read_to_string(EXAMPLE).unwrap();
-    for port in ["10993", "10465", "10995", "10443"] {
+    for port in [
+        "10993", "10465", "10995", "10443", "10587", "10025", "10143", "10110", "14190",
+    ] {
         text = text.replace(&format!(":{port}\""), ":0\"");
     }
     let config = dir.path().join("config.yaml");
@@ -160,39 +162,60 @@ fn serve_once(config: &Path) -> String {
             let _ = tx.send(line);
         }
     });
-    let mut imaps = None;
+    let mut addrs = std::collections::BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while imaps.is_none() && Instant::now() < deadline {
+    while addrs.len() < 9 && Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            if line.contains("listening") && line.contains("listener=imaps") {
-                imaps = line
-                    .split("addr=")
+            // "… listening listener=imaps addr=127.0.0.1:40211"
+            let field = |name: &str| {
+                line.split(&format!("{name}="))
                     .nth(1)
-                    .map(|a| a.trim().to_string())
-                    .filter(|a| a.starts_with("127."));
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(str::to_string)
+            };
+            if let (true, Some(l), Some(a)) =
+                (line.contains("listening"), field("listener"), field("addr"))
+            {
+                if a.starts_with("127.") {
+                    addrs.insert(l, a);
+                }
             }
         }
     }
-    let Some(addr) = imaps else {
+    if addrs.len() < 9 {
         let _ = child.kill();
-        panic!("portcullis did not report its imaps address");
+        panic!("portcullis did not report all its addresses: {addrs:?}");
+    }
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     };
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr,
-            "-servername",
-            "mail.example.test",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let shown = openssl(&[
+        "s_client",
+        "-connect",
+        &addrs["imaps"],
+        "-servername",
+        "mail.example.test",
+    ]);
+    // the README's STARTTLS check, on the submission port, for the other host
+    let starttls = openssl(&[
+        "s_client",
+        "-connect",
+        &addrs["submission"],
+        "-starttls",
+        "smtp",
+        "-servername",
+        "mail.other.test",
+    ]);
+    assert!(starttls.contains("CN = mail.other.test"), "{starttls}");
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -215,9 +215,8 @@ async fn imap_pop3_and_sieve_upgrade_with_their_own_words() {
 
     // ManageSieve: the backend's capabilities are re-sent after TLS (RFC 5804)
     let mut s = TcpStream::connect(p.addr("sieve")).await.unwrap();
-    let caps = String::from_utf8_lossy(&read_until(&mut s, b"OK ").await).into_owned();
-    assert!(caps.contains("\"STARTTLS\""), "{caps}");
-    read_until(&mut s, b"\r\n").await;
+    let caps = String::from_utf8_lossy(&read_until(&mut s, b"first\"\r\n").await).into_owned();
+    assert!(caps.contains("\"STARTTLS\"\r\n"), "{caps}");
     assert!(say(&mut s, "AUTHENTICATE \"PLAIN\" \"eA==\"\r\n", "\r\n")
         .await
         .starts_with("NO (ENCRYPT-NEEDED)"));
