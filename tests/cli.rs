@@ -243,3 +243,39 @@ fn certificate_pem(openssl_output: &str) -> &str {
     let end = openssl_output.find("-----END CERTIFICATE-----").unwrap();
     &openssl_output[start..end]
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = common::scratch();
+    let config = dir.path().join("json.yaml");
+    std::fs::write(
+        &config,
+        r#"
+listeners: { imaps: { bind: "127.0.0.1:0", protocol: imap, tls: implicit } }
+backends: { imaps: 127.0.0.1:9 }
+hosts: [ { names: [mail.example.test], certificate: self-signed } ]
+log: { format: json, level: info }
+"#,
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a log line").unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success());
+    let event: serde_json::Value = serde_json::from_str(&first).expect("JSON");
+    assert_eq!(event["message"], "listening", "{first}");
+    assert_eq!(event["listener"], "imaps");
+    assert_eq!(event["level"], "INFO");
+    for line in rest {
+        serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+}

@@ -543,3 +543,35 @@ async fn shutdown_stops_accepting_and_drains_within_grace() {
     let _ = tokio::time::timeout(Duration::from_secs(5), live.read_to_end(&mut rest)).await;
     log_line(&["grace period over"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_and_dual_stack_listeners_report_the_client_family() {
+    let mut backend = Backend::start("* OK v6\r\n", true).await;
+    let yaml = format!(
+        r#"
+listeners:
+  imaps: {{ bind: ["127.0.0.1:0", "[::1]:0"], protocol: imap, tls: implicit }}
+  dual:  {{ bind: "[::]:0", protocol: imap, tls: implicit }}
+backends: {{ imaps: "{0}", dual: "{0}" }}
+hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
+"#,
+        backend.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let v6 = proxy.addrs["imaps"][1];
+    assert!(v6.is_ipv6());
+    let mut tls = tls_connect(v6, Some("mail.example.test")).await.unwrap();
+    let me = tls.get_ref().0.local_addr().unwrap();
+    read_until(&mut tls, b"\r\n").await;
+    let h = backend.next_header().await;
+    assert_eq!((h.source, h.destination), (Some(me), Some(v6)));
+
+    // "[::]" alone is dual-stack: an IPv4 client is served and reported as IPv4
+    let port = proxy.addr("dual").port();
+    let v4: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut tls = tls_connect(v4, Some("mail.example.test")).await.unwrap();
+    let me = tls.get_ref().0.local_addr().unwrap();
+    read_until(&mut tls, b"\r\n").await;
+    let h = backend.next_header().await;
+    assert_eq!((h.source, h.destination), (Some(me), Some(v4)));
+}
