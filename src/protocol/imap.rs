@@ -7,7 +7,7 @@
 //! ExpectCommand ─STARTTLS─▶ StartTls      (CAPABILITY, NOOP: Reply; LOGOUT: Close)
 //! ```
 
-use super::{Action, BackendGreeting, Dialogue, MAX_ERRORS};
+use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 
 /// Untagged BYE with the RFC 5530 response code for a temporary failure.
 pub const BYE_UNAVAILABLE: &[u8] =
@@ -21,7 +21,7 @@ const CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
 #[derive(Debug)]
 pub struct ImapDialogue {
     host: String,
-    errors: u32,
+    errors: ErrorBudget,
 }
 
 /// The tag of a command line, if it has a valid one (RFC 9051 `tag`: ASTRING-CHAR but `+`).
@@ -55,19 +55,15 @@ impl ImapDialogue {
     pub fn new(hostname: &str) -> ImapDialogue {
         ImapDialogue {
             host: hostname.to_string(),
-            errors: 0,
+            errors: ErrorBudget::default(),
         }
     }
 
     fn error(&mut self, tag: &str, text: &str) -> Action {
-        self.errors += 1;
-        let reply = format!("{tag} {text}\r\n");
-        if self.errors >= MAX_ERRORS {
-            return Action::Close(
-                format!("{reply}* BYE Too many invalid commands\r\n").into_bytes(),
-            );
-        }
-        Action::Reply(reply.into_bytes())
+        self.errors.refuse(
+            format!("{tag} {text}\r\n"),
+            "* BYE Too many invalid commands\r\n",
+        )
     }
 }
 
@@ -141,7 +137,7 @@ impl Dialogue for ImapDialogue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{assert_script, close, reply, starttls};
+    use crate::protocol::{assert_script, close, reply, starttls, MAX_ERRORS};
 
     fn imap() -> Box<dyn Dialogue> {
         Box::new(ImapDialogue::new("mail.example.test"))

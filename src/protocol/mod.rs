@@ -21,6 +21,23 @@ use crate::config::Protocol;
 /// Bad commands tolerated before the dialogue says goodbye.
 pub const MAX_ERRORS: u32 = 10;
 
+/// Counts bad commands; the last one allowed is answered, then goodbye.
+#[derive(Debug, Default)]
+pub struct ErrorBudget(u32);
+
+impl ErrorBudget {
+    /// `reply` (a complete reply, CRLF included) to a bad command; once the
+    /// budget is spent, `reply` and then `goodbye`, and the session closes.
+    pub fn refuse(&mut self, reply: String, goodbye: &str) -> Action {
+        self.0 += 1;
+        if self.0 >= MAX_ERRORS {
+            Action::Close(format!("{reply}{goodbye}").into_bytes())
+        } else {
+            Action::Reply(reply.into_bytes())
+        }
+    }
+}
+
 /// What the driver must do after a client line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {

@@ -5,7 +5,7 @@
 //! ExpectCommand ─STLS─▶ StartTls      (CAPA: Reply; QUIT: Close)
 //! ```
 
-use super::{Action, BackendGreeting, Dialogue, MAX_ERRORS};
+use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 
 /// `-ERR` with the RFC 3206 `SYS/TEMP` code: a transient system failure.
 pub const ERR_UNAVAILABLE: &[u8] =
@@ -18,26 +18,22 @@ pub const LINE_LIMIT: usize = 8 * 1024;
 #[derive(Debug)]
 pub struct Pop3Dialogue {
     host: String,
-    errors: u32,
+    errors: ErrorBudget,
 }
 
 impl Pop3Dialogue {
     pub fn new(hostname: &str) -> Pop3Dialogue {
         Pop3Dialogue {
             host: hostname.to_string(),
-            errors: 0,
+            errors: ErrorBudget::default(),
         }
     }
 
     fn error(&mut self, text: &str) -> Action {
-        self.errors += 1;
-        let reply = format!("-ERR {text}\r\n");
-        if self.errors >= MAX_ERRORS {
-            return Action::Close(
-                format!("{reply}-ERR Too many invalid commands\r\n").into_bytes(),
-            );
-        }
-        Action::Reply(reply.into_bytes())
+        self.errors.refuse(
+            format!("-ERR {text}\r\n"),
+            "-ERR Too many invalid commands\r\n",
+        )
     }
 }
 
@@ -88,7 +84,7 @@ impl Dialogue for Pop3Dialogue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{assert_script, close, reply, starttls};
+    use crate::protocol::{assert_script, close, reply, starttls, MAX_ERRORS};
 
     fn pop3() -> Box<dyn Dialogue> {
         Box::new(Pop3Dialogue::new("mail.example.test"))

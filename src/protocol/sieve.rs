@@ -7,7 +7,7 @@
 //! ExpectCommand ─STARTTLS─▶ StartTls      (CAPABILITY, NOOP: Reply; LOGOUT: Close)
 //! ```
 
-use super::{Action, BackendGreeting, Dialogue, MAX_ERRORS};
+use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 
 pub const BYE_UNAVAILABLE: &[u8] =
     b"BYE (TRYLATER) \"Service temporarily unavailable, try again later\"\r\n";
@@ -16,7 +16,7 @@ pub const LINE_LIMIT: usize = 8 * 1024;
 
 #[derive(Debug)]
 pub struct SieveDialogue {
-    errors: u32,
+    errors: ErrorBudget,
 }
 
 const CAPABILITIES: &str =
@@ -24,18 +24,16 @@ const CAPABILITIES: &str =
 
 impl SieveDialogue {
     pub fn new(_hostname: &str) -> SieveDialogue {
-        SieveDialogue { errors: 0 }
+        SieveDialogue {
+            errors: ErrorBudget::default(),
+        }
     }
 
     fn error(&mut self, reply: &str) -> Action {
-        self.errors += 1;
-        let reply = format!("{reply}\r\n");
-        if self.errors >= MAX_ERRORS {
-            return Action::Close(
-                format!("{reply}BYE \"Too many invalid commands\"\r\n").into_bytes(),
-            );
-        }
-        Action::Reply(reply.into_bytes())
+        self.errors.refuse(
+            format!("{reply}\r\n"),
+            "BYE \"Too many invalid commands\"\r\n",
+        )
     }
 }
 

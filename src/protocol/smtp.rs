@@ -16,7 +16,7 @@
 //! ```
 
 use super::line::verb;
-use super::{Action, BackendGreeting, Dialogue, MAX_ERRORS};
+use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 
 /// RFC 5321 §4.5.3.1.4: 512 octets for a command line, CRLF included.
 pub const LINE_LIMIT: usize = 512;
@@ -34,7 +34,7 @@ pub struct SmtpDialogue {
     require_tls: bool,
     /// The client's HELO/EHLO line, replayed to the backend on pass-through.
     hello: Option<Vec<u8>>,
-    errors: u32,
+    errors: ErrorBudget,
 }
 
 impl SmtpDialogue {
@@ -43,21 +43,17 @@ impl SmtpDialogue {
             host: hostname.to_string(),
             require_tls,
             hello: None,
-            errors: 0,
+            errors: ErrorBudget::default(),
         }
     }
 
     /// A refusal that counts against the error budget.
     fn error(&mut self, reply: &str) -> Action {
-        self.errors += 1;
-        if self.errors >= MAX_ERRORS {
-            let bye = format!(
-                "{reply}\r\n421 4.7.0 {} Too many errors, closing connection\r\n",
-                self.host
-            );
-            return Action::Close(bye.into_bytes());
-        }
-        Action::Reply(format!("{reply}\r\n").into_bytes())
+        let bye = format!(
+            "421 4.7.0 {} Too many errors, closing connection\r\n",
+            self.host
+        );
+        self.errors.refuse(format!("{reply}\r\n"), &bye)
     }
 
     fn ok(&self, reply: &str) -> Action {
@@ -162,7 +158,7 @@ pub fn reply_len(buf: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{assert_script, close, reply, starttls};
+    use crate::protocol::{assert_script, close, reply, starttls, MAX_ERRORS};
 
     fn submission() -> Box<dyn Dialogue> {
         Box::new(SmtpDialogue::new("mx.example.test", true))
