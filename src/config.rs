@@ -225,6 +225,34 @@ impl Config {
         self.hosts.iter().map(|h| h.backends.len()).sum()
     }
 
+    /// Backends that an SMTP listener with `require_tls: false` hands plaintext
+    /// sessions to while a TLS-only listener uses them too: if such a backend
+    /// accepts AUTH without TLS (as submission behind portcullis does), a
+    /// client can send credentials in plaintext there. As (plaintext listener,
+    /// TLS listener, address).
+    pub fn plaintext_auth_risks(&self) -> Vec<(String, String, SocketAddr)> {
+        let mut out = Vec::new();
+        let plain = self.listeners.values().filter(|l| {
+            (l.protocol, l.tls, l.require_tls) == (Protocol::Smtp, TlsMode::Starttls, false)
+        });
+        for p in plain {
+            for t in self.listeners.values().filter(|t| t.name != p.name) {
+                if t.protocol != Protocol::Smtp || (t.tls == TlsMode::Starttls && !t.require_tls) {
+                    continue;
+                }
+                let shared = self.hosts.iter().find_map(|h| {
+                    let a = h.backends.get(&p.name)?.address;
+                    let b = h.backends.get(&t.name)?.address;
+                    (a == b).then_some(a)
+                });
+                if let Some(addr) = shared {
+                    out.push((p.name.clone(), t.name.clone(), addr));
+                }
+            }
+        }
+        out
+    }
+
     /// Listener names that some host has no backend for: a client reaching that
     /// host there is turned away. Not an error (a webmail host needs no IMAP).
     pub fn unrouted(&self) -> Vec<(String, String)> {
@@ -262,6 +290,12 @@ const HOST_KEYS: &[&str] = &["names", "certificate", "backends"];
 const CERT_FILE_KEYS: &[&str] = &["cert", "key"];
 const TIMEOUT_KEYS: &[&str] = &["handshake", "dialogue", "connect", "idle", "shutdown_grace"];
 const LOG_KEYS: &[&str] = &["format", "level"];
+
+/// The longest deadline accepted anywhere.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// More sessions than any process can hold descriptors for.
+const MAX_CONNECTIONS_LIMIT: u64 = 1_000_000;
 
 /// Listener name → the listener, or `None` where its definition has problems.
 type Listeners = BTreeMap<String, Option<Listener>>;
@@ -399,13 +433,22 @@ impl Walk<'_> {
         }
     }
 
-    /// `30s`, `31m`, `1h 30m`, or a bare number of seconds.
+    /// `30s`, `31m`, `1h 30m`, or a bare number of seconds; above zero and at
+    /// most a week (a longer deadline is a typo, and would overflow).
     fn duration(&mut self, v: &Value, path: &str) -> Option<Duration> {
         let d = match v {
             Value::Number(n) => n.as_u64().map(Duration::from_secs),
             Value::String(s) => humantime::parse_duration(s).ok(),
             _ => None,
         };
+        if let Some(d) = d.filter(|d| d.is_zero() || *d > MAX_DURATION) {
+            let shown = humantime::format_duration(d);
+            self.err(
+                path,
+                format!("{shown} is out of range (above 0, at most 7 days)"),
+            );
+            return None;
+        }
         if d.is_none() {
             self.err(
                 path,
@@ -480,9 +523,12 @@ impl Walk<'_> {
             .unwrap_or(Some(UnknownSni::Default));
         let max_connections = match field(m, "max_connections") {
             Some(v) => match v.as_u64() {
-                Some(n) if n > 0 => Some(n as usize),
+                Some(n) if n > 0 && n <= MAX_CONNECTIONS_LIMIT => Some(n as usize),
                 _ => {
-                    self.err("max_connections", "expected a whole number above 0");
+                    self.err(
+                        "max_connections",
+                        format!("expected a whole number from 1 to {MAX_CONNECTIONS_LIMIT}"),
+                    );
                     None
                 }
             },
@@ -897,10 +943,31 @@ impl Walk<'_> {
             log.format = f;
         }
         if let Some(l) = field(m, "level").and_then(|l| self.string(l, "log.level")) {
-            log.level = l;
+            match bad_log_directive(&l) {
+                Some(bad) => self.err(
+                    "log.level",
+                    format!("{bad:?} is not a level (error, warn, info, debug, trace, off) or target=level"),
+                ),
+                None => log.level = l,
+            }
         }
         log
     }
+}
+
+/// The first part of a `tracing` filter that is neither a level nor
+/// `target=level`: a bare typo like `infoo` would silently mean "a target
+/// named infoo" and switch all logging off.
+fn bad_log_directive(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let is_level = |s: &str| LEVELS.contains(&s.to_ascii_lowercase().as_str());
+    filter
+        .split(',')
+        .map(str::trim)
+        .find(|d| match d.split_once('=') {
+            Some((target, level)) => target.is_empty() || !is_level(level),
+            None => !is_level(d),
+        })
 }
 
 fn first_exact(names: &[HostPattern]) -> Option<Hostname> {
@@ -994,7 +1061,9 @@ hosts:
   - names: [a.example.test]
     certificate: { cert: x.pem }
 default_host: nowhere.test
-timeouts: { idle: forever }
+timeouts: { idle: forever, connect: 0s }
+max_connections: 100000000
+log: { level: infoo }
 "#;
         let errs = parse(text).unwrap_err();
         let expect = [
@@ -1007,6 +1076,9 @@ timeouts: { idle: forever }
             "hosts[2].names: a.example.test is already listed under hosts[0]",
             "default_host: nowhere.test is not among the names of any host",
             "timeouts.idle: invalid duration forever",
+            "timeouts.connect: 0s is out of range",
+            "max_connections: expected a whole number from 1 to",
+            "log.level: \"infoo\" is not a level",
         ];
         for e in expect {
             assert!(

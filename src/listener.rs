@@ -124,6 +124,7 @@ enum Refused {
 async fn handshake(
     socket: TcpStream,
     ctx: &ListenerCtx,
+    deadline: tokio::time::Instant,
 ) -> Result<(TlsStream<TcpStream>, Arc<Host>, Matched), Refused> {
     let work = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), socket)
@@ -145,7 +146,7 @@ async fn handshake(
             .map_err(Refused::Handshake)?;
         Ok((stream, host, matched))
     };
-    match tokio::time::timeout(ctx.timeouts.handshake, work).await {
+    match tokio::time::timeout_at(deadline, work).await {
         Ok(r) => r,
         Err(_) => Err(Refused::HandshakeTimeout),
     }
@@ -179,7 +180,7 @@ async fn connection(
         }
     };
     let mut greeting = BackendGreeting::Keep;
-    let socket = if ctx.listener.tls == TlsMode::Starttls {
+    let (socket, deadline) = if ctx.listener.tls == TlsMode::Starttls {
         let Some(mut dialogue) = protocol::dialogue(
             ctx.listener.protocol,
             &ctx.hostname,
@@ -197,7 +198,7 @@ async fn connection(
         )
         .await;
         match phase {
-            Phase::Upgrade(s) => s,
+            Phase::Upgrade { socket, deadline } => (socket, deadline),
             Phase::PassThrough {
                 socket,
                 hello,
@@ -214,11 +215,11 @@ async fn connection(
             Phase::Ended => return,
         }
     } else {
-        socket
+        (socket, tokio::time::Instant::now() + ctx.timeouts.handshake)
     };
 
     let shaken = tokio::select! {
-        r = handshake(socket, &ctx) => r,
+        r = handshake(socket, &ctx, deadline) => r,
         _ = stop.accepting.cancelled() => Err(Refused::Shutdown),
     };
     let (mut client, host, matched) = match shaken {
@@ -260,10 +261,13 @@ async fn connection(
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
 
+    // The backend hears only names the operator configured (Dovecot's
+    // local_name): an unknown SNI served by default_host is not passed on.
+    let configured = matches!(matched, Matched::Exact | Matched::Wildcard);
     let facts = TlsFacts {
         version,
         cipher: &cipher,
-        sni: sni.as_deref(),
+        sni: sni.as_deref().filter(|_| configured),
     };
     let upstream = tokio::select! {
         r = connect(backend, peer, local, Some(&facts)) => r,
@@ -278,15 +282,22 @@ async fn connection(
         }
     };
     if greeting != BackendGreeting::Keep {
-        // The client had our greeting before STARTTLS; it must not get a second one.
-        let early = match read_greeting(&mut upstream, greeting, ctx.timeouts.dialogue).await {
-            Ok((_, early)) => early,
+        // The client had our greeting before STARTTLS; it must not get a second
+        // one, unless it is a refusal: that the client must hear.
+        let (words, early) = match read_reply(&mut upstream, greeting, ctx.timeouts.dialogue).await
+        {
+            Ok(got) => got,
             Err(e) => {
                 warn!(error = %e, "backend greeting not received");
                 goodbye(&mut client, &ctx, &greeting_name).await;
                 return;
             }
         };
+        if !is_positive(&words) {
+            warn!(reply = %String::from_utf8_lossy(&words).trim_end(), "backend refused the session");
+            starttls::close_with(&mut client, &words).await;
+            return;
+        }
         if !early.is_empty() && client.write_all(&early).await.is_err() {
             return;
         }
@@ -350,16 +361,19 @@ async fn plaintext_session(
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
     let opened = tokio::select! {
         r = open_plaintext(&backend, peer, local, opening.hello, ctx.timeouts.dialogue) => r,
-        _ = stop.accepting.cancelled() => Err(io::Error::other("shutting down")),
+        _ = stop.accepting.cancelled() => Err(Opened::Failed(io::Error::other("shutting down"))),
     };
     let mut upstream = match opened {
         Ok(s) => s,
-        Err(e) => {
+        Err(Opened::Refused(words)) => {
+            // A 554 from postscreen must stay a 554, or the sender retries for days.
+            warn!(reply = %String::from_utf8_lossy(&words).trim_end(), "backend refused the session");
+            starttls::close_with(&mut client, &words).await;
+            return;
+        }
+        Err(Opened::Failed(e)) => {
             warn!(error = %e, "backend unavailable");
-            let _ = client
-                .write_all(&protocol::smtp::unavailable(&ctx.hostname))
-                .await;
-            let _ = client.shutdown().await;
+            starttls::close_with(&mut client, &protocol::smtp::unavailable(&ctx.hostname)).await;
             return;
         }
     };
@@ -375,6 +389,13 @@ async fn plaintext_session(
     finish(client, upstream, ctx, stop, started).await;
 }
 
+/// Why a plaintext backend session could not be opened.
+enum Opened {
+    Failed(io::Error),
+    /// The backend's own negative reply, for the client to hear.
+    Refused(Vec<u8>),
+}
+
 /// Connects, sends the PROXY header, takes the greeting and answers it with
 /// the client's HELO/EHLO; both replies must be positive.
 async fn open_plaintext(
@@ -383,34 +404,38 @@ async fn open_plaintext(
     local: SocketAddr,
     hello: &[u8],
     limit: Duration,
-) -> io::Result<TcpStream> {
-    let mut upstream = connect(backend, peer, local, None).await?;
-    let (greeting, _) = read_greeting(&mut upstream, BackendGreeting::DropSmtpReply, limit).await?;
-    expect_positive(&greeting)?;
-    upstream.write_all(hello).await?;
-    let (reply, _) = read_greeting(&mut upstream, BackendGreeting::DropSmtpReply, limit).await?;
-    expect_positive(&reply)?;
+) -> Result<TcpStream, Opened> {
+    let mut upstream = connect(backend, peer, local, None)
+        .await
+        .map_err(Opened::Failed)?;
+    let smtp = BackendGreeting::DropSmtpReply;
+    let (greeting, _) = read_reply(&mut upstream, smtp, limit)
+        .await
+        .map_err(Opened::Failed)?;
+    if !is_positive(&greeting) {
+        return Err(Opened::Refused(greeting));
+    }
+    upstream.write_all(hello).await.map_err(Opened::Failed)?;
+    let (reply, _) = read_reply(&mut upstream, smtp, limit)
+        .await
+        .map_err(Opened::Failed)?;
+    if !is_positive(&reply) {
+        return Err(Opened::Refused(reply));
+    }
     Ok(upstream)
 }
 
-fn expect_positive(reply: &[u8]) -> io::Result<()> {
-    if reply.first() == Some(&b'2') {
-        Ok(())
-    } else {
-        let text = String::from_utf8_lossy(reply);
-        Err(io::Error::other(format!(
-            "backend said {:?}",
-            text.trim_end()
-        )))
-    }
+/// SMTP 2xx, IMAP `* OK`, POP3 `+OK`: the backend is willing.
+fn is_positive(reply: &[u8]) -> bool {
+    reply.starts_with(b"2") || reply.starts_with(b"* OK") || reply.starts_with(b"+OK")
 }
 
 /// Longest backend greeting accepted (Postfix's multi-line banners are short).
 const GREETING_LIMIT: usize = 16 * 1024;
 
-/// Reads the backend's greeting (or one SMTP reply); returns it and any bytes
+/// Reads the backend's greeting or one SMTP reply; returns it and any bytes
 /// that came after it.
-async fn read_greeting(
+async fn read_reply(
     upstream: &mut TcpStream,
     kind: BackendGreeting,
     limit: Duration,
@@ -422,7 +447,7 @@ async fn read_greeting(
             let end = match kind {
                 BackendGreeting::DropSmtpReply => protocol::smtp::reply_len(&buf),
                 BackendGreeting::DropLine => buf.iter().position(|&b| b == b'\n').map(|i| i + 1),
-                BackendGreeting::Keep => Some(0),
+                BackendGreeting::Keep => Some(0), // nothing to wait for
             };
             if let Some(end) = end {
                 let rest = buf.split_off(end);
@@ -482,9 +507,5 @@ async fn connect(
 /// The protocol's "try later" line, then close_notify and close.
 async fn goodbye(client: &mut TlsStream<TcpStream>, ctx: &ListenerCtx, hostname: &str) {
     let line = protocol::unavailable(ctx.listener.protocol, hostname).unwrap_or_default();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = client.write_all(&line).await;
-        let _ = client.shutdown().await;
-    })
-    .await;
+    starttls::close_with(client, &line).await;
 }

@@ -85,6 +85,13 @@ fn check(path: &Path) -> ExitCode {
             );
         }
     }
+    for (plain, tls, addr) in config.plaintext_auth_risks() {
+        eprintln!(
+            "{}: warning: listener {plain} passes plaintext SMTP to {addr}, which TLS-only listener {tls} also uses: \
+             if that backend allows AUTH without TLS, credentials can cross in plaintext; give {plain} its own backend without SASL",
+            path.display()
+        );
+    }
     for (listener, host) in config.unrouted() {
         eprintln!(
             "{}: warning: no backend for host {host} on listener {listener}: its clients there get a goodbye",
@@ -126,7 +133,7 @@ fn run(path: &Path) -> ExitCode {
             Ok(s) => s,
             Err(errors) => {
                 for e in errors {
-                    tracing::error!("{e}");
+                    tracing::error!(error = %e, "cannot start");
                 }
                 return ExitCode::FAILURE;
             }
@@ -136,18 +143,26 @@ fn run(path: &Path) -> ExitCode {
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT. SIGHUP (`systemctl reload`, logrotate) is
+/// caught so it cannot kill the process; reloading comes in a later version.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => return tracing::info!(signal = "SIGTERM", "signal received"),
+            _ = int.recv() => return tracing::info!(signal = "SIGINT", "signal received"),
+            _ = hup.recv() => tracing::warn!(
+                signal = "SIGHUP",
+                "reload is not supported yet: restart to apply config changes"
+            ),
+        }
     }
 }

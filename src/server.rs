@@ -81,6 +81,9 @@ pub fn load_certificates(
     (loaded, errors)
 }
 
+/// How long sessions get to close once the grace period is over.
+const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A server with its sockets bound, ready to [`run`](Server::run).
 pub struct Server {
     listeners: Vec<(Arc<ListenerCtx>, Vec<TcpListener>)>,
@@ -214,7 +217,14 @@ impl Server {
                 "grace period over: closing remaining sessions"
             );
             stop.relays.cancel();
-            tracker.wait().await;
+            // Every phase watches one of the two tokens or has its own short
+            // deadline; this bound only keeps a bug from hanging the exit.
+            if tokio::time::timeout(FINAL_WAIT, tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(sessions = tracker.len(), "sessions still open at exit");
+            }
         }
         info!("stopped");
     }

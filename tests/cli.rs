@@ -216,6 +216,17 @@ fn serve_once(config: &Path) -> String {
         "mail.other.test",
     ]);
     assert!(starttls.contains("CN = mail.other.test"), "{starttls}");
+    // SIGHUP (systemctl reload, logrotate) must not kill it
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running after SIGHUP"
+    );
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -235,6 +246,11 @@ fn serve_once(config: &Path) -> String {
     }
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("reload is not supported yet")),
+        "{rest:?}"
+    );
     shown
 }
 
@@ -278,4 +294,28 @@ log: { format: json, level: info }
     for line in rest {
         serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     }
+}
+
+#[test]
+fn check_warns_when_plaintext_mx_shares_the_submission_backend() {
+    let dir = common::scratch();
+    let path = dir.path().join("mx.yaml");
+    std::fs::write(
+        &path,
+        r#"
+listeners:
+  submission: { bind: "127.0.0.1:0", protocol: smtp, tls: starttls }
+  smtp: { bind: "127.0.0.1:0", protocol: smtp, tls: starttls, require_tls: false }
+backends: { submission: 127.0.0.1:20587, smtp: 127.0.0.1:20587 }
+hosts: [ { names: [mail.example.test], certificate: self-signed } ]
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = check(&path);
+    assert_eq!(code, 0, "a warning, not an error: {err}");
+    assert!(out.contains("ok:"), "{out}");
+    assert!(
+        err.contains("warning: listener smtp passes plaintext SMTP to 127.0.0.1:20587, which TLS-only listener submission also uses"),
+        "{err}"
+    );
 }

@@ -216,6 +216,15 @@ async fn backend_gets_proxy_v2_with_client_address_and_tls_facts() {
         subs[1].1
     );
 
+    // an unknown name served by default_host is not passed on as the authority
+    let mut tls = tls_connect(w.proxy.addr("imaps"), Some("nobody.example.net"))
+        .await
+        .unwrap();
+    read_until(&mut tls, b"\r\n").await;
+    let h = w.a.next_header().await;
+    assert_eq!(h.tlv(0x02), None, "only configured names reach the backend");
+    assert!(h.ssl().is_some());
+
     // and the same over TLS 1.2
     let tls12 = common::client_config_versions(&[&rustls::version::TLS12], &[]);
     let mut tls = common::tls_connect_with(w.proxy.addr("imaps"), Some("b.example.test"), tls12)

@@ -414,3 +414,52 @@ async fn openssl_starttls_sees_the_sni_chosen_certificate() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_refusal_reaches_the_client_in_its_own_words() {
+    // after STARTTLS: the backend's 421 is not swallowed with its greeting
+    let busy = Scripted::start("421 4.7.0 backend.test Too many connections\r\n").await;
+    let p = proxy(&busy, "").await;
+    let mut s = TcpStream::connect(p.addr("submission")).await.unwrap();
+    line(&mut s).await;
+    say(&mut s, "STARTTLS\r\n", "\r\n").await;
+    let mut tls = upgrade(s, "mail.example.test").await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got)).await;
+    assert_eq!(got, b"421 4.7.0 backend.test Too many connections\r\n");
+    log_line(&["backend refused the session", "Too many connections"]).await;
+
+    // plaintext MX: a postscreen-style 554 stays a 554, so the sender bounces
+    let blocked = Scripted::start("554 5.7.1 Service unavailable; client blocked\r\n").await;
+    let p = proxy(&blocked, "").await;
+    let mut s = TcpStream::connect(p.addr("mx")).await.unwrap();
+    line(&mut s).await;
+    say(&mut s, "EHLO sender.test\r\n", "250 ").await;
+    s.write_all(b"MAIL FROM:<a@sender.test>\r\n").await.unwrap();
+    assert_eq!(
+        read_all(&mut s).await,
+        "554 5.7.1 Service unavailable; client blocked\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_cannot_outlive_the_dialogue_deadline() {
+    let backend = Scripted::start("220 backend.test ESMTP\r\n").await;
+    let p = proxy(&backend, "timeouts: { dialogue: 1s }").await;
+    let s = TcpStream::connect(p.addr("submission")).await.unwrap();
+    let port = s.local_addr().unwrap().port().to_string();
+    let (_reader, mut writer) = s.into_split(); // never read a byte
+    let flood = tokio::spawn(async move {
+        let noops = "NOOP\r\n".repeat(10_000);
+        for _ in 0..100 {
+            if writer.write_all(noops.as_bytes()).await.is_err() {
+                return; // the proxy closed the session
+            }
+        }
+    });
+    let started = Instant::now();
+    log_line(&["plaintext dialogue timed out", &port]).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
+    assert!(backend.sessions().is_empty());
+}
