@@ -121,14 +121,6 @@ impl HostTable {
             (None, _) => (None, Matched::Rejected),
         }
     }
-
-    pub fn hosts(&self) -> impl Iterator<Item = &Arc<Host>> {
-        let mut seen = std::collections::HashSet::new();
-        self.exact
-            .values()
-            .chain(self.wildcard.values())
-            .filter(move |h| seen.insert(Arc::as_ptr(h)))
-    }
 }
 
 type Names = HashMap<String, Arc<Host>>;
@@ -138,8 +130,7 @@ fn find(exact: &Names, wildcard: &Names, name: &str) -> (Option<Arc<Host>>, Matc
     if let Some(h) = exact.get(name) {
         return (Some(h.clone()), Matched::Exact);
     }
-    let parent = name.split_once('.').map(|(_, rest)| rest);
-    match parent.and_then(|p| wildcard.get(p)) {
+    match crate::names::parent(name).and_then(|p| wildcard.get(p)) {
         Some(h) => (Some(h.clone()), Matched::Wildcard),
         None => (None, Matched::Rejected),
     }

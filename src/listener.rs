@@ -313,20 +313,18 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let stats = relay::relay(client, upstream, ctx.timeouts.idle, &stop.relays).await;
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match &stats.end {
-        RelayEnd::Error(e) if !is_expected(e) => info!(
-            bytes.up = stats.up, bytes.down = stats.down, duration_ms,
-            outcome = stats.end.as_str(), error = %e, "session closed"
-        ),
-        _ => info!(
-            bytes.up = stats.up,
-            bytes.down = stats.down,
-            duration_ms,
-            outcome = stats.end.as_str(),
-            "session closed"
-        ),
-    }
+    let error = match &stats.end {
+        RelayEnd::Error(e) if !is_expected(e) => Some(e.to_string()),
+        _ => None,
+    };
+    info!(
+        bytes.up = stats.up,
+        bytes.down = stats.down,
+        duration_ms = started.elapsed().as_millis() as u64,
+        outcome = stats.end.as_str(),
+        error = error.as_deref(),
+        "session closed"
+    );
 }
 
 /// What an SMTP client said before it went on without TLS.
@@ -353,9 +351,7 @@ async fn plaintext_session(
     let backend = host.and_then(|h| h.backends.get(&ctx.listener.name).cloned());
     let Some(backend) = backend else {
         warn!("no backend for the default host on this listener");
-        let _ = client
-            .write_all(&protocol::smtp::unavailable(&ctx.hostname))
-            .await;
+        starttls::close_with(&mut client, &protocol::smtp::unavailable(&ctx.hostname)).await;
         return;
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));

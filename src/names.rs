@@ -63,8 +63,13 @@ impl Hostname {
 
     /// The name without its first label (`a.b.c` → `b.c`), for wildcard lookup.
     pub fn parent(&self) -> Option<&str> {
-        self.0.split_once('.').map(|(_, rest)| rest)
+        parent(&self.0)
     }
+}
+
+/// `a.b.c` → `b.c`: where a one-label wildcard for `name` would be keyed.
+pub fn parent(name: &str) -> Option<&str> {
+    name.split_once('.').map(|(_, rest)| rest)
 }
 
 impl HostPattern {

@@ -87,7 +87,6 @@ const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A server with its sockets bound, ready to [`run`](Server::run).
 pub struct Server {
     listeners: Vec<(Arc<ListenerCtx>, Vec<TcpListener>)>,
-    table: Arc<ArcSwap<HostTable>>,
     max_connections: usize,
     shutdown_grace: std::time::Duration,
 }
@@ -159,7 +158,6 @@ impl Server {
         }
         Ok(Server {
             listeners,
-            table,
             max_connections: config.max_connections,
             shutdown_grace: config.timeouts.shutdown_grace,
         })
@@ -174,11 +172,6 @@ impl Server {
                 (ctx.listener.name.clone(), addrs)
             })
             .collect()
-    }
-
-    /// The live host table (certificates and routes).
-    pub fn hosts(&self) -> Arc<ArcSwap<HostTable>> {
-        self.table.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains.

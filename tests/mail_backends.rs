@@ -12,7 +12,7 @@
 mod common;
 
 use common::mail::{
-    client, local_name, loopback, proxy_config, rip, tools, unique_subject, MailStack, CLIENT_IP,
+    client, loopback, proxy_config, rip, tools, unique_subject, MailStack, CLIENT_IP,
 };
 use common::Proxy;
 
@@ -37,12 +37,7 @@ async fn imaps_login_through_portcullis_with_proxy_v2() {
     // The client's address came in the header, `secured` from the SSL TLV,
     // and local_name from the authority TLV (the SNI).
     mail.dovecot
-        .log_line(&[
-            "imap-login: Info: Login: user=<alice@example.test>",
-            &rip(),
-            "secured",
-            &local_name(),
-        ])
+        .secured_login("imap-login", "alice@example.test")
         .await;
     proxy.shutdown().await;
 }
@@ -162,12 +157,7 @@ async fn pop3s_login_through_portcullis() {
     run.assert_line("STAT OK (0, 0)");
 
     mail.dovecot
-        .log_line(&[
-            "pop3-login: Info: Login: user=<alice@example.test>",
-            &rip(),
-            "secured",
-            &local_name(),
-        ])
+        .secured_login("pop3-login", "alice@example.test")
         .await;
     proxy.shutdown().await;
 }

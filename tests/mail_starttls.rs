@@ -11,8 +11,8 @@
 mod common;
 
 use common::mail::{
-    client, local_name, loopback, managesieve, proxy_config, rip, tools, unique_subject, ClientRun,
-    MailStack, CLIENT_IP, CLIENT_LIMIT, PASSWORD, SNI,
+    client, loopback, managesieve, proxy_config, tools, unique_subject, ClientRun, MailStack,
+    CLIENT_IP, CLIENT_LIMIT, PASSWORD, SNI,
 };
 use common::{run_cmd, tool, Proxy};
 use tokio::io::AsyncWriteExt;
@@ -133,12 +133,7 @@ async fn submission_and_mx_then_read_back_over_imap_and_pop3() {
         .await;
     for login in ["imap-login", "pop3-login"] {
         mail.dovecot
-            .log_line(&[
-                &format!("{login}: Info: Login: user=<alice@example.test>"),
-                &rip(),
-                "secured",
-                &local_name(),
-            ])
+            .secured_login(login, "alice@example.test")
             .await;
     }
     proxy.shutdown().await;
@@ -276,12 +271,7 @@ async fn managesieve_over_starttls() {
     run.assert_line("LOGOUT OK");
 
     mail.dovecot
-        .log_line(&[
-            "managesieve-login: Info: Login: user=<alice@example.test>",
-            &rip(),
-            "secured",
-            &local_name(),
-        ])
+        .secured_login("managesieve-login", "alice@example.test")
         .await;
     proxy.shutdown().await;
 }

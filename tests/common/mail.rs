@@ -453,6 +453,15 @@ impl Daemon {
         }
     }
 
+    /// Dovecot's login line for `user` on `service` (`imap-login`, …): the
+    /// client's address from the header, `secured` from the SSL TLV, and
+    /// local_name from the authority TLV (the SNI).
+    pub async fn secured_login(&self, service: &str, user: &str) -> String {
+        let login = format!("{service}: Info: Login: user=<{user}>");
+        self.log_line(&[&login, &rip(), "secured", &local_name()])
+            .await
+    }
+
     /// Every log line so far that contains `needle`, for asserting absences
     /// (after a [`Daemon::log_line`] has shown the log caught up).
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
