@@ -34,11 +34,15 @@ pub mod defaults {
     /// Each proxied session costs two descriptors; 20,000 per process is common.
     pub const MAX_CONNECTIONS: usize = 9_000;
     pub const STATE_DIR: &str = "./state";
+    pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+    pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 }
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// `None`: no host uses `certificate: acme`.
+    pub acme: Option<Acme>,
     pub listeners: BTreeMap<String, Listener>,
     pub hosts: Vec<Host>,
     /// Certificate and route for clients that send no SNI.
@@ -101,7 +105,72 @@ pub struct Backend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CertSource {
     SelfSigned,
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Obtained and renewed over ACME; stored under `state_dir/certs/`.
+    Acme,
+}
+
+/// The `acme:` block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acme {
+    /// The directory URL (`letsencrypt` and `letsencrypt-staging` expanded).
+    pub directory: String,
+    /// `mailto:` URLs.
+    pub contact: Vec<String>,
+    /// In preference order; only those a listener can answer.
+    pub challenges: Vec<Challenge>,
+    /// Extra roots trusted for the ACME server's own HTTPS (a test CA).
+    pub ca_roots: Option<PathBuf>,
+    pub profile: Option<String>,
+    pub eab: Option<Eab>,
+    pub key_type: KeyType,
+    /// Renew this long before expiry instead of at a third of the lifetime
+    /// remaining (ignored where the CA offers ARI).
+    pub renew_before: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Challenge {
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl Challenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::TlsAlpn01 => "tls-alpn-01",
+            Challenge::Http01 => "http-01",
+        }
+    }
+}
+
+/// External account binding: a key id and the MAC key the CA handed out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Eab {
+    pub kid: String,
+    pub hmac_key: Vec<u8>,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab").field("kid", &self.kid).finish()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+pub enum KeyType {
+    #[default]
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+    #[serde(rename = "ecdsa-p384")]
+    EcdsaP384,
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
 }
 
 #[derive(Clone, Debug)]
@@ -286,6 +355,18 @@ const TOP_KEYS: &[&str] = &[
 ];
 const LISTENER_KEYS: &[&str] = &["bind", "protocol", "tls", "alpn", "hostname", "require_tls"];
 const BACKEND_KEYS: &[&str] = &["address", "proxy_protocol", "connect_timeout"];
+const ACME_KEYS: &[&str] = &[
+    "directory",
+    "contact",
+    "terms_of_service_agreed",
+    "challenges",
+    "ca_roots",
+    "profile",
+    "eab",
+    "key_type",
+    "renew_before",
+];
+const EAB_KEYS: &[&str] = &["kid", "hmac_key"];
 const HOST_KEYS: &[&str] = &["names", "certificate", "backends"];
 const CERT_FILE_KEYS: &[&str] = &["cert", "key"];
 const TIMEOUT_KEYS: &[&str] = &["handshake", "dialogue", "connect", "idle", "shutdown_grace"];
@@ -293,6 +374,9 @@ const LOG_KEYS: &[&str] = &["format", "level"];
 
 /// The longest deadline accepted anywhere.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The longest `acme.renew_before`: longer than any certificate lives.
+const MAX_RENEW_BEFORE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// More sessions than any process can hold descriptors for.
 const MAX_CONNECTIONS_LIMIT: u64 = 1_000_000;
@@ -436,16 +520,23 @@ impl Walk<'_> {
     /// `30s`, `31m`, `1h 30m`, or a bare number of seconds; above zero and at
     /// most a week (a longer deadline is a typo, and would overflow).
     fn duration(&mut self, v: &Value, path: &str) -> Option<Duration> {
+        self.duration_upto(v, path, MAX_DURATION)
+    }
+
+    fn duration_upto(&mut self, v: &Value, path: &str, max: Duration) -> Option<Duration> {
         let d = match v {
             Value::Number(n) => n.as_u64().map(Duration::from_secs),
             Value::String(s) => humantime::parse_duration(s).ok(),
             _ => None,
         };
-        if let Some(d) = d.filter(|d| d.is_zero() || *d > MAX_DURATION) {
-            let shown = humantime::format_duration(d);
+        if let Some(d) = d.filter(|d| d.is_zero() || *d > max) {
+            let (shown, max) = (
+                humantime::format_duration(d),
+                humantime::format_duration(max),
+            );
             self.err(
                 path,
-                format!("{shown} is out of range (above 0, at most 7 days)"),
+                format!("{shown} is out of range (above 0, at most {max})"),
             );
             return None;
         }
@@ -481,12 +572,7 @@ impl Walk<'_> {
             Some(v) => self.string(v, "state_dir").map(|s| self.path(&s)),
             None => Some(self.path(defaults::STATE_DIR)),
         };
-        if field(m, "acme").is_some() {
-            self.err(
-                "acme",
-                "ACME is not available in this version yet; use `certificate: self-signed` or `{ cert, key }` files",
-            );
-        }
+        let acme = field(m, "acme").and_then(|v| self.acme(v));
 
         let listeners = match self.required(m, "", "listeners") {
             Some(v) => self.listeners(v),
@@ -542,8 +628,10 @@ impl Walk<'_> {
         if hosts.is_empty() && field(m, "hosts").is_some() {
             self.err("hosts", "at least one host is needed");
         }
+        let acme = self.acme_fits(acme, field(m, "acme").is_some(), &listeners, &hosts);
         Some(Config {
             state_dir: state_dir?,
+            acme,
             listeners,
             hosts,
             default_host: default_host?,
@@ -648,9 +736,10 @@ impl Walk<'_> {
                 Protocol::Imap | Protocol::Smtp | Protocol::Pop3 | Protocol::Sieve,
                 TlsMode::Starttls,
             ) => {}
+            (Protocol::Http, TlsMode::None) => {}
             (Protocol::Http, _) => self.err(
-                &join(path, "protocol"),
-                "http listeners are not available in this version yet",
+                &join(path, "tls"),
+                "http listeners are plaintext (port 80: ACME http-01 and redirects); leave tls out",
             ),
             (Protocol::Sieve, _) => self.err(
                 &join(path, "tls"),
@@ -748,10 +837,6 @@ impl Walk<'_> {
                     self.err(&p, format!("no listener named {name:?}"));
                     continue;
                 }
-                Some(Some(l)) if l.protocol == Protocol::Http => {
-                    self.err(&p, "http listeners take no backend here");
-                    continue;
-                }
                 _ => {}
             }
             if let Some(b) = backend {
@@ -846,13 +931,7 @@ impl Walk<'_> {
     fn cert_source(&mut self, v: &Value, path: &str) -> Option<CertSource> {
         match v {
             Value::String(s) if s == "self-signed" => Some(CertSource::SelfSigned),
-            Value::String(s) if s == "acme" => {
-                self.err(
-                    path,
-                    "acme certificates are not available in this version yet; use self-signed or { cert, key }",
-                );
-                None
-            }
+            Value::String(s) if s == "acme" => Some(CertSource::Acme),
             Value::String(s) => {
                 self.err(
                     path,
@@ -877,13 +956,178 @@ impl Walk<'_> {
                 self.err(
                     path,
                     format!(
-                        "expected self-signed or {{ cert, key }}, found {}",
+                        "expected self-signed, acme or {{ cert, key }}, found {}",
                         kind(other)
                     ),
                 );
                 None
             }
         }
+    }
+
+    fn acme(&mut self, v: &Value) -> Option<Acme> {
+        let m = self.mapping(v, "acme", ACME_KEYS)?;
+        let directory = self
+            .required(m, "acme", "directory")
+            .and_then(|v| self.string(v, "acme.directory"))
+            .and_then(|d| match d.as_str() {
+                "letsencrypt" => Some(defaults::LETSENCRYPT.to_string()),
+                "letsencrypt-staging" => Some(defaults::LETSENCRYPT_STAGING.to_string()),
+                url if url.starts_with("https://") && url.len() > "https://".len() => {
+                    Some(url.to_string())
+                }
+                other => {
+                    self.err(
+                        "acme.directory",
+                        format!("{other:?}: expected letsencrypt, letsencrypt-staging or an https:// URL"),
+                    );
+                    None
+                }
+            });
+        let contact = match field(m, "contact") {
+            Some(v) => self
+                .strings(v, "acme.contact")
+                .into_iter()
+                .filter_map(|(p, s)| {
+                    let ok = s.strip_prefix("mailto:").is_some_and(|a| a.contains('@'));
+                    if !ok {
+                        self.err(&p, format!("{s:?}: expected mailto:postmaster@example.com"));
+                    }
+                    ok.then_some(s)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        match self
+            .required(m, "acme", "terms_of_service_agreed")
+            .map(|v| self.de::<bool>(v, "acme.terms_of_service_agreed"))
+        {
+            Some(Some(true)) | Some(None) | None => {}
+            Some(Some(false)) => self.err(
+                "acme.terms_of_service_agreed",
+                "the CA issues nothing until you agree to its terms: read them, then set true",
+            ),
+        }
+        let challenges = match field(m, "challenges") {
+            Some(v) => {
+                let list: Option<Vec<Challenge>> = self.de(v, "acme.challenges");
+                match list {
+                    Some(l) if l.is_empty() => {
+                        self.err("acme.challenges", "at least one challenge is needed");
+                        None
+                    }
+                    Some(mut l) => {
+                        let mut seen = Vec::new();
+                        l.retain(|c| {
+                            !seen.contains(c) && {
+                                seen.push(*c);
+                                true
+                            }
+                        });
+                        Some(l)
+                    }
+                    None => None,
+                }
+            }
+            None => Some(vec![Challenge::TlsAlpn01, Challenge::Http01]),
+        };
+        let ca_roots = field(m, "ca_roots")
+            .and_then(|v| self.string(v, "acme.ca_roots"))
+            .map(|s| self.path(&s));
+        let profile = field(m, "profile").and_then(|v| self.string(v, "acme.profile"));
+        // Outer None: not written; inner None: written with problems.
+        let eab = field(m, "eab").map(|v| self.eab(v));
+        let key_type = field(m, "key_type")
+            .map(|v| self.de(v, "acme.key_type"))
+            .unwrap_or(Some(KeyType::default()));
+        let renew_before = field(m, "renew_before")
+            .map(|v| self.duration_upto(v, "acme.renew_before", MAX_RENEW_BEFORE));
+        Some(Acme {
+            directory: directory?,
+            contact,
+            challenges: challenges?,
+            ca_roots,
+            profile,
+            eab: eab.map_or(Some(None), |e| e.map(Some))?,
+            key_type: key_type?,
+            renew_before: renew_before.map_or(Some(None), |d| d.map(Some))?,
+        })
+    }
+
+    fn eab(&mut self, v: &Value) -> Option<Eab> {
+        use base64::Engine;
+        let m = self.mapping(v, "acme.eab", EAB_KEYS)?;
+        let kid = self
+            .required(m, "acme.eab", "kid")
+            .and_then(|v| self.string(v, "acme.eab.kid"));
+        let hmac_key = self
+            .required(m, "acme.eab", "hmac_key")
+            .and_then(|v| self.string(v, "acme.eab.hmac_key"))
+            .and_then(|s| {
+                let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+                match engine.decode(s.trim_end_matches('=')) {
+                    Ok(k) if !k.is_empty() => Some(k),
+                    _ => {
+                        self.err(
+                            "acme.eab.hmac_key",
+                            "expected the base64url key the CA gave you",
+                        );
+                        None
+                    }
+                }
+            });
+        Some(Eab {
+            kid: kid?,
+            hmac_key: hmac_key?,
+        })
+    }
+
+    /// Checks what `acme:` and `certificate: acme` need from each other and
+    /// from the listeners; keeps only the challenges some listener answers.
+    fn acme_fits(
+        &mut self,
+        acme: Option<Acme>,
+        written: bool,
+        listeners: &BTreeMap<String, Listener>,
+        hosts: &[Host],
+    ) -> Option<Acme> {
+        let acme_hosts: Vec<usize> = (0..hosts.len())
+            .filter(|&i| hosts[i].certificate == CertSource::Acme)
+            .collect();
+        for &i in &acme_hosts {
+            if !written {
+                self.err(
+                    &format!("hosts[{i}].certificate"),
+                    "acme needs an `acme:` block (directory, contact, terms_of_service_agreed)",
+                );
+            }
+            for n in &hosts[i].names {
+                if let HostPattern::Wildcard(_) = n {
+                    self.err(
+                        &format!("hosts[{i}].names"),
+                        format!("{n}: wildcard certificates need dns-01, which portcullis does not do; use {{ cert, key }} files"),
+                    );
+                }
+            }
+        }
+        let mut acme = acme?;
+        let answers = |c: &Challenge| match c {
+            Challenge::Http01 => listeners.values().any(|l| l.protocol == Protocol::Http),
+            Challenge::TlsAlpn01 => listeners.values().any(|l| l.tls == TlsMode::Implicit),
+        };
+        let wanted = acme.challenges.clone();
+        acme.challenges.retain(answers);
+        if acme.challenges.is_empty() && !acme_hosts.is_empty() {
+            let wanted: Vec<&str> = wanted.iter().map(|c| c.as_str()).collect();
+            self.err(
+                "acme.challenges",
+                format!(
+                    "no listener can answer {}: http-01 needs a `protocol: http` listener (port 80), tls-alpn-01 a `tls: implicit` one (port 443)",
+                    wanted.join(" or ")
+                ),
+            );
+        }
+        Some(acme)
     }
 
     fn default_host(&mut self, v: &Value, hosts: &[Host]) -> Option<Hostname> {
@@ -1099,31 +1343,98 @@ log: { level: infoo }
         assert_eq!(errs, vec!["expected a mapping, found a list"]);
     }
 
-    #[test]
-    fn features_of_later_versions_are_refused_clearly() {
-        let text = r#"
-acme: { directory: letsencrypt }
+    const ACME: &str = r#"
+acme:
+  directory: letsencrypt-staging
+  contact: [mailto:postmaster@example.test]
+  terms_of_service_agreed: true
+  eab: { kid: kid-1, hmac_key: c2VjcmV0LWtleQ }
+  key_type: ecdsa-p384
+  renew_before: 30d
 listeners:
-  imap: { bind: "127.0.0.1:10143", protocol: imap, tls: starttls, require_tls: false }
+  imaps: { bind: "127.0.0.1:10993", protocol: imap, tls: implicit }
   http: { bind: "127.0.0.1:10080", protocol: http }
+backends:
+  imaps: 127.0.0.1:10143
+hosts:
+  - names: [mail.example.test, imap.example.test]
+    certificate: acme
+    backends: { http: 127.0.0.1:8080 }
+"#;
+
+    #[test]
+    fn the_acme_block_parses_with_its_defaults() {
+        let c = parse(ACME).unwrap();
+        let a = c.acme.unwrap();
+        assert_eq!(a.directory, defaults::LETSENCRYPT_STAGING);
+        assert_eq!(a.challenges, [Challenge::TlsAlpn01, Challenge::Http01]);
+        assert_eq!(a.key_type, KeyType::EcdsaP384);
+        assert_eq!(a.eab.unwrap().hmac_key, b"secret-key");
+        assert_eq!(a.renew_before, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(c.hosts[0].certificate, CertSource::Acme);
+        assert_eq!(
+            c.hosts[0].backends["http"].address,
+            "127.0.0.1:8080".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn acme_mistakes_are_reported_with_their_key_paths() {
+        let text = ACME
+            .replace("letsencrypt-staging", "http://acme.example.test/dir")
+            .replace("mailto:postmaster@example.test", "postmaster@example.test")
+            .replace("agreed: true", "agreed: false")
+            .replace("c2VjcmV0LWtleQ", "not base64!")
+            .replace("ecdsa-p384", "dsa")
+            .replace("30d", "2y")
+            .replace("imap.example.test", "\"*.example.org\"");
+        let errs = parse(&text).unwrap_err();
+        for want in [
+            "acme.directory: \"http://acme.example.test/dir\": expected",
+            "acme.contact[0]: \"postmaster@example.test\": expected mailto:",
+            "acme.terms_of_service_agreed: the CA issues nothing",
+            "acme.eab.hmac_key: expected the base64url key",
+            "acme.key_type: ",
+            "acme.renew_before: 2years is out of range",
+            "hosts[0].names: *.example.org: wildcard certificates need dns-01",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn acme_needs_its_block_and_a_listener_that_answers_a_challenge() {
+        let no_block = r#"
+listeners:
+  imap: { bind: "127.0.0.1:10143", protocol: imap, tls: starttls }
 hosts:
   - names: [a.example.test]
     certificate: acme
 "#;
-        let errs = parse(text).unwrap_err();
+        let errs = parse(no_block).unwrap_err();
+        assert!(errs[0].starts_with("hosts[0].certificate: acme needs an `acme:` block"));
+
+        let no_listener = format!(
+            "acme: {{ directory: letsencrypt, terms_of_service_agreed: true, challenges: [http-01] }}\n{no_block}"
+        );
+        let errs = parse(&no_listener).unwrap_err();
         assert!(
-            errs[0].starts_with("acme: ACME is not available"),
+            errs[0].starts_with("acme.challenges: no listener can answer http-01"),
             "{errs:?}"
         );
-        assert!(errs
-            .iter()
-            .any(|e| e.starts_with("listeners.http.protocol: http listeners")));
-        assert!(errs
-            .iter()
-            .any(|e| e.starts_with("listeners.imap.require_tls: only SMTP")));
-        assert!(errs
-            .iter()
-            .any(|e| e.starts_with("hosts[0].certificate: acme")));
+        // tls-alpn-01 is dropped where no implicit-TLS listener could answer it.
+        let with_http = ACME.replace("tls: implicit", "tls: starttls");
+        assert_eq!(
+            parse(&with_http).unwrap().acme.unwrap().challenges,
+            [Challenge::Http01]
+        );
+    }
+
+    #[test]
+    fn http_listeners_are_plaintext() {
+        let text = ACME.replace("protocol: http }", "protocol: http, tls: implicit }");
+        let errs = parse(&text).unwrap_err();
+        assert!(errs[0].starts_with("listeners.http.tls: http listeners are plaintext"));
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! SNI under `unknown_sni: default`), else refuse.
 //!
 //! A table is immutable once built; a reload builds a new one and swaps it.
+//! Only a host's certificate changes in place: it sits in a [`CertSlot`] that
+//! its one writer (the host's ACME task) swaps on renewal.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
 
 use crate::config::{Backend, UnknownSni};
@@ -19,10 +22,64 @@ use crate::tls::certs::CertInfo;
 #[derive(Debug)]
 pub struct Host {
     pub names: Vec<HostPattern>,
-    pub cert: Arc<CertifiedKey>,
-    pub cert_info: CertInfo,
+    pub cert: Arc<CertSlot>,
     /// Listener name → backend.
     pub backends: BTreeMap<String, Backend>,
+}
+
+/// Where the certificate a host serves came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Files,
+    SelfSigned,
+    /// Issued over ACME.
+    Acme,
+    /// `certificate: acme` but nothing issued yet: a self-signed stand-in.
+    Placeholder,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Files => "files",
+            Source::SelfSigned => "self-signed",
+            Source::Acme => "acme",
+            Source::Placeholder => "placeholder",
+        }
+    }
+}
+
+/// A certificate as served: the key rustls signs with, and what it says.
+#[derive(Debug)]
+pub struct Served {
+    pub key: Arc<CertifiedKey>,
+    pub info: CertInfo,
+    pub source: Source,
+}
+
+/// The certificate a host serves now. The next handshake on every listener
+/// sees a swap; sessions already open keep the certificate they were given.
+#[derive(Debug)]
+pub struct CertSlot(ArcSwap<Served>);
+
+impl CertSlot {
+    pub fn new(served: Served) -> CertSlot {
+        CertSlot(ArcSwap::from_pointee(served))
+    }
+
+    pub fn load(&self) -> Arc<Served> {
+        self.0.load_full()
+    }
+
+    /// For the slot's one writer.
+    pub fn store(&self, served: Served) {
+        self.0.store(Arc::new(served));
+    }
+
+    /// The key rustls needs, without cloning the rest.
+    pub fn key(&self) -> Arc<CertifiedKey> {
+        self.0.load().key.clone()
+    }
 }
 
 impl Host {

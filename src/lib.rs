@@ -4,8 +4,11 @@
 //! [`server::Server`] binds the listeners of a [`config::Config`] and runs them
 //! until a shutdown future resolves, so tests start it on `127.0.0.1:0`.
 
+pub mod acme;
 pub mod config;
+pub mod control;
 pub mod hosts;
+pub mod http;
 pub mod listener;
 pub mod logging;
 pub mod names;

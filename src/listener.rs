@@ -32,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Backend, Listener, ProxyProtocol, Timeouts, TlsMode};
+use crate::acme::challenge::{Challenges, ACME_TLS_ALPN};
+use crate::config::{Backend, Listener, Protocol, ProxyProtocol, Timeouts, TlsMode};
 use crate::hosts::{Host, HostTable, Matched};
 use crate::protocol::BackendGreeting;
 use crate::proxy_header::{self, TlsFacts};
@@ -53,6 +54,8 @@ pub struct ListenerCtx {
     pub timeouts: Timeouts,
     /// The name STARTTLS greetings and SMTP goodbyes use before SNI is known.
     pub hostname: String,
+    /// Open ACME challenges: http-01 tokens, tls-alpn-01 certificates.
+    pub challenges: Arc<Challenges>,
 }
 
 /// Cancellation for the two stages of shutdown.
@@ -118,6 +121,11 @@ enum Refused {
     UnknownSni,
     #[error("shutting down")]
     Shutdown,
+    /// An `acme-tls/1` handshake: answered (or not) and done.
+    #[error("acme-tls/1 challenge")]
+    Challenge(Result<(), io::Error>),
+    #[error("acme-tls/1 handshake for a name with no open challenge")]
+    NoChallenge,
 }
 
 /// The handshake: ClientHello, host lookup, rest of the handshake, under one deadline.
@@ -130,9 +138,19 @@ async fn handshake(
         let start = LazyConfigAcceptor::new(Acceptor::default(), socket)
             .await
             .map_err(Refused::Handshake)?;
-        let sni = start.client_hello().server_name().map(str::to_owned);
+        let hello = start.client_hello();
+        let sni = hello.server_name().map(str::to_owned);
         if let Some(sni) = &sni {
             tracing::Span::current().record("sni", sni.as_str());
+        }
+        // tls-alpn-01 (RFC 8737): the CA's validator offers acme-tls/1 and
+        // nothing else. Answered before the normal lookup, then closed.
+        if ctx.listener.tls == TlsMode::Implicit && only_acme_tls(hello.alpn()) {
+            let cert = sni.as_deref().and_then(|n| ctx.challenges.tls_alpn(n));
+            let Some(cert) = cert else {
+                return Err(Refused::NoChallenge);
+            };
+            return Err(Refused::Challenge(answer_challenge(start, cert, ctx).await));
         }
         let (host, matched) = ctx.table.load().lookup(sni.as_deref());
         let Some(host) = host else {
@@ -150,6 +168,31 @@ async fn handshake(
         Ok(r) => r,
         Err(_) => Err(Refused::HandshakeTimeout),
     }
+}
+
+fn only_acme_tls<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {
+    let mut protocols = match alpn {
+        Some(p) => p,
+        None => return false,
+    };
+    protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
+}
+
+/// Completes an `acme-tls/1` handshake with the challenge certificate, then
+/// closes: the validator only looks at the certificate.
+async fn answer_challenge(
+    start: tokio_rustls::StartHandshake<TcpStream>,
+    cert: Arc<rustls::sign::CertifiedKey>,
+    ctx: &ListenerCtx,
+) -> Result<(), io::Error> {
+    let mut config = ServerConfig::builder_with_provider(ctx.tls.crypto_provider().clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(cert)));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    let mut stream = start.into_stream(Arc::new(config)).await?;
+    stream.shutdown().await
 }
 
 /// Resets, EOFs and timeouts are the network being the network: debug, not warn.
@@ -179,6 +222,9 @@ async fn connection(
             return;
         }
     };
+    if ctx.listener.protocol == Protocol::Http {
+        return crate::http::serve(socket, peer, local, &ctx, &stop, started).await;
+    }
     let mut greeting = BackendGreeting::Keep;
     let (socket, deadline) = if ctx.listener.tls == TlsMode::Starttls {
         let Some(mut dialogue) = protocol::dialogue(
@@ -234,6 +280,14 @@ async fn connection(
         }
         Err(r @ Refused::UnknownSni) => {
             info!(sni.match = Matched::Rejected.as_str(), "{r}");
+            return;
+        }
+        Err(Refused::Challenge(Ok(()))) => {
+            info!("acme tls-alpn-01 challenge answered");
+            return;
+        }
+        Err(Refused::Challenge(Err(e))) => {
+            info!(error = %e, "acme tls-alpn-01 handshake failed");
             return;
         }
         Err(r) => {
@@ -307,8 +361,13 @@ async fn connection(
 }
 
 /// Relays to the end and logs the session's one summary line.
-async fn finish<C, B>(client: C, upstream: B, ctx: &ListenerCtx, stop: &Stop, started: Instant)
-where
+pub(crate) async fn finish<C, B>(
+    client: C,
+    upstream: B,
+    ctx: &ListenerCtx,
+    stop: &Stop,
+    started: Instant,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
@@ -469,7 +528,7 @@ async fn read_reply(
 
 /// Connects to the backend and sends its PROXY header; `facts` describe the
 /// client's TLS session, `None` for a plaintext one.
-async fn connect(
+pub(crate) async fn connect(
     backend: &Backend,
     peer: SocketAddr,
     local: SocketAddr,

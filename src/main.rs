@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
+use portcullis::control::{self, ClientError, Request, Response};
 use portcullis::server::{load_certificates, Server};
 
 #[derive(Parser)]
@@ -33,6 +34,26 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// List every host's certificate: names, source, issuer, expiry and next
+    /// renewal (asks the running instance; reads the disk when none runs).
+    Certs {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// One JSON object per host, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running instance to renew ACME certificates that are due, or
+    /// all of them with --force; waits for the outcome. Exit 1 if any failed.
+    Renew {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Renew even if not due.
+        #[arg(long)]
+        force: bool,
+        /// Only the host that has this name (default: every ACME host).
+        name: Option<String>,
+    },
     /// Print the version.
     Version,
 }
@@ -42,6 +63,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
+        Command::Certs { config, json } => certs(&config, json),
+        Command::Renew {
+            config,
+            force,
+            name,
+        } => renew(&config, force, name),
         Command::Version => {
             println!("portcullis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -110,6 +137,121 @@ fn check(path: &Path) -> ExitCode {
         config.route_count()
     );
     ExitCode::SUCCESS
+}
+
+/// Sends one request to the running instance of the config's `state_dir`.
+fn ask(config: &Config, request: Request) -> Result<Response, ClientError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ClientError::Io {
+            path: control::socket_path(&config.state_dir),
+            source,
+        })?;
+    let limit = control::RENEW_TIMEOUT + std::time::Duration::from_secs(30);
+    runtime.block_on(control::request(&config.state_dir, &request, limit))
+}
+
+fn certs(path: &Path, json: bool) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (rows, live) = match ask(&config, Request::Certs) {
+        Ok(Response::Certs(rows)) => (rows, true),
+        Ok(other) => {
+            eprintln!("unexpected answer: {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(ClientError::NotRunning(_)) => {
+            let provider = rustls::crypto::aws_lc_rs::default_provider();
+            (control::offline_rows(&config, &provider), false)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        for row in &rows {
+            match serde_json::to_string(row) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("{e}"),
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    if !live {
+        println!("(no running instance: certificates on disk, no renewal times)");
+    }
+    println!(
+        "{:<40} {:<12} {:<22} {:<22} {}",
+        "NAMES", "SOURCE", "NOT AFTER", "NEXT RENEWAL", "ISSUER"
+    );
+    for row in &rows {
+        let next = row.next_renewal.as_deref().unwrap_or("-");
+        println!(
+            "{:<40} {:<12} {:<22} {:<22} {}",
+            row.names.join(","),
+            row.source,
+            if row.not_after.is_empty() {
+                "-"
+            } else {
+                &row.not_after
+            },
+            next,
+            row.issuer
+        );
+        if let Some(e) = &row.last_error {
+            println!("    last error: {e}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn renew(path: &Path, force: bool, name: Option<String>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match ask(&config, Request::Renew { force, name }) {
+        Ok(Response::Renew(rows)) => {
+            for r in &rows {
+                println!("{}: {}: {}", r.host, r.outcome, r.detail);
+            }
+            if rows.iter().any(|r| r.outcome == "failed") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(Response::Error(e)) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+        Ok(other) => {
+            eprintln!("unexpected answer: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(ClientError::NotRunning(p)) => {
+            eprintln!(
+                "no running portcullis answers on {}: start it with `portcullis run --config {}`; it orders due certificates by itself",
+                p.display(),
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(path: &Path) -> ExitCode {

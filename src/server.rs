@@ -15,15 +15,20 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::acme::challenge::Challenges;
+use crate::acme::{self, Managed};
 use crate::config::{CertSource, Config, Listener};
-use crate::hosts::{Host, HostTable, NoDefaultHost};
+use crate::control::{Control, ControlError, View};
+use crate::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
 use crate::listener::{accept_loop, ListenerCtx, Stop};
+use crate::names::HostPattern;
 use crate::tls::certs::{self, CertError, LoadedCert};
 use crate::tls::resolver::CertResolver;
-use crate::tls::TlsContext;
+use crate::tls::{store, TlsContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -37,6 +42,13 @@ pub enum BuildError {
     Tls(#[from] rustls::Error),
     #[error(transparent)]
     DefaultHost(#[from] NoDefaultHost),
+    #[error("state_dir {}: {source}", path.display())]
+    StateDir {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("control socket: {0}")]
+    Control(#[from] ControlError),
     #[error("listeners.{listener}: cannot listen on {addr}: {source}")]
     Bind {
         listener: String,
@@ -61,7 +73,7 @@ pub fn load_certificates(
             CertSource::SelfSigned if generate => {
                 certs::self_signed(&config.state_dir, &host.names, provider)
             }
-            CertSource::SelfSigned => {
+            CertSource::SelfSigned | CertSource::Acme => {
                 loaded.push(None);
                 continue;
             }
@@ -89,34 +101,94 @@ pub struct Server {
     listeners: Vec<(Arc<ListenerCtx>, Vec<TcpListener>)>,
     max_connections: usize,
     shutdown_grace: std::time::Duration,
+    acme: Option<acme::Manager>,
+    control: Control,
+    /// Every host's names and certificate slot, for the control socket.
+    views: Vec<(Vec<String>, Arc<CertSlot>)>,
 }
 
 impl Server {
-    /// Loads certificates and binds every listener address. Must be called
-    /// inside a tokio runtime.
+    /// Loads certificates and binds every listener address and the control
+    /// socket. Must be called inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Server, Vec<BuildError>> {
         let tls = TlsContext::new().map_err(|e| vec![e.into()])?;
+        store::create_private_dir(&config.state_dir).map_err(|source| {
+            vec![BuildError::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            }]
+        })?;
+        let control = Control::bind(&config.state_dir).map_err(|e| vec![e.into()])?;
         let (loaded, errors) = load_certificates(config, &tls.provider, true);
         if !errors.is_empty() {
             return Err(errors);
         }
         let mut hosts = Vec::new();
-        for (host, cert) in config.hosts.iter().zip(loaded) {
-            let Some(cert) = cert else { continue };
-            if !cert.info.uncovered.is_empty() {
-                warn!(
-                    host = %host.names[0],
-                    uncovered = %cert.info.uncovered.join(", "),
-                    "certificate does not cover every name of its host"
-                );
-            }
+        let mut managed = Vec::new();
+        let mut views = Vec::new();
+        for (index, (host, cert)) in config.hosts.iter().zip(loaded).enumerate() {
+            let served = match (&host.certificate, cert) {
+                (CertSource::Acme, _) => {
+                    let acme = config.acme.as_ref().map(|a| a.directory.as_str());
+                    let (served, order_now) =
+                        acme_start(&config.state_dir, &host.names, acme, &tls.provider).map_err(
+                            |source| {
+                                vec![BuildError::Certificate {
+                                    index,
+                                    name: host.names[0].to_string(),
+                                    source,
+                                }]
+                            },
+                        )?;
+                    let slot = Arc::new(CertSlot::new(served));
+                    managed.push(Managed {
+                        names: host.names.clone(),
+                        slot: slot.clone(),
+                        order_now,
+                    });
+                    slot
+                }
+                (source, Some(cert)) => {
+                    if !cert.info.uncovered.is_empty() {
+                        warn!(
+                            host = %host.names[0],
+                            uncovered = %cert.info.uncovered.join(", "),
+                            "certificate does not cover every name of its host"
+                        );
+                    }
+                    let source = match source {
+                        CertSource::Files { .. } => Source::Files,
+                        _ => Source::SelfSigned,
+                    };
+                    Arc::new(CertSlot::new(Served {
+                        key: cert.key,
+                        info: cert.info,
+                        source,
+                    }))
+                }
+                (_, None) => continue,
+            };
+            views.push((
+                host.names.iter().map(|n| n.to_string()).collect(),
+                served.clone(),
+            ));
             hosts.push(Host {
                 names: host.names.clone(),
-                cert: cert.key,
-                cert_info: cert.info,
+                cert: served,
                 backends: host.backends.clone(),
             });
         }
+        let challenges = Arc::new(Challenges::default());
+        let acme = match (&config.acme, managed.is_empty()) {
+            (Some(a), false) => Some(acme::Manager::new(
+                a.clone(),
+                config.state_dir.clone(),
+                tls.provider.clone(),
+                challenges.clone(),
+                managed,
+            )),
+            _ => None,
+        };
         let table = HostTable::new(hosts, &config.default_host, config.unknown_sni)
             .map_err(|e| vec![e.into()])?;
         let table = Arc::new(ArcSwap::from_pointee(table));
@@ -150,6 +222,7 @@ impl Server {
                     .as_ref()
                     .unwrap_or(&config.default_host)
                     .to_string(),
+                challenges: challenges.clone(),
             };
             listeners.push((Arc::new(ctx), sockets));
         }
@@ -160,6 +233,9 @@ impl Server {
             listeners,
             max_connections: config.max_connections,
             shutdown_grace: config.timeouts.shutdown_grace,
+            acme,
+            control,
+            views,
         })
     }
 
@@ -195,7 +271,27 @@ impl Server {
             }
         }
         accepts.close();
+
+        let background = TaskTracker::new();
+        let background_stop = CancellationToken::new();
+        let handles = match self.acme {
+            Some(m) => m.start(background_stop.clone(), &background),
+            None => Vec::new(),
+        };
+        let views = self
+            .views
+            .into_iter()
+            .map(|(names, slot)| View {
+                acme: handles.iter().find(|h| h.names == names).cloned(),
+                names,
+                slot,
+            })
+            .collect();
+        background.spawn(self.control.serve(Arc::new(views), background_stop.clone()));
+        background.close();
+
         shutdown.await;
+        background_stop.cancel();
 
         info!(open_sessions = tracker.len(), grace = ?self.shutdown_grace, "shutting down: no new connections");
         stop.accepting.cancel();
@@ -219,8 +315,60 @@ impl Server {
                 warn!(sessions = tracker.len(), "sessions still open at exit");
             }
         }
+        background.wait().await;
         info!("stopped");
     }
+}
+
+/// What an ACME host serves at start-up, and why it needs an order now (if
+/// it does): the stored certificate while it is valid, else a self-signed
+/// placeholder. A stored pair that does not load is reported and never served.
+fn acme_start(
+    state_dir: &std::path::Path,
+    names: &[HostPattern],
+    directory: Option<&str>,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<(Served, Option<String>), CertError> {
+    let wanted: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let reason = match acme::store::load(state_dir, names, provider) {
+        Ok(Some(stored)) if stored.cert.info.not_after > certs::unix_now() => {
+            let reason = if stored.meta.names != wanted {
+                Some("the host's names changed since the stored certificate was issued")
+            } else if Some(stored.meta.directory.as_str()) != directory {
+                Some("the stored certificate is from another ACME directory")
+            } else {
+                None
+            };
+            info!(
+                host = %wanted[0],
+                serial = %stored.cert.info.serial,
+                not_after = stored.cert.info.not_after,
+                "serving the stored ACME certificate"
+            );
+            let served = Served {
+                key: stored.cert.key,
+                info: stored.cert.info,
+                source: Source::Acme,
+            };
+            return Ok((served, reason.map(String::from)));
+        }
+        Ok(Some(_)) => "the stored certificate has expired".to_string(),
+        Ok(None) => "no certificate issued yet".to_string(),
+        Err(e) => {
+            error!(host = %wanted[0], error = %e, "stored ACME certificate unusable: not served, ordering a new one");
+            "the stored certificate is unusable".to_string()
+        }
+    };
+    let placeholder = certs::self_signed(state_dir, names, provider)?;
+    warn!(host = %wanted[0], reason = %reason, "serving a self-signed placeholder until the ACME certificate is issued");
+    Ok((
+        Served {
+            key: placeholder.key,
+            info: placeholder.info,
+            source: Source::Placeholder,
+        },
+        Some(reason),
+    ))
 }
 
 /// Ports on which some listener binds `0.0.0.0`: an `[::]` socket on the same

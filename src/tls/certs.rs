@@ -37,7 +37,11 @@ pub struct CertInfo {
     pub sans: Vec<String>,
     pub issuer: String,
     /// Seconds since the Unix epoch.
+    pub not_before: i64,
+    /// Seconds since the Unix epoch.
     pub not_after: i64,
+    /// Hexadecimal, as `openssl x509 -serial` prints it.
+    pub serial: String,
     /// The host's names this certificate does not cover (logged as a warning).
     pub uncovered: Vec<String>,
 }
@@ -87,9 +91,19 @@ pub fn load_files(
     names: &[HostPattern],
     provider: &CryptoProvider,
 ) -> Result<LoadedCert, CertError> {
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+    load_pem(&read(cert)?, &read(key)?, cert, key, names, provider)
+}
+
+/// [`load_files`] on PEM already in memory; `cert` and `key` name the files in errors.
+pub fn load_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert: &Path,
+    key: &Path,
+    names: &[HostPattern],
+    provider: &CryptoProvider,
+) -> Result<LoadedCert, CertError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pem {
             path: cert.to_path_buf(),
@@ -100,7 +114,7 @@ pub fn load_files(
             path: cert.to_path_buf(),
         });
     }
-    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => CertError::NoKey {
             path: key.to_path_buf(),
         },
@@ -168,9 +182,15 @@ pub fn cert_info(der: &CertificateDer<'_>, names: &[HostPattern]) -> Result<Cert
     Ok(CertInfo {
         sans,
         issuer: cert.issuer().to_string(),
+        not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
+        serial: hex(cert.tbs_certificate.raw_serial()),
         uncovered,
     })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
 /// Whether a certificate name (`san`) is valid for a configured name.
@@ -190,7 +210,7 @@ pub fn self_signed_dir(state_dir: &Path, names: &[HostPattern]) -> PathBuf {
     state_dir.join("self-signed").join(first)
 }
 
-fn unix_now() -> i64 {
+pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -26,6 +26,6 @@ impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // None makes rustls abort the handshake with a fatal alert.
         let (host, _) = self.table.load().lookup(hello.server_name());
-        host.map(|h| h.cert.clone())
+        host.map(|h| h.cert.key())
     }
 }

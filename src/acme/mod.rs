@@ -1,0 +1,626 @@
+//! ACME: one task per host with `certificate: acme` obtains its certificate,
+//! stores it, swaps it into the host's [`CertSlot`] and renews it, for ever.
+//!
+//! ```text
+//! wait (renewal time | ARI poll | backoff | `portcullis renew`)
+//!   → order → challenge (tls-alpn-01 or http-01, by preference) → finalize
+//!     with a CSR (rcgen) → store atomically → swap the slot
+//! ```
+//!
+//! A failure keeps the current certificate serving, is logged with the CA's
+//! problem document, and is retried after an exponential, jittered backoff.
+
+pub mod account;
+pub mod challenge;
+pub mod schedule;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use instant_acme::{
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
+};
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{self, Challenge, KeyType};
+use crate::hosts::{CertSlot, Served, Source};
+use crate::names::HostPattern;
+use crate::tls::certs::CertInfo;
+use challenge::Challenges;
+use schedule::{Lifetime, Window};
+
+/// How long an order may take from new-order to certificate.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// After an ARI request fails for another reason than "not offered".
+const ARI_RETRY: Duration = Duration::from_secs(3600);
+
+/// A host with `certificate: acme`, as the server built it.
+#[derive(Debug)]
+pub struct Managed {
+    pub names: Vec<HostPattern>,
+    pub slot: Arc<CertSlot>,
+    /// Why a new order is needed right away (no certificate yet, names
+    /// changed, …); `None` when the served one just needs renewing in time.
+    pub order_now: Option<String>,
+}
+
+/// What the ACME tasks share.
+struct Shared {
+    config: config::Acme,
+    state_dir: PathBuf,
+    provider: Arc<CryptoProvider>,
+    challenges: Arc<Challenges>,
+    /// Opened on first use, then reused by every host.
+    account: tokio::sync::Mutex<Option<Account>>,
+}
+
+/// A renewal asked for through the control socket.
+#[derive(Debug)]
+struct Request {
+    force: bool,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// What a `portcullis renew` gets back for one host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Renewed { serial: String, not_after: i64 },
+    NotDue { at: SystemTime },
+    Failed(String),
+}
+
+/// What `portcullis certs` shows of a host's ACME task.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub next_renewal: Option<SystemTime>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// The control socket's way into one host's ACME task.
+#[derive(Clone, Debug)]
+pub struct HostHandle {
+    pub names: Vec<String>,
+    requests: mpsc::Sender<Request>,
+    status: Arc<Mutex<Status>>,
+}
+
+impl HostHandle {
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Renews now when due (or always, with `force`) and waits for the outcome.
+    pub async fn renew(&self, force: bool) -> Outcome {
+        let (reply, outcome) = oneshot::channel();
+        if self.requests.send(Request { force, reply }).await.is_err() {
+            return Outcome::Failed("the ACME task has stopped".into());
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| Outcome::Failed("the ACME task has stopped".into()))
+    }
+}
+
+/// Everything needed to run the ACME tasks; built with the server.
+pub struct Manager {
+    shared: Arc<Shared>,
+    hosts: Vec<Managed>,
+}
+
+impl Manager {
+    pub fn new(
+        config: config::Acme,
+        state_dir: PathBuf,
+        provider: Arc<CryptoProvider>,
+        challenges: Arc<Challenges>,
+        hosts: Vec<Managed>,
+    ) -> Manager {
+        Manager {
+            shared: Arc::new(Shared {
+                config,
+                state_dir,
+                provider,
+                challenges,
+                account: tokio::sync::Mutex::new(None),
+            }),
+            hosts,
+        }
+    }
+
+    /// Starts one task per host; they end when `stop` fires.
+    pub fn start(self, stop: CancellationToken, tracker: &TaskTracker) -> Vec<HostHandle> {
+        let mut handles = Vec::new();
+        for host in self.hosts {
+            let (tx, rx) = mpsc::channel(8);
+            let status = Arc::new(Mutex::new(Status::default()));
+            let names: Vec<String> = host.names.iter().map(|n| n.to_string()).collect();
+            handles.push(HostHandle {
+                names: names.clone(),
+                requests: tx,
+                status: status.clone(),
+            });
+            let span = tracing::info_span!("acme", host = %names[0]);
+            let task = HostTask::new(self.shared.clone(), host, status);
+            tracker.spawn(task.run(rx, stop.clone()).instrument(span));
+        }
+        handles
+    }
+}
+
+/// The certificate being served, as the scheduler sees it.
+#[derive(Clone, Debug)]
+struct Current {
+    life: Lifetime,
+    /// For ARI and `replaces`; `None` if the certificate has no AKI.
+    id: Option<CertificateIdentifier<'static>>,
+}
+
+/// Whether the CA answers ARI requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ari {
+    Unknown,
+    Offered,
+    NotOffered,
+}
+
+struct HostTask {
+    shared: Arc<Shared>,
+    names: Vec<HostPattern>,
+    slot: Arc<CertSlot>,
+    status: Arc<Mutex<Status>>,
+    current: Option<Current>,
+    order_now: Option<String>,
+    ari: Ari,
+    window: Option<Window>,
+    /// When to ask for the ARI window next.
+    ari_poll: SystemTime,
+    failures: u32,
+    retry_at: Option<SystemTime>,
+    /// Where in the renewal window this certificate renews (0..1).
+    draw: f64,
+}
+
+impl HostTask {
+    fn new(shared: Arc<Shared>, host: Managed, status: Arc<Mutex<Status>>) -> HostTask {
+        let served = host.slot.load();
+        let current =
+            (served.source == Source::Acme).then(|| current(&served.key.cert, &served.info));
+        HostTask {
+            shared,
+            names: host.names,
+            slot: host.slot,
+            status,
+            current,
+            order_now: host.order_now,
+            ari: Ari::Unknown,
+            window: None,
+            ari_poll: SystemTime::now(),
+            failures: 0,
+            retry_at: None,
+            draw: fastrand::f64(),
+        }
+    }
+
+    /// When the served certificate should be replaced.
+    fn renew_at(&self, now: SystemTime) -> SystemTime {
+        match (&self.current, &self.order_now) {
+            (Some(c), None) => schedule::renewal_time(
+                now,
+                c.life,
+                self.window,
+                self.shared.config.renew_before,
+                self.draw,
+            ),
+            _ => now,
+        }
+    }
+
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) {
+        if let Some(reason) = &self.order_now {
+            info!(reason = %reason, "ordering a certificate");
+        }
+        loop {
+            let now = SystemTime::now();
+            let renew_at = self.renew_at(now);
+            let due = renew_at.max(self.retry_at.unwrap_or(UNIX_EPOCH));
+            let poll_ari = self.current.as_ref().is_some_and(|c| c.id.is_some())
+                && self.ari != Ari::NotOffered;
+            let wake = if poll_ari {
+                due.min(self.ari_poll)
+            } else {
+                due
+            };
+            self.set_status(|s| s.next_renewal = Some(due));
+            let sleep = wake.duration_since(now).unwrap_or_default();
+            let request = tokio::select! {
+                _ = tokio::time::sleep(sleep) => None,
+                r = requests.recv() => match r {
+                    Some(r) => Some(r),
+                    None => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            if let Some(request) = request {
+                let outcome = if request.force || renew_at <= SystemTime::now() {
+                    tokio::select! {
+                        o = self.attempt() => o,
+                        _ = stop.cancelled() => return,
+                    }
+                } else {
+                    Outcome::NotDue { at: renew_at }
+                };
+                let _ = request.reply.send(outcome);
+                continue;
+            }
+            let now = SystemTime::now();
+            if poll_ari && self.ari_poll <= now && due > now {
+                tokio::select! {
+                    _ = self.poll_ari() => {},
+                    _ = stop.cancelled() => return,
+                }
+            } else if due <= now {
+                tokio::select! {
+                    _ = self.attempt() => {},
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Asks the CA for the certificate's renewal window (RFC 9773).
+    async fn poll_ari(&mut self) {
+        let Some(id) = self.current.as_ref().and_then(|c| c.id.clone()) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let account = match self.shared.account().await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "ARI: no account yet");
+                self.ari_poll = now + ARI_RETRY;
+                return;
+            }
+        };
+        match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => {
+                let window = Window {
+                    start: info.suggested_window.start.into(),
+                    end: info.suggested_window.end.into(),
+                };
+                if self.window != Some(window) {
+                    info!(
+                        start = %humantime::format_rfc3339_seconds(window.start),
+                        end = %humantime::format_rfc3339_seconds(window.end),
+                        explanation = info.explanation_url.as_deref(),
+                        "ARI renewal window"
+                    );
+                }
+                self.ari = Ari::Offered;
+                self.window = Some(window);
+                self.ari_poll = schedule::ari_poll(now, Some(retry_after));
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                debug!("the CA offers no ARI: renewing at a third of the lifetime left");
+                self.ari = Ari::NotOffered;
+            }
+            Err(e) => {
+                warn!(error = %e, "ARI request failed; keeping the previous window");
+                self.ari_poll = now + ARI_RETRY;
+            }
+        }
+    }
+
+    /// One order, start to finish; the result is logged, swapped in and returned.
+    async fn attempt(&mut self) -> Outcome {
+        let started = std::time::Instant::now();
+        let replaces = match (self.ari, &self.current) {
+            (Ari::Offered, Some(c)) => c.id.clone(),
+            _ => None,
+        };
+        let result = self.shared.issue(&self.names, replaces).await;
+        let stored = match result {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.failures += 1;
+                let wait = schedule::backoff(self.failures, fastrand::f64());
+                self.retry_at = Some(SystemTime::now() + wait);
+                let message = e.to_string();
+                warn!(
+                    error = %message,
+                    failures = self.failures,
+                    retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())),
+                    "certificate order failed; the current certificate keeps serving"
+                );
+                self.set_status(|s| {
+                    s.failures = self.failures;
+                    s.last_error = Some(message.clone());
+                });
+                return Outcome::Failed(message);
+            }
+        };
+        let info = stored.cert.info.clone();
+        info!(
+            names = %info.sans.join(","),
+            serial = %info.serial,
+            issuer = %info.issuer,
+            not_after = %humantime::format_rfc3339_seconds(unix(info.not_after)),
+            took_ms = started.elapsed().as_millis() as u64,
+            "certificate issued"
+        );
+        self.current = Some(current(&stored.cert.key.cert, &info));
+        self.slot.store(Served {
+            key: stored.cert.key,
+            info: info.clone(),
+            source: Source::Acme,
+        });
+        self.order_now = None;
+        self.failures = 0;
+        self.retry_at = None;
+        self.window = None;
+        self.ari_poll = SystemTime::now();
+        self.draw = fastrand::f64();
+        self.set_status(|s| {
+            s.failures = 0;
+            s.last_error = None;
+        });
+        Outcome::Renewed {
+            serial: info.serial,
+            not_after: info.not_after,
+        }
+    }
+}
+
+fn unix(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+fn current(chain: &[CertificateDer<'static>], info: &CertInfo) -> Current {
+    Current {
+        life: Lifetime {
+            not_before: unix(info.not_before),
+            not_after: unix(info.not_after),
+        },
+        id: chain
+            .first()
+            .and_then(|leaf| CertificateIdentifier::try_from(leaf).ok())
+            .map(CertificateIdentifier::into_owned),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error(transparent)]
+    Account(#[from] account::AccountError),
+    #[error("{0}")]
+    Acme(#[from] instant_acme::Error),
+    #[error("{name}: the CA offers none of the configured challenges ({offered})")]
+    NoChallenge { name: String, offered: String },
+    #[error("{name}: authorization is {status}")]
+    Authorization { name: String, status: String },
+    #[error("order invalid: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Challenge(#[from] challenge::ChallengeError),
+    #[error("key or CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    #[error("the issued certificate was not stored: {0}")]
+    Store(#[from] store::StoreError),
+}
+
+impl Shared {
+    async fn account(&self) -> Result<Account, account::AccountError> {
+        let mut cached = self.account.lock().await;
+        if let Some(a) = &*cached {
+            return Ok(a.clone());
+        }
+        let a = account::open(&self.config, &self.state_dir, &self.provider).await?;
+        *cached = Some(a.clone());
+        Ok(a)
+    }
+
+    /// Orders a certificate for `names` and stores it.
+    async fn issue(
+        &self,
+        names: &[HostPattern],
+        replaces: Option<CertificateIdentifier<'static>>,
+    ) -> Result<store::Stored, IssueError> {
+        let account = self.account().await?;
+        let identifiers: Vec<Identifier> = names
+            .iter()
+            .map(|n| Identifier::Dns(n.to_string()))
+            .collect();
+        let mut new = NewOrder::new(&identifiers);
+        if let Some(p) = &self.config.profile {
+            new = new.profile(p);
+        }
+        let mut order = match replaces {
+            Some(id) => match account.new_order(&new.replaces(id)).await {
+                Ok(o) => o,
+                Err(e) => {
+                    // The CA may refuse (already replaced, say); an order
+                    // without `replaces` is still a good order.
+                    warn!(error = %e, "order with `replaces` refused; ordering without it");
+                    account.new_order(&NewOrder::new(&identifiers)).await?
+                }
+            },
+            None => account.new_order(&new).await?,
+        };
+
+        let mut posted = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz?;
+            let name = authz.identifier().to_string();
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => {
+                    return Err(IssueError::Authorization {
+                        name,
+                        status: format!("{other:?}").to_lowercase(),
+                    })
+                }
+            }
+            let kind = self.config.challenges.iter().copied().find(|c| {
+                authz
+                    .challenges
+                    .iter()
+                    .any(|x| x.r#type == challenge_type(*c))
+            });
+            let Some(kind) = kind else {
+                let offered: Vec<String> = authz
+                    .challenges
+                    .iter()
+                    .map(|c| format!("{:?}", c.r#type))
+                    .collect();
+                return Err(IssueError::NoChallenge {
+                    name,
+                    offered: offered.join(", "),
+                });
+            };
+            let Some(mut ch) = authz.challenge(challenge_type(kind)) else {
+                continue; // just found above
+            };
+            let key_auth = ch.key_authorization();
+            posted.push(match kind {
+                Challenge::Http01 => self.challenges.post_http(&ch.token, key_auth.as_str()),
+                Challenge::TlsAlpn01 => {
+                    let cert = challenge::tls_alpn_cert(
+                        &name,
+                        key_auth.digest().as_ref(),
+                        &self.provider,
+                    )?;
+                    self.challenges.post_tls_alpn(&name, cert)
+                }
+            });
+            debug!(name = %name, challenge = kind.as_str(), "challenge ready");
+            ch.set_ready().await?;
+        }
+
+        let retry = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(250))
+            .timeout(ORDER_TIMEOUT);
+        let status = order.poll_ready(&retry).await?;
+        if status != OrderStatus::Ready {
+            return Err(IssueError::Invalid(problems(&mut order).await));
+        }
+        drop(posted);
+
+        let key = match self.config.key_type {
+            KeyType::EcdsaP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+            KeyType::EcdsaP384 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)?,
+            KeyType::Rsa2048 => rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?,
+        };
+        let csr = csr(names, &key)?;
+        order.finalize_csr(&csr).await?;
+        let chain = order.poll_certificate(&retry).await?;
+        let meta = store::Meta {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            directory: self.config.directory.clone(),
+            issued_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        Ok(store::save(
+            &self.state_dir,
+            names,
+            &chain,
+            &key.serialize_pem(),
+            meta,
+            &self.provider,
+        )?)
+    }
+}
+
+/// A CSR naming every host name as a SAN and nothing else.
+fn csr(names: &[HostPattern], key: &rcgen::KeyPair) -> Result<Vec<u8>, rcgen::Error> {
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
+fn challenge_type(c: Challenge) -> ChallengeType {
+    match c {
+        Challenge::Http01 => ChallengeType::Http01,
+        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+    }
+}
+
+/// The CA's problem documents for an invalid order: the order's own and each
+/// failed challenge's.
+async fn problems(order: &mut instant_acme::Order) -> String {
+    let mut out = Vec::new();
+    if let Some(e) = &order.state().error {
+        out.push(e.to_string());
+    }
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authz)) = authorizations.next().await {
+        let name = authz.identifier().to_string();
+        if let Ok(state) = authz.refresh().await {
+            for c in &state.challenges {
+                if let Some(e) = &c.error {
+                    out.push(format!("{name} {:?}: {e}", c.r#type));
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        "the CA gave no reason".into()
+    } else {
+        out.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::FromDer;
+
+    #[test]
+    fn every_key_type_makes_a_csr_for_every_name() {
+        let names: Vec<HostPattern> = ["mail.example.test", "imap.example.test"]
+            .iter()
+            .map(|n| HostPattern::parse(n).unwrap())
+            .collect();
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_RSA_SHA256,
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let der = csr(&names, &key).unwrap();
+            let (_, req) =
+                x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+                    .unwrap();
+            let mut sans = Vec::new();
+            for ext in req.requested_extensions().into_iter().flatten() {
+                if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext {
+                    for n in &san.general_names {
+                        sans.push(n.to_string());
+                    }
+                }
+            }
+            assert_eq!(
+                sans,
+                ["DNSName(mail.example.test)", "DNSName(imap.example.test)"],
+                "{alg:?}"
+            );
+        }
+    }
+}

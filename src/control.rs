@@ -1,0 +1,360 @@
+//! The control socket: `state_dir/control.sock`, owner-only (the socket is
+//! 0600 inside the 0700 `state_dir`), so only the account portcullis runs as
+//! (and root) can ask it anything. One JSON request line in, one JSON answer
+//! out, then close. `portcullis certs` and `portcullis renew` use it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::crypto::CryptoProvider;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::acme::{self, HostHandle, Outcome};
+use crate::config::{CertSource, Config};
+use crate::hosts::CertSlot;
+use crate::tls::certs;
+
+const SOCKET: &str = "control.sock";
+/// A request line is small; anything longer is not ours.
+const REQUEST_LIMIT: u64 = 4096;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A renewal is an ACME order: seconds normally, minutes at worst.
+pub const RENEW_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Request {
+    Certs,
+    Renew { force: bool, name: Option<String> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    Certs(Vec<CertRow>),
+    Renew(Vec<RenewRow>),
+    Error(String),
+}
+
+/// One host in `portcullis certs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRow {
+    pub names: Vec<String>,
+    /// files, self-signed, acme, placeholder (acme, nothing issued yet).
+    pub source: String,
+    pub issuer: String,
+    pub serial: String,
+    /// RFC 3339.
+    pub not_after: String,
+    /// RFC 3339; `None` for certificates portcullis does not renew, or when
+    /// no instance is running.
+    pub next_renewal: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// One host in `portcullis renew`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewRow {
+    pub host: String,
+    /// renewed, not_due or failed.
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// A host as the control socket sees it.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub names: Vec<String>,
+    pub slot: Arc<CertSlot>,
+    pub acme: Option<HostHandle>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("another portcullis is running with this state_dir ({} answers)", .0.display())]
+    Running(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET)
+}
+
+/// The bound control socket.
+#[derive(Debug)]
+pub struct Control {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Control {
+    /// Binds `state_dir/control.sock`, replacing a stale one; refuses when
+    /// another instance still answers on it. Inside a tokio runtime.
+    pub fn bind(state_dir: &Path) -> Result<Control, ControlError> {
+        let path = socket_path(state_dir);
+        let io_err = |source| ControlError::Io {
+            path: path.clone(),
+            source,
+        };
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(ControlError::Running(path));
+            }
+            std::fs::remove_file(&path).map_err(io_err)?;
+        }
+        let listener = UnixListener::bind(&path).map_err(io_err)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+        Ok(Control { listener, path })
+    }
+
+    /// Answers requests until `stop` fires, then removes the socket file.
+    pub async fn serve(self, views: Arc<Vec<View>>, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = stop.cancelled() => break,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let views = views.clone();
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = answer(stream, &views) => {},
+                            _ = stop.cancelled() => {},
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn answer(stream: UnixStream, views: &[View]) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
+    let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let response = match got {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                debug!(?request, "control request");
+                handle(request, views).await
+            }
+            Err(e) => Response::Error(format!("bad request: {e}")),
+        },
+        _ => return,
+    };
+    if let Ok(mut json) = serde_json::to_vec(&response) {
+        json.push(b'\n');
+        let _ = write.write_all(&json).await;
+    }
+}
+
+async fn handle(request: Request, views: &[View]) -> Response {
+    match request {
+        Request::Certs => Response::Certs(views.iter().map(row).collect()),
+        Request::Renew { force, name } => {
+            let targets: Vec<&HostHandle> = views
+                .iter()
+                .filter(|v| name.as_ref().is_none_or(|n| v.names.contains(n)))
+                .filter_map(|v| v.acme.as_ref())
+                .collect();
+            if targets.is_empty() {
+                return Response::Error(match name {
+                    Some(n) => format!("no host with certificate: acme is named {n}"),
+                    None => "no host has certificate: acme".into(),
+                });
+            }
+            info!(force, hosts = targets.len(), "renewal requested");
+            // One task per host, so renewals run side by side.
+            let tasks: Vec<_> = targets
+                .into_iter()
+                .map(|h| {
+                    let h = h.clone();
+                    tokio::spawn(async move {
+                        let outcome = tokio::time::timeout(RENEW_TIMEOUT, h.renew(force))
+                            .await
+                            .unwrap_or_else(|_| Outcome::Failed("timed out".into()));
+                        renew_row(&h.names[0], outcome)
+                    })
+                })
+                .collect();
+            let mut rows = Vec::new();
+            for t in tasks {
+                if let Ok(row) = t.await {
+                    rows.push(row);
+                }
+            }
+            Response::Renew(rows)
+        }
+    }
+}
+
+fn renew_row(host: &str, outcome: Outcome) -> RenewRow {
+    let (outcome, detail) = match outcome {
+        Outcome::Renewed { serial, not_after } => (
+            "renewed",
+            format!("serial {serial}, not after {}", rfc3339(not_after)),
+        ),
+        Outcome::NotDue { at } => (
+            "not_due",
+            format!(
+                "renews at {} (--force renews now)",
+                humantime::format_rfc3339_seconds(at)
+            ),
+        ),
+        Outcome::Failed(e) => ("failed", e),
+    };
+    RenewRow {
+        host: host.to_string(),
+        outcome: outcome.into(),
+        detail,
+    }
+}
+
+fn row(view: &View) -> CertRow {
+    let served = view.slot.load();
+    let status = view.acme.as_ref().map(HostHandle::status);
+    CertRow {
+        names: view.names.clone(),
+        source: served.source.as_str().into(),
+        issuer: served.info.issuer.clone(),
+        serial: served.info.serial.clone(),
+        not_after: rfc3339(served.info.not_after),
+        next_renewal: status
+            .as_ref()
+            .and_then(|s| s.next_renewal)
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        last_error: status.and_then(|s| s.last_error),
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no running portcullis answers on {}", .0.display())]
+    NotRunning(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: unreadable answer: {message}", path.display())]
+    Answer { path: PathBuf, message: String },
+    #[error("{}: no answer within {}", path.display(), humantime::format_duration(*limit))]
+    Timeout { path: PathBuf, limit: Duration },
+}
+
+/// Sends one request to the instance running on `state_dir`.
+pub async fn request(
+    state_dir: &Path,
+    request: &Request,
+    limit: Duration,
+) -> Result<Response, ClientError> {
+    let path = socket_path(state_dir);
+    let io_err = |source| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ClientError::NotRunning(path));
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut json = serde_json::to_vec(request).map_err(|e| ClientError::Answer {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    json.push(b'\n');
+    stream.write_all(&json).await.map_err(io_err)?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream);
+    match tokio::time::timeout(limit, reader.read_line(&mut line)).await {
+        Ok(Ok(_)) => serde_json::from_str(&line).map_err(|e| ClientError::Answer {
+            path: path.clone(),
+            message: e.to_string(),
+        }),
+        Ok(Err(e)) => Err(io_err(e)),
+        Err(_) => Err(ClientError::Timeout { path, limit }),
+    }
+}
+
+/// `portcullis certs` without a running instance: what is on disk. Nothing is
+/// generated or ordered.
+pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> {
+    let mut rows = Vec::new();
+    for host in &config.hosts {
+        let names: Vec<String> = host.names.iter().map(|n| n.to_string()).collect();
+        let (source, loaded) = match &host.certificate {
+            CertSource::Files { cert, key } => (
+                "files",
+                certs::load_files(cert, key, &host.names, provider).map_err(|e| e.to_string()),
+            ),
+            CertSource::SelfSigned => {
+                let dir = certs::self_signed_dir(&config.state_dir, &host.names);
+                let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+                (
+                    "self-signed",
+                    certs::load_files(&c, &k, &host.names, provider).map_err(|e| e.to_string()),
+                )
+            }
+            CertSource::Acme => (
+                "acme",
+                match acme::store::load(&config.state_dir, &host.names, provider) {
+                    Ok(Some(s)) => Ok(s.cert),
+                    Ok(None) => Err("nothing issued yet".to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+            ),
+        };
+        rows.push(match loaded {
+            Ok(c) => CertRow {
+                names,
+                source: source.into(),
+                issuer: c.info.issuer,
+                serial: c.info.serial,
+                not_after: rfc3339(c.info.not_after),
+                next_renewal: None,
+                last_error: None,
+            },
+            Err(e) => CertRow {
+                names,
+                source: source.into(),
+                issuer: String::new(),
+                serial: String::new(),
+                not_after: String::new(),
+                next_renewal: None,
+                last_error: Some(e),
+            },
+        });
+    }
+    rows
+}
+
+/// Seconds from now until an RFC 3339 time, for display.
+pub fn until(rfc3339: &str) -> Option<Duration> {
+    let t = humantime::parse_rfc3339(rfc3339).ok()?;
+    t.duration_since(SystemTime::now()).ok()
+}
