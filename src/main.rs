@@ -188,8 +188,8 @@ fn certs(path: &Path, json: bool) -> ExitCode {
         println!("(no running instance: certificates on disk, no renewal times)");
     }
     println!(
-        "{:<40} {:<12} {:<22} {:<22} {}",
-        "NAMES", "SOURCE", "NOT AFTER", "NEXT RENEWAL", "ISSUER"
+        "{:<40} {:<12} {:<22} {:<22} ISSUER",
+        "NAMES", "SOURCE", "NOT AFTER", "NEXT RENEWAL"
     );
     for row in &rows {
         let next = row.next_renewal.as_deref().unwrap_or("-");
