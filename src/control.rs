@@ -6,7 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
 use serde::{Deserialize, Serialize};
@@ -243,7 +243,8 @@ fn row(view: &View) -> CertRow {
     }
 }
 
-fn rfc3339(unix: i64) -> String {
+/// A Unix time as RFC 3339, to the second.
+pub fn rfc3339(unix: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -351,10 +352,4 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
         });
     }
     rows
-}
-
-/// Seconds from now until an RFC 3339 time, for display.
-pub fn until(rfc3339: &str) -> Option<Duration> {
-    let t = humantime::parse_rfc3339(rfc3339).ok()?;
-    t.duration_since(SystemTime::now()).ok()
 }

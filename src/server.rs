@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use crate::acme::challenge::Challenges;
 use crate::acme::{self, Managed};
 use crate::config::{CertSource, Config, Listener};
-use crate::control::{Control, ControlError, View};
+use crate::control::{self, Control, ControlError, View};
 use crate::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
 use crate::listener::{accept_loop, ListenerCtx, Stop};
 use crate::names::HostPattern;
@@ -342,7 +342,7 @@ fn acme_start(
             info!(
                 host = %wanted[0],
                 serial = %stored.cert.info.serial,
-                not_after = stored.cert.info.not_after,
+                not_after = %control::rfc3339(stored.cert.info.not_after),
                 "serving the stored ACME certificate"
             );
             let served = Served {

@@ -338,6 +338,9 @@ impl HostTask {
         let stored = match result {
             Ok(stored) => stored,
             Err(e) => {
+                if e.is_unknown_account() {
+                    self.shared.forget_account().await;
+                }
                 self.failures += 1;
                 let wait = schedule::backoff(self.failures, fastrand::f64());
                 self.retry_at = Some(SystemTime::now() + wait);
@@ -424,7 +427,33 @@ pub enum IssueError {
     Store(#[from] store::StoreError),
 }
 
+impl IssueError {
+    /// The CA does not know the stored account (deactivated, or a test CA
+    /// that restarted): the next attempt must register a new one.
+    fn is_unknown_account(&self) -> bool {
+        matches!(self, IssueError::Acme(instant_acme::Error::Api(p))
+            if p.r#type.as_deref().is_some_and(|t| t.ends_with(":accountDoesNotExist")))
+    }
+}
+
 impl Shared {
+    /// Drops the cached account and moves its credentials aside (kept, not
+    /// deleted, in case an operator wants them back).
+    async fn forget_account(&self) {
+        let mut cached = self.account.lock().await;
+        *cached = None;
+        let path = account::credentials_path(&self.state_dir, &self.config.directory);
+        let aside = path.with_extension(format!("rejected-{}", crate::tls::certs::unix_now()));
+        match std::fs::rename(&path, &aside) {
+            Ok(()) => {
+                warn!(moved_to = %aside.display(), "the CA does not know the stored ACME account; registering a new one on the next attempt")
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "the CA does not know the stored ACME account, and its credentials cannot be moved aside")
+            }
+        }
+    }
+
     async fn account(&self) -> Result<Account, account::AccountError> {
         let mut cached = self.account.lock().await;
         if let Some(a) = &*cached {

@@ -105,7 +105,14 @@ mod tests {
             end: t(62.0),
         };
         // (case, now, window, renew_before, draw, expected)
-        type Case = (&'static str, f64, Option<Window>, Option<Duration>, f64, SystemTime);
+        type Case = (
+            &'static str,
+            f64,
+            Option<Window>,
+            Option<Duration>,
+            f64,
+            SystemTime,
+        );
         let cases: &[Case] = &[
             (
                 "no ARI: a third of the lifetime left",
