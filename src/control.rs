@@ -353,3 +353,62 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
     }
     rows
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn bad_requests_get_an_error_and_a_second_instance_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let control = Control::bind(d.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(socket_path(d.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            Control::bind(d.path()),
+            Err(ControlError::Running(_))
+        ));
+        let stop = CancellationToken::new();
+        let served = tokio::spawn(control.serve(Arc::new(Vec::new()), stop.clone()));
+
+        let mut s = UnixStream::connect(socket_path(d.path())).await.unwrap();
+        s.write_all(b"{\"command\":\"reboot\"}\n").await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        let answer: Response = serde_json::from_str(&answer).unwrap();
+        assert!(
+            matches!(&answer, Response::Error(e) if e.starts_with("bad request")),
+            "{answer:?}"
+        );
+
+        let renew = Request::Renew {
+            force: false,
+            name: None,
+        };
+        let got = request(d.path(), &renew, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got, Response::Error("no host has certificate: acme".into()));
+        let got = request(d.path(), &Request::Certs, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got, Response::Certs(Vec::new()));
+
+        stop.cancel();
+        served.await.unwrap();
+        assert!(!socket_path(d.path()).exists(), "socket removed at exit");
+        assert!(matches!(
+            request(d.path(), &Request::Certs, Duration::from_secs(5)).await,
+            Err(ClientError::NotRunning(_))
+        ));
+        // A stale socket file (a crash) does not block the next start.
+        let stale = std::os::unix::net::UnixListener::bind(socket_path(d.path())).unwrap();
+        drop(stale);
+        assert!(Control::bind(d.path()).is_ok());
+    }
+}
