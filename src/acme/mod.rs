@@ -293,7 +293,7 @@ impl HostTask {
         let account = match self.shared.account().await {
             Ok(a) => a,
             Err(e) => {
-                debug!(error = %e, "ARI: no account yet");
+                debug!(error = %causes(&e), "ARI: no account yet");
                 self.ari_poll = now + ARI_RETRY;
                 return;
             }
@@ -321,7 +321,7 @@ impl HostTask {
                 self.ari = Ari::NotOffered;
             }
             Err(e) => {
-                warn!(error = %e, "ARI request failed; keeping the previous window");
+                warn!(error = %causes(&e), "ARI request failed; keeping the previous window");
                 self.ari_poll = now + ARI_RETRY;
             }
         }
@@ -344,7 +344,7 @@ impl HostTask {
                 self.failures += 1;
                 let wait = schedule::backoff(self.failures, fastrand::f64());
                 self.retry_at = Some(SystemTime::now() + wait);
-                let message = e.to_string();
+                let message = causes(&e);
                 warn!(
                     error = %message,
                     failures = self.failures,
@@ -388,6 +388,22 @@ impl HostTask {
             not_after: info.not_after,
         }
     }
+}
+
+/// An error with every cause behind it: `client error (Connect)` alone does
+/// not tell an operator that the CA refused the connection.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 fn unix(secs: i64) -> SystemTime {
@@ -485,7 +501,7 @@ impl Shared {
                 Err(e) => {
                     // The CA may refuse (already replaced, say); an order
                     // without `replaces` is still a good order.
-                    warn!(error = %e, "order with `replaces` refused; ordering without it");
+                    warn!(error = %causes(&e), "order with `replaces` refused; ordering without it");
                     account.new_order(&NewOrder::new(&identifiers)).await?
                 }
             },
@@ -620,6 +636,25 @@ async fn problems(order: &mut instant_acme::Order) -> String {
 mod tests {
     use super::*;
     use x509_parser::prelude::FromDer;
+
+    #[test]
+    fn errors_carry_their_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let e = IssueError::Account(account::AccountError::Acme(instant_acme::Error::Other(
+            Box::new(io),
+        )));
+        assert_eq!(causes(&e), "ACME account: connection refused");
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Outer(#[source] std::io::Error);
+        let outer = Outer(std::io::Error::other(
+            "tcp connect error: Connection refused (os error 111)",
+        ));
+        assert_eq!(
+            causes(&outer),
+            "client error (Connect): tcp connect error: Connection refused (os error 111)"
+        );
+    }
 
     #[test]
     fn every_key_type_makes_a_csr_for_every_name() {

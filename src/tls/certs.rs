@@ -107,7 +107,7 @@ pub fn load_pem(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pem {
             path: cert.to_path_buf(),
-            message: e.to_string(),
+            message: pem_message(&e),
         })?;
     if chain.is_empty() {
         return Err(CertError::NoCertificate {
@@ -120,7 +120,7 @@ pub fn load_pem(
         },
         e => CertError::Pem {
             path: key.to_path_buf(),
-            message: e.to_string(),
+            message: pem_message(&e),
         },
     })?;
     let info = cert_info(&chain[0], names).map_err(|message| CertError::Parse {
@@ -187,6 +187,21 @@ pub fn cert_info(der: &CertificateDer<'_>, names: &[HostPattern]) -> Result<Cert
         serial: hex(cert.tbs_certificate.raw_serial()),
         uncovered,
     })
+}
+
+/// rustls-pki-types prints markers and lines as byte lists; say them as text.
+fn pem_message(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "cut short: no \"{}\" line (a half-written file?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::IllegalSectionStart { line } => {
+            format!("bad section start {:?}", String::from_utf8_lossy(line))
+        }
+        other => other.to_string(),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

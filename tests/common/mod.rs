@@ -5,6 +5,7 @@
 //! with [`tool`]; when one is missing the test says so loudly and skips, unless
 //! `PORTCULLIS_REQUIRE_TOOLS=1` (set by `.ci/run`) turns the skip into a failure.
 #![allow(dead_code)]
+pub mod acme;
 pub mod mail;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,899 @@
+//! ACME end to end: portcullis obtains, serves, stores and renews its
+//! certificates from a real Pebble ([`common::acme`] says what it needs).
+//!
+//! Each test has its own Pebble, its own host names (`imap.TAG.test`,
+//! `smtp.TAG.test`) and listener names (`imaps-TAG`, …): every test of this
+//! binary shares one captured log, so every log needle names the test's own
+//! host (`acme{host=imap.TAG.test}`) or listener.
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use portcullis::control::{self, CertRow, RenewRow, Request, Response};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::acme::{chains_to, free_port, https_get, tools, AriProxy, Pebble};
+use common::{log_line, read_until, tls_connect, Backend, Proxy};
+
+/// Bound on an issuance (Pebble takes about 0.7 s).
+const ISSUE: Duration = Duration::from_secs(30);
+/// Bound on one control-socket request.
+const CONTROL: Duration = Duration::from_secs(120);
+const DAY: Duration = Duration::from_secs(86_400);
+
+// --- harness self-tests ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_pebble_serves_directory_and_root() {
+    if !tools("harness_pebble_serves_directory_and_root") {
+        return;
+    }
+    let pebble = Pebble::start(free_port(), free_port()).await;
+    let r = https_get(&pebble.directory, &pebble.ca_roots).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let dir = r.json();
+    let base = pebble.directory.trim_end_matches("/dir");
+    for key in ["newNonce", "newAccount", "newOrder"] {
+        let url = dir[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key}: {dir}"));
+        assert!(url.starts_with(base), "{key}: {url}");
+    }
+    assert!(dir.get("renewalInfo").is_none(), "Pebble 2.4 has no ARI");
+
+    let root = pebble.root_der().await;
+    let (_, cert) = x509_parser::parse_x509_certificate(&root).expect("root parses");
+    assert!(cert.is_ca(), "the root is a CA");
+    assert_eq!(pebble.orders(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_ari_proxy_adds_renewal_info() {
+    if !tools("harness_ari_proxy_adds_renewal_info") {
+        return;
+    }
+    let pebble = Pebble::start(free_port(), free_port()).await;
+    let ari = AriProxy::start(&pebble).await;
+    let base = format!("https://127.0.0.1:{}", ari.port);
+
+    let r = https_get(&ari.directory, &pebble.ca_roots).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), ari.log());
+    let dir = r.json();
+    assert_eq!(dir["renewalInfo"], format!("{base}/ari"));
+    // Pebble builds its URLs from the Host header: the proxy's.
+    assert_eq!(dir["newOrder"], format!("{base}/order-plz"), "{dir}");
+
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    ari.set_window(start, start + Duration::from_secs(3600), 42);
+    let r = https_get(&format!("{base}/ari/x.y"), &pebble.ca_roots).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("42"));
+    let w = r.json();
+    assert_eq!(w["suggestedWindow"]["start"], "2023-11-14T22:13:20Z");
+    assert_eq!(w["suggestedWindow"]["end"], "2023-11-14T23:13:20Z");
+    assert_eq!(ari.ari_requests(), ["x.y"]);
+    assert!(ari.replaces_seen().is_empty());
+}
+
+// --- the site under test ---
+
+/// One portcullis site: a host `certificate: acme` with two names, and the
+/// listeners `imaps-TAG` (implicit TLS, IMAP; Pebble's tlsPort), `smtps-TAG`
+/// (implicit TLS, SMTP) and `http-TAG` (Pebble's httpPort), both mail
+/// listeners routed to one echo backend that expects a PROXY header. The
+/// state_dir (absolute) and the config file live in [`Site::dir`], which
+/// outlives every proxy started on it.
+struct Site {
+    tag: &'static str,
+    names: [String; 2],
+    /// Fixed before Pebble starts: its validator connects here.
+    http: u16,
+    imaps: u16,
+    dir: tempfile::TempDir,
+    backend: Backend,
+}
+
+impl Site {
+    async fn new(tag: &'static str) -> Site {
+        Site {
+            tag,
+            names: [format!("imap.{tag}.test"), format!("smtp.{tag}.test")],
+            http: free_port(),
+            imaps: free_port(),
+            dir: common::scratch(),
+            backend: Backend::start("* OK echo\r\n", true).await,
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.yaml")
+    }
+
+    /// `state_dir/certs/<first name>`.
+    fn host_dir(&self) -> PathBuf {
+        self.state_dir().join("certs").join(&self.names[0])
+    }
+
+    fn imaps(&self) -> String {
+        format!("imaps-{}", self.tag)
+    }
+
+    fn smtps(&self) -> String {
+        format!("smtps-{}", self.tag)
+    }
+
+    /// The ACME task's span, as the log prints it.
+    fn span(&self) -> String {
+        format!("acme{{host={}}}", self.names[0])
+    }
+
+    /// The `host=` field of start-up lines, as the log prints it.
+    fn host_field(&self) -> String {
+        format!("host={} ", self.names[0])
+    }
+
+    /// The config for `directory`, also written to [`Site::config_path`] for
+    /// the CLI. `challenges`: the YAML list's items.
+    fn config(&self, directory: &str, ca_roots: &Path, challenges: &str) -> String {
+        let (tag, [n0, n1]) = (self.tag, &self.names);
+        let yaml = format!(
+            r#"
+state_dir: {state}
+acme:
+  directory: {directory}
+  contact: ["mailto:postmaster@{n0}"]
+  terms_of_service_agreed: true
+  challenges: [{challenges}]
+  ca_roots: {ca_roots}
+listeners:
+  imaps-{tag}: {{ bind: "127.0.0.1:{imaps}", protocol: imap, tls: implicit }}
+  smtps-{tag}: {{ bind: "127.0.0.1:0", protocol: smtp, tls: implicit }}
+  http-{tag}: {{ bind: "127.0.0.1:{http}", protocol: http }}
+backends:
+  imaps-{tag}: "{backend}"
+  smtps-{tag}: "{backend}"
+hosts:
+  - names: [{n0}, {n1}]
+    certificate: acme
+"#,
+            state = self.state_dir().display(),
+            ca_roots = ca_roots.display(),
+            imaps = self.imaps,
+            http = self.http,
+            backend = self.backend.addr,
+        );
+        std::fs::write(self.config_path(), &yaml).expect("write config");
+        yaml
+    }
+}
+
+/// Polls `check` every 50 ms until it gives a value, for at most `limit`.
+async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The chain a handshake with SNI `sni` is served, leaf first.
+async fn served_chain(addr: SocketAddr, sni: &str) -> std::io::Result<Vec<Vec<u8>>> {
+    let tls = tls_connect(addr, Some(sni)).await?;
+    let (_, conn) = tls.get_ref();
+    Ok(conn
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.to_vec())
+        .collect())
+}
+
+/// Serial in upper-case hex, as portcullis logs and reports it.
+fn serial(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("certificate parses");
+    cert.tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect()
+}
+
+fn is_placeholder(chain: &[Vec<u8>]) -> bool {
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).expect("certificate parses");
+    cert.issuer().to_string().contains("portcullis self-signed")
+}
+
+/// Handshakes until the certificate served is an issued one (not the
+/// placeholder) whose serial is not `old`; `None` after [`ISSUE`].
+async fn wait_issued(addr: SocketAddr, sni: &str, old: Option<&str>) -> Option<Vec<Vec<u8>>> {
+    eventually(ISSUE, || async move {
+        let chain = served_chain(addr, sni).await.ok()?;
+        let fresh = !is_placeholder(&chain) && Some(serial(&chain[0]).as_str()) != old;
+        fresh.then_some(chain)
+    })
+    .await
+}
+
+/// Renews the site's host through the control socket.
+async fn renew(site: &Site, force: bool) -> RenewRow {
+    let request = Request::Renew {
+        force,
+        name: Some(site.names[0].clone()),
+    };
+    match control::request(&site.state_dir(), &request, CONTROL).await {
+        Ok(Response::Renew(mut rows)) if rows.len() == 1 => rows.remove(0),
+        other => panic!("renew: {other:?}"),
+    }
+}
+
+/// The site's host in `certs`, through the control socket.
+async fn cert_row(site: &Site) -> CertRow {
+    match control::request(&site.state_dir(), &Request::Certs, CONTROL).await {
+        Ok(Response::Certs(rows)) => rows
+            .into_iter()
+            .find(|r| r.names == site.names)
+            .expect("the host is listed"),
+        other => panic!("certs: {other:?}"),
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// The PEM chain in `fullchain.pem`, leaf first; panics if any block is broken.
+fn stored_chain(site: &Site) -> Vec<Vec<u8>> {
+    let path = site.host_dir().join("fullchain.pem");
+    CertificateDer::pem_file_iter(&path)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
+        .map(|c| {
+            c.unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
+                .to_vec()
+        })
+        .collect()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Now, to the second (what the ARI proxy answers with).
+fn now_secs() -> SystemTime {
+    UNIX_EPOCH
+        + Duration::from_secs(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+}
+
+/// Starts Pebble (validating on the site's ports) and portcullis, and waits
+/// for the first certificate.
+async fn issued_site(
+    tag: &'static str,
+    challenges: &str,
+) -> (Site, Pebble, Proxy, String, Vec<Vec<u8>>) {
+    let site = Site::new(tag).await;
+    let pebble = Pebble::start(site.http, site.imaps).await;
+    let yaml = site.config(&pebble.directory, &pebble.ca_roots, challenges);
+    let proxy = Proxy::start(&yaml).await;
+    let chain = wait_issued(proxy.addr(&site.imaps()), &site.names[0], None)
+        .await
+        .unwrap_or_else(|| panic!("{tag}: no certificate within {ISSUE:?}\n{}", pebble.log()));
+    (site, pebble, proxy, yaml, chain)
+}
+
+// --- 1. issuance ---
+
+/// First issuance for a host with two names by `challenges`; what a user sees.
+async fn issues_for_two_names(tag: &'static str, challenges: &str, answered: (&str, String)) {
+    let (site, pebble, proxy, _, chain) = issued_site(tag, challenges).await;
+    let s = serial(&chain[0]);
+
+    log_line(&[
+        "serving a self-signed placeholder until the ACME certificate is issued",
+        &site.host_field(),
+    ])
+    .await;
+    log_line(&[&site.span(), "ordering a certificate"]).await;
+    log_line(&[&site.span(), "ACME account registered"]).await;
+    let (message, listener) = answered;
+    log_line(&[&format!("listener={listener} "), message]).await;
+    let issued = log_line(&[&site.span(), "certificate issued", &format!("serial={s} ")]).await;
+    let names = format!("names={},{} ", site.names[0], site.names[1]);
+    for field in [names.as_str(), "issuer=", "not_after=", "took_ms="] {
+        assert!(issued.contains(field), "{field}: {issued}");
+    }
+
+    // Every listener, every name: Pebble's chain, for both names.
+    let root = pebble.root_der().await;
+    for listener in [site.imaps(), site.smtps()] {
+        for sni in &site.names {
+            let c = served_chain(proxy.addr(&listener), sni)
+                .await
+                .unwrap_or_else(|e| panic!("{listener} {sni}: {e}"));
+            assert_eq!(serial(&c[0]), s, "{listener} {sni}");
+            assert_eq!(common::san_names(&c[0]), site.names, "{listener} {sni}");
+            for name in &site.names {
+                assert!(chains_to(&root, &c, name), "{listener} {sni}: {name}");
+            }
+        }
+    }
+
+    // The store: the served chain, an owner-only key, the metadata, the account.
+    assert_eq!(stored_chain(&site), chain);
+    assert_eq!(mode(&site.host_dir().join("privkey.pem")), 0o600);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.host_dir().join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["names"], serde_json::json!(site.names));
+    assert_eq!(meta["directory"], pebble.directory);
+    let account = portcullis::acme::account::credentials_path(&site.state_dir(), &pebble.directory);
+    assert_eq!(mode(&account), 0o600);
+    assert_eq!((pebble.orders(), pebble.issued()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_issues_a_certificate_served_on_every_listener() {
+    if !tools("http01_issues_a_certificate_served_on_every_listener") {
+        return;
+    }
+    issues_for_two_names(
+        "t1h",
+        "http-01",
+        ("acme http-01 challenge answered", "http-t1h".into()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_issues_a_certificate_served_on_every_listener() {
+    if !tools("tls_alpn01_issues_a_certificate_served_on_every_listener") {
+        return;
+    }
+    issues_for_two_names(
+        "t1a",
+        "tls-alpn-01, http-01",
+        ("acme tls-alpn-01 challenge answered", "imaps-t1a".into()),
+    )
+    .await;
+}
+
+// --- 2. restart ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_the_stored_certificate_without_ordering() {
+    if !tools("restart_serves_the_stored_certificate_without_ordering") {
+        return;
+    }
+    let (site, pebble, proxy, yaml, chain) = issued_site("t2r", "http-01").await;
+    let s = serial(&chain[0]);
+    proxy.shutdown().await;
+    assert_eq!(pebble.orders(), 1);
+
+    let proxy = Proxy::start(&yaml).await;
+    // At once: the very first handshake.
+    let c = served_chain(proxy.addr(&site.imaps()), &site.names[1])
+        .await
+        .expect("handshake");
+    assert_eq!(c, chain, "the stored chain, at once");
+    log_line(&[
+        "serving the stored ACME certificate",
+        &site.host_field(),
+        &format!("serial={s} "),
+    ])
+    .await;
+    let row = cert_row(&site).await;
+    assert_eq!(
+        (row.source.as_str(), row.serial.as_str()),
+        ("acme", s.as_str())
+    );
+    assert_eq!(row.last_error, None);
+    let next = row.next_renewal.expect("a renewal time");
+    assert!(
+        humantime::parse_rfc3339(&next).is_ok_and(|t| t > SystemTime::now() + 30 * DAY),
+        "next renewal {next}: not now"
+    );
+    // Long enough for an order to show up in Pebble's log (one takes ~0.7 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pebble.orders(), 1, "no new order:\n{}", pebble.log());
+}
+
+// --- 3. renewal under load ---
+
+/// Full handshakes to `addr` in a loop, until stopped, 2,000 handshakes or
+/// 60 s: each one's serial, or its error.
+struct Hammer {
+    seen: Arc<Mutex<Vec<Result<String, String>>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hammer {
+    fn start(addr: SocketAddr, sni: String) -> Hammer {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (seen.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for _ in 0..2000 {
+                if st.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let r = match served_chain(addr, &sni).await {
+                    Ok(chain) if !chain.is_empty() => Ok(serial(&chain[0])),
+                    Ok(_) => Err("no certificate".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                s.lock().unwrap().push(r);
+            }
+        });
+        Hammer { seen, stop, task }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    async fn finish(self) -> Vec<Result<String, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("handshake loop");
+        Arc::try_unwrap(self.seen).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Writes `data` and reads back exactly as many bytes.
+async fn echo<S: AsyncReadExt + AsyncWriteExt + Unpin>(s: &mut S, data: &[u8]) -> Vec<u8> {
+    let mut back = vec![0u8; data.len()];
+    let (mut r, mut w) = tokio::io::split(s);
+    let io = async { tokio::try_join!(w.write_all(data), r.read_exact(&mut back)).map(|_| ()) };
+    tokio::time::timeout(Duration::from_secs(10), io)
+        .await
+        .expect("echo within 10 s")
+        .expect("echo");
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn renewal_swaps_the_certificate_under_live_sessions_and_handshakes() {
+    if !tools("renewal_swaps_the_certificate_under_live_sessions_and_handshakes") {
+        return;
+    }
+    let (mut site, pebble, proxy, _, chain) = issued_site("t3s", "http-01").await;
+    let (old, imaps) = (serial(&chain[0]), proxy.addr(&site.imaps()));
+
+    // An IMAPS session relayed to the echo backend, PROXY header first.
+    let mut session = tls_connect(imaps, Some(&site.names[0])).await.unwrap();
+    let client = session.get_ref().0.local_addr().unwrap();
+    assert_eq!(read_until(&mut session, b"\r\n").await, b"* OK echo\r\n");
+    // (Earlier handshakes reached the backend too: skip their headers.)
+    let mut h = site.backend.next_header().await;
+    for _ in 0..1000 {
+        if h.source == Some(client) {
+            break;
+        }
+        h = site.backend.next_header().await;
+    }
+    assert_eq!(h.source, Some(client), "the client's address");
+    assert_eq!(h.version, 2);
+    assert_eq!(h.destination, Some(imaps));
+    assert_eq!(
+        h.tlv(0x02),
+        Some(site.names[0].as_bytes()),
+        "authority = SNI"
+    );
+    let before: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    assert!(echo(&mut session, &before).await == before);
+
+    let hammer = Hammer::start(imaps, site.names[0].clone());
+    let warm = eventually(Duration::from_secs(20), || async {
+        (hammer.count() >= 20).then_some(())
+    });
+    warm.await.expect("20 handshakes before the renewal");
+
+    let row = renew(&site, true).await;
+    assert_eq!(row.outcome, "renewed", "{row:?}\n{}", pebble.log());
+    let new = row
+        .detail
+        .strip_prefix("serial ")
+        .and_then(|d| d.split(',').next())
+        .unwrap_or_else(|| panic!("detail: {}", row.detail))
+        .to_string();
+    assert_ne!(new, old);
+    // The next handshake, on either listener, gets the new certificate.
+    for listener in [site.imaps(), site.smtps()] {
+        let c = served_chain(proxy.addr(&listener), &site.names[1])
+            .await
+            .unwrap();
+        assert_eq!(serial(&c[0]), new, "{listener}");
+        assert!(chains_to(&pebble.root_der().await, &c, &site.names[1]));
+    }
+    let at_renewal = hammer.count();
+    let after = eventually(Duration::from_secs(20), || async {
+        (hammer.count() >= at_renewal + 20 || hammer.task.is_finished()).then_some(())
+    });
+    after.await.expect("20 handshakes after the renewal");
+    let seen = hammer.finish().await;
+
+    let failures: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failures.is_empty(), "handshakes failed: {failures:?}");
+    let serials: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let switch = serials
+        .iter()
+        .position(|s| **s == new)
+        .expect("the loop saw the new certificate");
+    assert!(switch > 0, "the loop saw the old one first");
+    assert!(serials[..switch].iter().all(|s| **s == old), "{serials:?}");
+    assert!(
+        serials[switch..].iter().all(|s| **s == new),
+        "never back to the old one"
+    );
+    println!(
+        "renewal under load: {} full handshakes, 0 failed ({switch} before the swap)",
+        seen.len()
+    );
+
+    // The session opened before the renewal relays on, byte-exact.
+    let after: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 13 % 253) as u8).collect();
+    assert!(echo(&mut session, &after).await == after, "byte-exact");
+    let (_, conn) = session.get_ref();
+    assert_eq!(
+        serial(&conn.peer_certificates().unwrap()[0]),
+        old,
+        "same session"
+    );
+}
+
+// --- 4. ARI ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ari_window_triggers_a_renewal_that_replaces_the_old_certificate() {
+    if !tools("ari_window_triggers_a_renewal_that_replaces_the_old_certificate") {
+        return;
+    }
+    let site = Site::new("t4w").await;
+    let pebble = Pebble::start(site.http, site.imaps).await;
+    let ari = AriProxy::start(&pebble).await;
+    let far = now_secs() + 365 * DAY;
+    ari.set_window(far, far + DAY, 1);
+    let yaml = site.config(&ari.directory, &pebble.ca_roots, "http-01");
+    let proxy = Proxy::start(&yaml).await;
+    let imaps = proxy.addr(&site.imaps());
+    let first = wait_issued(imaps, &site.names[0], None)
+        .await
+        .unwrap_or_else(|| panic!("no certificate:\n{}\n{}", pebble.log(), ari.log()));
+    let old = serial(&first[0]);
+    let id = instant_acme::CertificateIdentifier::try_from(&CertificateDer::from(first[0].clone()))
+        .expect("an ARI id")
+        .to_string();
+
+    // Polled right after issuance: a window a year away, so nothing happens.
+    log_line(&[
+        &site.span(),
+        "ARI renewal window",
+        &format!("start={}", rfc3339(far)),
+    ])
+    .await;
+    assert!(ari.ari_requests().contains(&id), "{:?}", ari.ari_requests());
+    assert!(ari.replaces_seen().is_empty());
+
+    // The CA moves the window to now: renewed without being asked.
+    let start = now_secs();
+    ari.set_window(start, start + Duration::from_secs(2), 1);
+    let renewed = wait_issued(imaps, &site.names[0], Some(&old)).await;
+    // One window for every certificate: stop before it renews the new one too.
+    ari.set_window(far, far + DAY, 3600);
+    let renewed = renewed.unwrap_or_else(|| panic!("no renewal:\n{}\n{}", pebble.log(), ari.log()));
+    log_line(&[
+        &site.span(),
+        "ARI renewal window",
+        &format!("start={}", rfc3339(start)),
+    ])
+    .await;
+    let new = serial(&renewed[0]);
+    log_line(&[
+        &site.span(),
+        "certificate issued",
+        &format!("serial={new} "),
+    ])
+    .await;
+    assert_eq!(
+        ari.replaces_seen().first(),
+        Some(&id),
+        "the renewal order replaces the first certificate"
+    );
+    for sni in &site.names {
+        assert!(chains_to(&pebble.root_der().await, &renewed, sni));
+    }
+    assert_eq!(stored_chain(&site)[0], renewed[0], "stored too");
+}
+
+// --- 5. faults ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_down_at_start_placeholder_then_renew_once_it_is_up() {
+    if !tools("ca_down_at_start_placeholder_then_renew_once_it_is_up") {
+        return;
+    }
+    let site = Site::new("t5d").await;
+    let ports = Pebble::reserve();
+    let yaml = site.config(&ports.directory, &ports.ca_roots, "http-01, tls-alpn-01");
+    let proxy = Proxy::start(&yaml).await;
+    log_line(&[
+        "serving a self-signed placeholder until the ACME certificate is issued",
+        &site.host_field(),
+    ])
+    .await;
+    let failed = log_line(&[
+        &site.span(),
+        "certificate order failed; the current certificate keeps serving",
+    ])
+    .await;
+    for field in ["error=", "failures=1 ", "retry_in="] {
+        assert!(failed.contains(field), "{field}: {failed}");
+    }
+    // Still serving: the placeholder, on every listener.
+    for listener in [site.imaps(), site.smtps()] {
+        let c = served_chain(proxy.addr(&listener), &site.names[0])
+            .await
+            .unwrap();
+        assert!(is_placeholder(&c), "{listener}");
+    }
+    let row = cert_row(&site).await;
+    assert_eq!(row.source, "placeholder");
+    assert!(row.last_error.is_some(), "{row:?}");
+
+    // The CA comes up; `portcullis renew` (not forced: a placeholder is due).
+    let pebble = ports.start(site.http, site.imaps).await;
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let config = site.config_path();
+    let config = config.to_str().unwrap();
+    let (ok, out, err) = common::run_cmd(
+        bin,
+        &["renew", "--config", config, &site.names[1]],
+        b"",
+        CONTROL,
+    )
+    .await;
+    assert!(ok, "renew failed: {out}{err}\n{}", pebble.log());
+    let prefix = format!("{}: renewed: serial ", site.names[0]);
+    let new = out
+        .trim()
+        .strip_prefix(&prefix)
+        .and_then(|d| d.split(',').next())
+        .unwrap_or_else(|| panic!("renew said: {out}"));
+    let c = served_chain(proxy.addr(&site.imaps()), &site.names[1])
+        .await
+        .unwrap();
+    assert_eq!(serial(&c[0]), new);
+    let root = pebble.root_der().await;
+    for sni in &site.names {
+        assert!(chains_to(&root, &c, sni), "{sni}");
+    }
+
+    let (ok, out, err) =
+        common::run_cmd(bin, &["certs", "--config", config, "--json"], b"", CONTROL).await;
+    assert!(ok, "{out}{err}");
+    let row: CertRow = serde_json::from_str(out.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("certs --json: {e}: {out}"));
+    assert_eq!((row.source.as_str(), row.serial.as_str()), ("acme", new));
+    assert_eq!(row.last_error, None);
+}
+
+/// What a user reads when the CA cannot be reached: the log line, `certs`
+/// and `renew` must say why (here: connection refused), not only that the
+/// connection failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_ca_error_says_why() {
+    if !tools("unreachable_ca_error_says_why") {
+        return;
+    }
+    let site = Site::new("t5u").await;
+    let ports = Pebble::reserve(); // never started: nothing listens there
+    let yaml = site.config(&ports.directory, &ports.ca_roots, "http-01");
+    let _proxy = Proxy::start(&yaml).await;
+    let failed = log_line(&[
+        &site.span(),
+        "certificate order failed; the current certificate keeps serving",
+    ])
+    .await;
+    let row = renew(&site, true).await;
+    assert_eq!(row.outcome, "failed", "{row:?}");
+    for (what, text) in [("log", failed.as_str()), ("renew", row.detail.as_str())] {
+        assert!(
+            text.to_lowercase().contains("connection refused"),
+            "the {what} does not say why the CA at {} is unreachable: {text}",
+            ports.directory
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_challenge_is_reported_and_the_placeholder_keeps_serving() {
+    if !tools("failed_challenge_is_reported_and_the_placeholder_keeps_serving") {
+        return;
+    }
+    let site = Site::new("t5c").await;
+    // Pebble's validator fetches http-01 tokens from a port nobody listens on.
+    let pebble = Pebble::start(free_port(), site.imaps).await;
+    let yaml = site.config(&pebble.directory, &pebble.ca_roots, "http-01");
+    let proxy = Proxy::start(&yaml).await;
+    let error = eventually(ISSUE, || async { cert_row(&site).await.last_error })
+        .await
+        .unwrap_or_else(|| panic!("no failure reported:\n{}", pebble.log()));
+    let failed = log_line(&[
+        &site.span(),
+        "certificate order failed; the current certificate keeps serving",
+    ])
+    .await;
+    assert!(failed.contains("failures=1 "), "{failed}");
+    println!("challenge failure: {error}");
+    assert!(
+        error.contains("connection refused") || error.contains("Connection refused"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&site.names[0]) || error.contains(&site.names[1]),
+        "names the failing name: {error}"
+    );
+
+    let row = renew(&site, true).await;
+    assert_eq!(row.outcome, "failed", "{row:?}");
+    assert!(row.detail.contains("onnection refused"), "{row:?}");
+    let c = served_chain(proxy.addr(&site.imaps()), &site.names[0])
+        .await
+        .unwrap();
+    assert!(is_placeholder(&c), "the placeholder keeps serving");
+    assert_eq!(pebble.issued(), 0);
+    assert!(!site.host_dir().join("fullchain.pem").exists());
+}
+
+/// Issue, stop, damage `fullchain.pem` with `damage`, restart: the damaged
+/// pair is reported and never served, and a fresh certificate replaces it.
+async fn damaged_store_is_replaced(tag: &'static str, damage: fn(&[u8]) -> Vec<u8>) {
+    let (site, pebble, proxy, yaml, chain) = issued_site(tag, "http-01").await;
+    let old = serial(&chain[0]);
+    proxy.shutdown().await;
+    let path = site.host_dir().join("fullchain.pem");
+    std::fs::write(&path, damage(&std::fs::read(&path).unwrap())).unwrap();
+
+    let proxy = Proxy::start(&yaml).await;
+    let imaps = proxy.addr(&site.imaps());
+    let first = served_chain(imaps, &site.names[0])
+        .await
+        .expect("handshake");
+    assert_ne!(serial(&first[0]), old, "the damaged pair is not served");
+    let unusable = log_line(&[
+        "stored ACME certificate unusable: not served, ordering a new one",
+        &site.host_field(),
+    ])
+    .await;
+    assert!(unusable.contains("ERROR"), "{unusable}");
+    log_line(&[
+        "serving a self-signed placeholder until the ACME certificate is issued",
+        &site.host_field(),
+    ])
+    .await;
+    println!(
+        "{tag}: {unusable}\n{tag}: first handshake after the restart: {}",
+        if is_placeholder(&first) {
+            "placeholder"
+        } else {
+            "fresh certificate"
+        }
+    );
+    let fresh = wait_issued(imaps, &site.names[0], Some(&old))
+        .await
+        .unwrap_or_else(|| panic!("no fresh certificate:\n{}", pebble.log()));
+    assert!(
+        is_placeholder(&first) || first == fresh,
+        "the first handshake got the placeholder (or already the fresh one)"
+    );
+    for sni in &site.names {
+        assert!(chains_to(&pebble.root_der().await, &fresh, sni));
+    }
+    assert_eq!(stored_chain(&site), fresh, "whole on disk again");
+    assert_eq!(mode(&site.host_dir().join("privkey.pem")), 0o600);
+    assert_eq!(pebble.issued(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_store_is_reported_and_replaced() {
+    if !tools("garbage_in_the_store_is_reported_and_replaced") {
+        return;
+    }
+    damaged_store_is_replaced("t5g", |_| b"garbage\n".to_vec()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_written_chain_in_the_store_is_reported_and_replaced() {
+    if !tools("half_written_chain_in_the_store_is_reported_and_replaced") {
+        return;
+    }
+    // The leaf whole, the intermediate cut off: it must not pass for a chain.
+    damaged_store_is_replaced("t5h", |pem| {
+        let marker = b"-----BEGIN CERTIFICATE-----";
+        let second = pem
+            .windows(marker.len())
+            .rposition(|w| w == marker)
+            .filter(|&i| i > 0)
+            .expect("two certificates");
+        pem[..second + (pem.len() - second) / 2].to_vec()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_state_dir_is_refused_naming_the_path() {
+    if !tools("unusable_state_dir_is_refused_naming_the_path") {
+        return;
+    }
+    let dir = common::scratch();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory\n").unwrap();
+    let state = file.join("state");
+    let yaml = format!(
+        r#"
+state_dir: {state}
+acme:
+  directory: https://127.0.0.1:9/dir
+  terms_of_service_agreed: true
+listeners:
+  imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }}
+backends:
+  imaps: 127.0.0.1:9
+hosts:
+  - names: [imap.t5s.test]
+    certificate: acme
+"#,
+        state = state.display()
+    );
+    let config = portcullis::config::Config::parse(&yaml, dir.path()).expect("valid config");
+    let errors = match portcullis::server::Server::bind(&config) {
+        Ok(_) => panic!("bound with state_dir under a regular file"),
+        Err(e) => e,
+    };
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let want = format!("state_dir {}: ", state.display());
+    assert!(text.iter().any(|t| t.starts_with(&want)), "{text:?}");
+
+    // What `portcullis run` says.
+    let path = dir.path().join("portcullis.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let (ok, out, err) = common::run_cmd(
+        bin,
+        &["run", "--config", path.to_str().unwrap()],
+        b"",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(!ok, "run started: {out}{err}");
+    assert!(err.contains(&want) || out.contains(&want), "{out}{err}");
+}
