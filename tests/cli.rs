@@ -1,5 +1,7 @@
-//! The `portcullis` binary as an operator uses it: `check` like `nginx -t`, and
-//! `run` on the bundled `config.example.yaml` (so the example cannot rot).
+//! The `portcullis` binary as an operator uses it: `check` like `nginx -t`,
+//! `run` on the bundled `config.example.yaml` (so the example cannot rot),
+//! `certs` and `renew` with and without a running instance, and ACME orders
+//! through an `HTTPS_PROXY` (against a real Pebble).
 
 mod common;
 
@@ -30,7 +32,7 @@ fn check_accepts_the_example_with_a_one_line_summary() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(
-        out.contains("ok: 9 listeners on 10 addresses, 3 hosts with 5 names"),
+        out.contains("ok: 10 listeners on 11 addresses, 3 hosts with 5 names"),
         "{out}"
     );
     assert!(err.is_empty(), "no warnings for the example: {err}");
@@ -318,4 +320,824 @@ hosts: [ { names: [mail.example.test], certificate: self-signed } ]
         err.contains("warning: listener smtp passes plaintext SMTP to 127.0.0.1:20587, which TLS-only listener submission also uses"),
         "{err}"
     );
+}
+
+// --- `certs`, `renew`, the control socket, and ACME through an egress proxy ---
+
+/// Bound on a CLI command that should answer at once.
+const QUICK: Duration = Duration::from_secs(20);
+
+/// Proxy settings a developer's shell may carry, and `RUST_LOG` (which
+/// would replace the config's log level): none of them reach a subprocess
+/// unless a test sets it.
+const INHERITED: &[&str] = &[
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "REQUEST_METHOD",
+    "RUST_LOG",
+];
+
+/// Runs `portcullis ARGS` to its end, within `limit`; (exit code, stdout, stderr).
+fn portcullis(args: &[&str], limit: Duration) -> (i32, String, String) {
+    use std::io::Read;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for v in INHERITED {
+        cmd.env_remove(v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("portcullis {args:?} ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (
+        status.code().unwrap_or(-1),
+        out.join().unwrap(),
+        err.join().unwrap(),
+    )
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 temp path")
+}
+
+/// `portcullis run` as a subprocess, its stderr collected line by line.
+/// Dropping it kills it.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Starts `portcullis run --config CONFIG` with `env` added to a clean
+    /// environment (see [`INHERITED`]).
+    fn start(config: &Path, env: &[(&str, String)]) -> Running {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for v in INHERITED {
+            cmd.env_remove(v);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (bounded) for a log line with every one of `needles`; `Err`
+    /// says why not, with the log.
+    fn wait_log(&mut self, needles: &[&str], limit: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .cloned();
+            if let Some(line) = found {
+                return Ok(line);
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Err(format!(
+                    "portcullis exited ({status}) before logging {needles:?}:\n{}",
+                    self.log()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no log line with {needles:?} within {limit:?}:\n{}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (bounded) until the control socket of `state_dir` answers.
+    fn wait_control(&mut self, state_dir: &Path) {
+        let socket = state_dir.join("control.sock");
+        let deadline = Instant::now() + QUICK;
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "portcullis exited ({status}) while starting:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no control socket within {QUICK:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the exit status (bounded); the whole log is in
+    /// [`Running::log`] afterwards.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + QUICK;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {QUICK:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        status
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A certificate's notAfter as `portcullis certs` prints it.
+fn not_after(pem_path: &Path) -> String {
+    let pem = std::fs::read(pem_path).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let secs = cert.validity().not_after.timestamp();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The table row of `portcullis certs` whose NAMES column is `names`, and the
+/// line after it.
+fn row<'a>(table: &'a str, names: &str) -> (Vec<&'a str>, Option<&'a str>) {
+    let lines: Vec<&str> = table.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.split_whitespace().next() == Some(names))
+        .unwrap_or_else(|| panic!("no row for {names} in:\n{table}"));
+    (
+        lines[at].split_whitespace().collect(),
+        lines.get(at + 1).copied(),
+    )
+}
+
+fn json_rows(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+const CERTS_HEADER: [&str; 6] = ["NAMES", "SOURCE", "NOT", "AFTER", "NEXT", "RENEWAL"];
+
+/// A files host, a self-signed host and an ACME host (its CA never asked).
+fn three_sources(dir: &Path) -> std::path::PathBuf {
+    common::cert_files(dir, "files", &["files.example.test", "imap.example.test"]);
+    let config = dir.join("certs.yaml");
+    std::fs::write(
+        &config,
+        r#"
+state_dir: state
+acme:
+  directory: "https://127.0.0.1:9/dir"
+  terms_of_service_agreed: true
+  challenges: [http-01]
+listeners:
+  imaps: { bind: "127.0.0.1:0", protocol: imap, tls: implicit }
+  http: { bind: "127.0.0.1:0", protocol: http }
+backends: { imaps: 127.0.0.1:9 }
+hosts:
+  - names: [files.example.test, imap.example.test]
+    certificate: { cert: files.crt, key: files.key }
+  - names: [self.example.test]
+    certificate: self-signed
+  - names: [acme.example.test]
+    certificate: acme
+"#,
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn certs_without_an_instance_reads_the_disk() {
+    let dir = common::scratch();
+    let config = three_sources(dir.path());
+    let files_not_after = not_after(&dir.path().join("files.crt"));
+
+    let (code, out, err) = portcullis(&["certs", "--config", path_str(&config)], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        "(no running instance: certificates on disk, no renewal times)"
+    );
+    let header: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(header[..6], CERTS_HEADER, "{out}");
+    assert_eq!(header[6], "ISSUER", "{out}");
+
+    let (files, next) = row(&out, "files.example.test,imap.example.test");
+    assert_eq!(files[1..4], ["files", &files_not_after, "-"], "{out}");
+    assert!(files.len() > 4, "an issuer: {out}");
+    assert!(!next.unwrap_or("").starts_with("    last error"), "{out}");
+    // Never run: the self-signed certificate is not generated by `certs`.
+    let (own, next) = row(&out, "self.example.test");
+    assert_eq!(own[1..4], ["self-signed", "-", "-"], "{out}");
+    assert!(next.unwrap().starts_with("    last error: "), "{out}");
+    let (acme, next) = row(&out, "acme.example.test");
+    assert_eq!(acme[1..], ["acme", "-", "-"], "{out}");
+    assert_eq!(next, Some("    last error: nothing issued yet"), "{out}");
+    assert!(
+        !dir.path().join("state").exists(),
+        "certs without an instance writes nothing"
+    );
+
+    let (code, out, err) = portcullis(&["certs", "--config", path_str(&config), "--json"], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    let rows = json_rows(&out);
+    assert_eq!(rows.len(), 3, "one object per host: {out}");
+    for r in &rows {
+        let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "issuer",
+                "last_error",
+                "names",
+                "next_renewal",
+                "not_after",
+                "serial",
+                "source"
+            ],
+            "{r}"
+        );
+        assert!(r["next_renewal"].is_null(), "{r}");
+    }
+    assert_eq!(
+        rows[0]["names"],
+        serde_json::json!(["files.example.test", "imap.example.test"])
+    );
+    assert_eq!(rows[0]["source"], "files");
+    assert_eq!(rows[0]["not_after"], files_not_after.as_str());
+    assert_ne!(rows[0]["serial"], "");
+    assert_ne!(rows[0]["issuer"], "");
+    assert!(rows[0]["last_error"].is_null());
+    assert_eq!(rows[1]["source"], "self-signed");
+    assert!(rows[1]["last_error"].is_string());
+    assert_eq!(rows[2]["names"], serde_json::json!(["acme.example.test"]));
+    assert_eq!(rows[2]["source"], "acme");
+    assert_eq!(rows[2]["not_after"], "");
+    assert_eq!(rows[2]["last_error"], "nothing issued yet");
+}
+
+#[test]
+fn renew_without_an_instance_says_how_to_start_one() {
+    let dir = common::scratch();
+    let config = three_sources(dir.path());
+    let state = dir.path().join("state");
+    let want = format!(
+        "no running portcullis answers on {}: start it with `portcullis run --config {}`",
+        state.join("control.sock").display(),
+        config.display()
+    );
+    let (code, out, err) = portcullis(&["renew", "--config", path_str(&config)], QUICK);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains(&want), "{err}");
+    assert!(out.is_empty(), "{out}");
+
+    // A socket file left by a killed instance answers nobody: the same.
+    std::fs::create_dir(&state).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(state.join("control.sock")).unwrap());
+    let (code, _, err) = portcullis(
+        &[
+            "renew",
+            "--force",
+            "--config",
+            path_str(&config),
+            "acme.example.test",
+        ],
+        QUICK,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&want), "{err}");
+    let (code, out, err) = portcullis(&["certs", "--config", path_str(&config)], QUICK);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("(no running instance"), "{out}");
+}
+
+/// `certs` and `renew` against a running `portcullis run`; a second `run` on
+/// the same state_dir is refused and leaves the first one answering; after
+/// SIGTERM `certs` reads the disk again.
+#[test]
+fn certs_and_renew_ask_the_running_instance() {
+    let dir = common::scratch();
+    common::cert_files(dir.path(), "files", &["files.example.test"]);
+    let config = dir.path().join("live.yaml");
+    std::fs::write(
+        &config,
+        r#"
+state_dir: state
+listeners:
+  imaps: { bind: "127.0.0.1:0", protocol: imap, tls: implicit }
+  http: { bind: "127.0.0.1:0", protocol: http }
+backends: { imaps: 127.0.0.1:9 }
+hosts:
+  - names: [files.example.test]
+    certificate: { cert: files.crt, key: files.key }
+  - names: [self.example.test, "*.self.example.test"]
+    certificate: self-signed
+"#,
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    // A stale socket from a killed instance is replaced.
+    std::fs::create_dir(&state).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(state.join("control.sock")).unwrap());
+    let cfg = path_str(&config);
+
+    let mut first = Running::start(&config, &[]);
+    first.wait_control(&state);
+
+    let (code, out, err) = portcullis(&["certs", "--config", cfg], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("no running instance"), "{out}");
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header[..6], CERTS_HEADER, "{out}");
+    let (files, _) = row(&out, "files.example.test");
+    assert_eq!(files[1], "files", "{out}");
+    assert_eq!(files[3], "-", "no renewal for files: {out}");
+    let (own, next) = row(&out, "self.example.test,*.self.example.test");
+    assert_eq!(own[1], "self-signed", "{out}");
+    assert_eq!(own[3], "-", "{out}");
+    assert!(next.is_none(), "no error line: {out}");
+
+    let (code, out, err) = portcullis(&["certs", "--config", cfg, "--json"], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    let rows = json_rows(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[1]["source"], "self-signed");
+    assert_eq!(
+        rows[1]["names"],
+        serde_json::json!(["self.example.test", "*.self.example.test"])
+    );
+    let live_not_after = rows[1]["not_after"].as_str().unwrap().to_string();
+    assert!(!live_not_after.is_empty());
+    for r in &rows {
+        assert!(r["next_renewal"].is_null(), "{r}");
+        assert!(r["last_error"].is_null(), "{r}");
+    }
+
+    let (code, out, err) = portcullis(&["renew", "--config", cfg], QUICK);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no host has certificate: acme"), "{err}");
+    let (code, _, err) = portcullis(
+        &["renew", "--config", cfg, "--force", "self.example.test"],
+        QUICK,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no host with certificate: acme is named self.example.test"),
+        "{err}"
+    );
+
+    // A second instance on the same state_dir: refused, quickly.
+    let (code, out, err) = portcullis(&["run", "--config", cfg], QUICK);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("another portcullis is running with this state_dir"),
+        "{err}"
+    );
+    let (code, out, _) = portcullis(&["certs", "--config", cfg], QUICK);
+    assert_eq!(code, 0);
+    assert!(
+        !out.contains("no running instance"),
+        "the first instance still answers: {out}"
+    );
+
+    let status = first.stop();
+    assert!(status.success(), "{status}:\n{}", first.log());
+    assert!(
+        !state.join("control.sock").exists(),
+        "the socket is removed at exit"
+    );
+    // From the disk now: the certificate the instance generated.
+    let (code, out, err) = portcullis(&["certs", "--config", cfg], QUICK);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("(no running instance"), "{out}");
+    let (own, next) = row(&out, "self.example.test,*.self.example.test");
+    assert_eq!(own[1..4], ["self-signed", &live_not_after, "-"], "{out}");
+    assert!(!next.unwrap_or("").starts_with("    last error"), "{out}");
+}
+
+#[test]
+fn check_lists_acme_mistakes_with_their_key_paths() {
+    let dir = common::scratch();
+    let path = dir.path().join("acme.yaml");
+    std::fs::write(
+        &path,
+        r#"
+acme:
+  directory: "http://acme.example.test/dir"
+  contact: [postmaster@example.test]
+  terms_of_service_agreed: false
+  eab: { kid: kid-1, hmac_key: "not base64!" }
+  key_type: dsa
+  renew_before: 2y
+listeners:
+  imaps: { bind: "127.0.0.1:0", protocol: imap, tls: implicit }
+  http: { bind: "127.0.0.1:0", protocol: http, tls: implicit }
+backends: { imaps: 127.0.0.1:10143 }
+hosts:
+  - names: [mail.example.test, "*.example.org"]
+    certificate: acme
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = check(&path);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    let wants = [
+        "acme.directory: \"http://acme.example.test/dir\": expected",
+        "acme.contact[0]: \"postmaster@example.test\": expected mailto:",
+        "acme.terms_of_service_agreed: the CA issues nothing",
+        "acme.eab.hmac_key: expected the base64url key",
+        "acme.key_type: ",
+        "acme.renew_before: 2years is out of range",
+        "hosts[0].names: *.example.org: wildcard certificates need dns-01",
+        "listeners.http.tls: http listeners are plaintext",
+    ];
+    for want in wants {
+        let want = format!("{}: {want}", path.display());
+        assert!(
+            err.lines().any(|l| l.starts_with(&want)),
+            "missing {want:?} in:\n{err}"
+        );
+    }
+    assert!(
+        err.contains(&format!("{} problem(s), config not valid", wants.len())),
+        "{err}"
+    );
+
+    // `certificate: acme` without an `acme:` block, and an ACME block whose
+    // only challenge no listener can answer.
+    let path = dir.path().join("acme2.yaml");
+    std::fs::write(
+        &path,
+        r#"
+listeners: { imap: { bind: "127.0.0.1:0", protocol: imap, tls: starttls } }
+backends: { imap: 127.0.0.1:10143 }
+hosts: [ { names: [a.example.test], certificate: acme } ]
+"#,
+    )
+    .unwrap();
+    let (code, _, err) = check(&path);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("hosts[0].certificate: acme needs an `acme:` block"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("acme: {{ directory: letsencrypt, terms_of_service_agreed: true, challenges: [http-01] }}\n{text}"),
+    )
+    .unwrap();
+    let (code, _, err) = check(&path);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("acme.challenges: no listener can answer http-01"),
+        "{err}"
+    );
+}
+
+/// A minimal HTTP CONNECT proxy on loopback that records every CONNECT
+/// target and counts the bytes it relays. It only connects to IP literals on
+/// loopback: it never resolves.
+struct ConnectProxy {
+    /// `http://127.0.0.1:PORT`.
+    url: String,
+    targets: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    relayed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ConnectProxy {
+    async fn start() -> ConnectProxy {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let targets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let relayed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (seen, count) = (targets.clone(), relayed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (seen, count) = (seen.clone(), count.clone());
+                tokio::spawn(async move {
+                    let head = common::read_until(&mut client, b"\r\n\r\n").await;
+                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        return;
+                    };
+                    let text = String::from_utf8_lossy(&head[..end]).into_owned();
+                    let mut words = text.split_whitespace();
+                    let (method, target) = (words.next(), words.next().unwrap_or(""));
+                    if method != Some("CONNECT") {
+                        let _ = client
+                            .write_all(
+                                b"HTTP/1.1 405 Method Not Allowed\r\nConnection: close\r\n\r\n",
+                            )
+                            .await;
+                        return;
+                    }
+                    seen.lock().unwrap().push(target.to_string());
+                    let addr = target
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                        .filter(|a| a.ip().is_loopback());
+                    let upstream = match addr {
+                        Some(a) => tokio::net::TcpStream::connect(a).await.ok(),
+                        None => None,
+                    };
+                    let Some(mut upstream) = upstream else {
+                        let _ = client
+                            .write_all(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    };
+                    if client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_err()
+                        || upstream.write_all(&head[end + 4..]).await.is_err()
+                    {
+                        return;
+                    }
+                    // Both ways, counting as the bytes pass (a pooled
+                    // tunnel stays open between requests).
+                    let (cr, cw) = client.into_split();
+                    let (ur, uw) = upstream.into_split();
+                    tokio::join!(pump(cr, uw, &count), pump(ur, cw, &count));
+                });
+            }
+        });
+        ConnectProxy {
+            url,
+            targets,
+            relayed,
+        }
+    }
+
+    fn relayed(&self) -> u64 {
+        self.relayed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.targets.lock().unwrap().clone()
+    }
+}
+
+/// Copies until EOF or an error, adding what passes to `count`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    count: &std::sync::atomic::AtomicU64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        count.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// One ACME host on a Pebble, http-01 answered by the http listener on
+/// Pebble's http port.
+fn pebble_config(dir: &Path, pebble: &common::acme::Pebble, http_port: u16) -> std::path::PathBuf {
+    let config = dir.join("acme.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+state_dir: state
+acme:
+  directory: "{directory}"
+  ca_roots: {ca_roots}
+  terms_of_service_agreed: true
+  challenges: [http-01]
+listeners:
+  imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }}
+  http: {{ bind: "127.0.0.1:{http_port}", protocol: http }}
+backends: {{ imaps: 127.0.0.1:9 }}
+hosts:
+  - names: [www.example.test]
+    certificate: acme
+"#,
+            directory = pebble.directory,
+            ca_roots = pebble.ca_roots.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `HTTPS_PROXY` sends every request to the CA through a CONNECT tunnel
+/// (hyper-util's env matcher has no loopback exception, so a loopback CA is
+/// proxied too); `NO_PROXY` naming the CA's address goes direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_goes_through_the_https_proxy_unless_no_proxy_says_not() {
+    if !common::acme::tools("acme_goes_through_the_https_proxy_unless_no_proxy_says_not") {
+        return;
+    }
+    let proxy = ConnectProxy::start().await;
+    let http_port = common::acme::free_port();
+    let pebble = common::acme::Pebble::start(http_port, common::acme::free_port()).await;
+    let ca = format!("127.0.0.1:{}", pebble.ports().listen);
+    let issue_limit = Duration::from_secs(90);
+
+    let dir = common::scratch();
+    let config = pebble_config(dir.path(), &pebble, http_port);
+    let cfg = path_str(&config);
+    let mut run = Running::start(&config, &[("HTTPS_PROXY", proxy.url.clone())]);
+    let or_panic =
+        |r: Result<String, String>| r.unwrap_or_else(|e| panic!("{e}\n{}", pebble.log()));
+    or_panic(run.wait_log(
+        &[
+            "ACME requests go through a proxy",
+            &format!("proxy={}/", proxy.url),
+        ],
+        issue_limit,
+    ));
+    or_panic(run.wait_log(
+        &["certificate issued", "names=www.example.test", "Pebble"],
+        issue_limit,
+    ));
+    or_panic(run.wait_log(&["acme http-01 challenge answered"], QUICK));
+    let targets = proxy.targets();
+    assert!(!targets.is_empty(), "no CONNECT:\n{}", run.log());
+    assert!(
+        targets.iter().all(|t| *t == ca),
+        "every tunnel to the CA {ca}: {targets:?}"
+    );
+
+    // The running instance shows it, and renews it on demand, through the proxy.
+    let (code, out, err) = portcullis(&["certs", "--config", cfg, "--json"], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    let rows = json_rows(&out);
+    assert_eq!(rows[0]["source"], "acme", "{out}");
+    assert!(
+        rows[0]["issuer"].as_str().unwrap().contains("Pebble"),
+        "{out}"
+    );
+    assert!(rows[0]["next_renewal"].is_string(), "{out}");
+    assert!(rows[0]["last_error"].is_null(), "{out}");
+    let (code, out, err) = portcullis(&["renew", "--config", cfg], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("www.example.test: not_due: renews at "),
+        "{out}"
+    );
+    let before = proxy.relayed();
+    let (code, out, err) = portcullis(&["renew", "--config", cfg, "--force"], issue_limit);
+    assert_eq!(code, 0, "{out}{err}\n{}", run.log());
+    assert!(
+        out.starts_with("www.example.test: renewed: serial "),
+        "{out}"
+    );
+    assert!(proxy.relayed() > before, "the renewal was tunnelled too");
+    assert!(proxy.targets().iter().all(|t| *t == ca));
+    assert_eq!(pebble.issued(), 2);
+    let status = run.stop();
+    assert!(status.success(), "{status}");
+
+    // NO_PROXY=127.0.0.1: direct, though HTTPS_PROXY names a dead proxy.
+    let dir = common::scratch();
+    let config = pebble_config(dir.path(), &pebble, http_port);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (tunnels, relayed) = (proxy.targets().len(), proxy.relayed());
+    let mut run = Running::start(
+        &config,
+        &[
+            ("HTTPS_PROXY", format!("http://{dead}")),
+            ("NO_PROXY", "localhost,127.0.0.1".into()),
+        ],
+    );
+    let or_panic =
+        |r: Result<String, String>| r.unwrap_or_else(|e| panic!("{e}\n{}", pebble.log()));
+    or_panic(run.wait_log(
+        &["certificate issued", "names=www.example.test"],
+        issue_limit,
+    ));
+    assert!(!run.log().contains("go through a proxy"), "{}", run.log());
+    assert_eq!((proxy.targets().len(), proxy.relayed()), (tunnels, relayed));
+    assert_eq!(pebble.issued(), 3);
+    assert!(run.stop().success());
+}
+
+/// Only http:// CONNECT proxies: an https:// one is refused with a reason,
+/// which `certs` shows as the host's last error.
+#[test]
+fn acme_refuses_a_proxy_that_is_not_http() {
+    let dir = common::scratch();
+    let (roots, _) = common::cert_files(dir.path(), "roots", &["ca.example.test"]);
+    let config = dir.path().join("acme.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+state_dir: state
+acme:
+  directory: "https://127.0.0.1:9/dir"
+  ca_roots: {}
+  terms_of_service_agreed: true
+  challenges: [http-01]
+listeners:
+  http: {{ bind: "127.0.0.1:0", protocol: http }}
+hosts:
+  - names: [www.example.test]
+    certificate: acme
+"#,
+            roots.display()
+        ),
+    )
+    .unwrap();
+    let mut run = Running::start(&config, &[("HTTPS_PROXY", "https://127.0.0.1:9".into())]);
+    let why = "proxy https://127.0.0.1:9/: only http:// CONNECT proxies are supported";
+    run.wait_log(&["certificate order failed", why], QUICK)
+        .unwrap_or_else(|e| panic!("{e}"));
+    run.wait_control(&dir.path().join("state"));
+    let (code, out, err) = portcullis(&["certs", "--config", path_str(&config)], QUICK);
+    assert_eq!(code, 0, "{err}");
+    let (host, next) = row(&out, "www.example.test");
+    assert_eq!(host[1], "placeholder", "{out}");
+    assert_eq!(
+        next,
+        Some(format!("    last error: {why}").as_str()),
+        "{out}"
+    );
+    assert!(run.stop().success());
 }
