@@ -57,20 +57,27 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, &'static str> {
         Err(httparse::Error::TooManyHeaders) => return Err("too many headers"),
         Err(_) => return Err("malformed request"),
     };
-    let host = req
+    let path = req.path.unwrap_or("/");
+    // RFC 9112 §3.2.2: in an absolute-form target the URL's authority wins
+    // over the Host header.
+    let authority = path
+        .strip_prefix("http://")
+        .or_else(|| path.strip_prefix("https://"))
+        .map(|rest| rest.split(['/', '?']).next().unwrap_or_default());
+    let header = req
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .and_then(|v| {
-            let v = v.trim();
-            // `name:port`; an IPv6 literal (`[::1]:80`) is not a name.
-            let name = v.rsplit_once(':').map_or(v, |(n, _)| n);
-            Hostname::parse(name).ok()
-        });
+        .and_then(|h| std::str::from_utf8(h.value).ok());
+    let host = authority.or(header).and_then(|v| {
+        let v = v.trim();
+        // `name:port`; an IPv6 literal (`[::1]:80`) is not a name.
+        let name = v.rsplit_once(':').map_or(v, |(n, _)| n);
+        Hostname::parse(name).ok()
+    });
     Ok(Some(Head {
         method: req.method.unwrap_or_default().to_string(),
-        path: req.path.unwrap_or("/").to_string(),
+        path: path.to_string(),
         host,
         len,
     }))
@@ -199,6 +206,7 @@ pub async fn serve(
             warn!(error = %e, "backend unavailable");
             let unavailable = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\nbackend unavailable\n";
             let _ = socket.write_all(unavailable).await;
+            let _ = socket.shutdown().await;
             return;
         }
     };
