@@ -322,6 +322,36 @@ impl Config {
         out
     }
 
+    /// ACME challenges the CA validates on a port no listener binds: tls-alpn-01
+    /// on 443, http-01 on 80. Fine behind a port forward, so a warning.
+    pub fn acme_port_warnings(&self) -> Vec<String> {
+        let Some(acme) = &self.acme else {
+            return Vec::new();
+        };
+        if !self.hosts.iter().any(|h| h.certificate == CertSource::Acme) {
+            return Vec::new();
+        }
+        let binds = |port: u16, fits: &dyn Fn(&Listener) -> bool| {
+            self.listeners
+                .values()
+                .any(|l| fits(l) && l.bind.iter().any(|a| a.port() == port))
+        };
+        let mut out = Vec::new();
+        for c in &acme.challenges {
+            let (port, ok) = match c {
+                Challenge::TlsAlpn01 => (443, binds(443, &|l| l.tls == TlsMode::Implicit)),
+                Challenge::Http01 => (80, binds(80, &|l| l.protocol == Protocol::Http)),
+            };
+            if !ok {
+                out.push(format!(
+                    "the CA validates {} on port {port}, and no listener that answers it binds port {port}: forward port {port} to it, or the challenge fails (portcullis then tries the next one)",
+                    c.as_str()
+                ));
+            }
+        }
+        out
+    }
+
     /// Listener names that some host has no backend for: a client reaching that
     /// host there is turned away. Not an error (a webmail host needs no IMAP).
     pub fn unrouted(&self) -> Vec<(String, String)> {
@@ -1428,6 +1458,19 @@ hosts:
             parse(&with_http).unwrap().acme.unwrap().challenges,
             [Challenge::Http01]
         );
+    }
+
+    #[test]
+    fn challenges_on_ports_the_ca_does_not_use_are_warned_about() {
+        let c = parse(ACME).unwrap();
+        let w = c.acme_port_warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("the CA validates tls-alpn-01 on port 443"));
+        assert!(w[1].starts_with("the CA validates http-01 on port 80"));
+        let standard = ACME
+            .replace("127.0.0.1:10993", "0.0.0.0:443")
+            .replace("127.0.0.1:10080", "0.0.0.0:80");
+        assert!(parse(&standard).unwrap().acme_port_warnings().is_empty());
     }
 
     #[test]

@@ -119,6 +119,9 @@ fn check(path: &Path) -> ExitCode {
             path.display()
         );
     }
+    for warning in config.acme_port_warnings() {
+        eprintln!("{}: warning: acme: {warning}", path.display());
+    }
     for (listener, host) in config.unrouted() {
         eprintln!(
             "{}: warning: no backend for host {host} on listener {listener}: its clients there get a goodbye",

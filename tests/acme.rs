@@ -774,6 +774,40 @@ async fn failed_challenge_is_reported_and_the_placeholder_keeps_serving() {
     assert!(!site.host_dir().join("fullchain.pem").exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_challenge_type_gives_way_to_the_next_one() {
+    if !tools("a_failed_challenge_type_gives_way_to_the_next_one") {
+        return;
+    }
+    let site = Site::new("t5r").await;
+    // tls-alpn-01 is preferred, but the CA's validator is pointed at a dead
+    // port for it (a mail-only box with nothing on 443); http-01 works.
+    let pebble = Pebble::start(site.http, free_port()).await;
+    let yaml = site.config(&pebble.directory, &pebble.ca_roots, "tls-alpn-01, http-01");
+    let proxy = Proxy::start(&yaml).await;
+    let failed = log_line(&[
+        &site.span(),
+        "certificate order failed; the current certificate keeps serving",
+    ])
+    .await;
+    assert!(
+        failed.contains("tls-alpn-01")
+            || failed.contains("TlsAlpn01")
+            || failed.contains("acme-tls"),
+        "{failed}"
+    );
+    // The next attempt (asked for now instead of after the backoff) leads
+    // with http-01 and succeeds.
+    let row = renew(&site, false).await;
+    assert_eq!(row.outcome, "renewed", "{row:?}");
+    log_line(&[&site.span(), "renewing", "challenges=http-01,tls-alpn-01"]).await;
+    let chain = served_chain(proxy.addr(&site.imaps()), &site.names[0])
+        .await
+        .unwrap();
+    assert!(!is_placeholder(&chain));
+    assert!(chains_to(&pebble.root_der().await, &chain, &site.names[1]));
+}
+
 /// Issue, stop, damage `fullchain.pem` with `damage`, restart: the damaged
 /// pair is reported and never served, and a fresh certificate replaces it.
 async fn damaged_store_is_replaced(tag: &'static str, damage: fn(&[u8]) -> Vec<u8>) {

@@ -27,6 +27,9 @@ use tracing::{info, warn};
 use crate::config::Acme;
 use crate::tls::store;
 
+/// A CA (or proxy) that does not accept a connection in this time is down.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
     #[error("acme.ca_roots {}: {message}", path.display())]
@@ -162,6 +165,9 @@ fn http_client(
         .https_only()
         .enable_http1();
     let executor = TokioExecutor::new();
+    let mut tcp = HttpConnector::new();
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    tcp.enforce_http(false);
     let proxy = config
         .directory
         .parse::<http::Uri>()
@@ -176,7 +182,7 @@ fn http_client(
                 });
             }
             info!(proxy = %uri, "ACME requests go through a proxy");
-            let mut tunnel = Tunnel::new(uri, HttpConnector::new());
+            let mut tunnel = Tunnel::new(uri, tcp);
             if let Some(auth) = proxy.basic_auth() {
                 tunnel = tunnel.with_auth(auth.clone());
             }
@@ -186,7 +192,7 @@ fn http_client(
             ))
         }
         None => {
-            let connector = https.build();
+            let connector = https.wrap_connector(tcp);
             Ok(Box::new(
                 Client::builder(executor).build::<_, BodyWrapper<Bytes>>(connector),
             ))

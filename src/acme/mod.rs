@@ -28,7 +28,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{self, Challenge, KeyType};
 use crate::hosts::{CertSlot, Served, Source};
@@ -37,8 +37,15 @@ use crate::tls::certs::CertInfo;
 use challenge::Challenges;
 use schedule::{Lifetime, Window};
 
-/// How long an order may take from new-order to certificate.
+/// How long the CA may take to settle an order while we poll it.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+/// A whole attempt, account to stored certificate: a CA or proxy that
+/// accepts and then stalls must not hold the host's task for ever.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const ARI_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest single sleep: wall-clock jumps (suspend, NTP) are noticed
+/// within this.
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
 /// After an ARI request fails for another reason than "not offered".
 const ARI_RETRY: Duration = Duration::from_secs(3600);
@@ -191,6 +198,9 @@ struct HostTask {
     retry_at: Option<SystemTime>,
     /// Where in the renewal window this certificate renews (0..1).
     draw: f64,
+    /// Challenge types in the order the next attempt tries them: rotated
+    /// after a failure, so a port the CA cannot reach is not tried for ever.
+    challenges: Vec<Challenge>,
 }
 
 impl HostTask {
@@ -199,7 +209,6 @@ impl HostTask {
         let current =
             (served.source == Source::Acme).then(|| current(&served.key.cert, &served.info));
         HostTask {
-            shared,
             names: host.names,
             slot: host.slot,
             status,
@@ -211,6 +220,8 @@ impl HostTask {
             failures: 0,
             retry_at: None,
             draw: fastrand::f64(),
+            challenges: shared.config.challenges.clone(),
+            shared,
         }
     }
 
@@ -244,7 +255,7 @@ impl HostTask {
                 due
             };
             self.set_status(|s| s.next_renewal = Some(due));
-            let sleep = wake.duration_since(now).unwrap_or_default();
+            let sleep = wake.duration_since(now).unwrap_or_default().min(MAX_SLEEP);
             let request = tokio::select! {
                 _ = tokio::time::sleep(sleep) => None,
                 r = requests.recv() => match r {
@@ -255,8 +266,13 @@ impl HostTask {
             };
             if let Some(request) = request {
                 let outcome = if request.force || renew_at <= SystemTime::now() {
+                    let why = if request.force {
+                        "forced by portcullis renew"
+                    } else {
+                        "due; asked by portcullis renew"
+                    };
                     tokio::select! {
-                        o = self.attempt() => o,
+                        o = self.attempt(why) => o,
                         _ = stop.cancelled() => return,
                     }
                 } else {
@@ -272,8 +288,17 @@ impl HostTask {
                     _ = stop.cancelled() => return,
                 }
             } else if due <= now {
+                let why = if self.order_now.is_some() {
+                    "no usable certificate"
+                } else if self.retry_at.is_some() {
+                    "retry after a failure"
+                } else if self.window.is_some() {
+                    "inside the CA's ARI window"
+                } else {
+                    "renewal time reached"
+                };
                 tokio::select! {
-                    _ = self.attempt() => {},
+                    _ = self.attempt(why) => {},
                     _ = stop.cancelled() => return,
                 }
             }
@@ -298,11 +323,23 @@ impl HostTask {
                 return;
             }
         };
-        match account.renewal_info(&id).await {
+        let asked = tokio::time::timeout(ARI_TIMEOUT, account.renewal_info(&id)).await;
+        let Ok(answer) = asked else {
+            warn!("ARI request timed out; keeping the previous window");
+            self.ari_poll = now + ARI_RETRY;
+            return;
+        };
+        match answer {
             Ok((info, retry_after)) => {
+                let (start, end) = (info.suggested_window.start, info.suggested_window.end);
+                if start.unix_timestamp() < 0 || end <= start {
+                    warn!(start = %start, end = %end, "ARI window unusable; ignoring it");
+                    self.ari_poll = schedule::ari_poll(now, Some(retry_after));
+                    return;
+                }
                 let window = Window {
-                    start: info.suggested_window.start.into(),
-                    end: info.suggested_window.end.into(),
+                    start: start.into(),
+                    end: end.into(),
                 };
                 if self.window != Some(window) {
                     info!(
@@ -328,27 +365,41 @@ impl HostTask {
     }
 
     /// One order, start to finish; the result is logged, swapped in and returned.
-    async fn attempt(&mut self) -> Outcome {
+    async fn attempt(&mut self, why: &str) -> Outcome {
         let started = std::time::Instant::now();
         let replaces = match (self.ari, &self.current) {
             (Ari::Offered, Some(c)) => c.id.clone(),
             _ => None,
         };
-        let result = self.shared.issue(&self.names, replaces).await;
-        let stored = match result {
-            Ok(stored) => stored,
+        let preference: Vec<&str> = self.challenges.iter().map(|c| c.as_str()).collect();
+        info!(
+            reason = why,
+            challenges = %preference.join(","),
+            replaces = replaces.as_ref().map(|r| r.to_string()),
+            "renewing"
+        );
+        let work = self.shared.issue(&self.names, replaces, &self.challenges);
+        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
+            Ok(r) => r,
+            Err(_) => Err(IssueError::TimedOut(ATTEMPT_TIMEOUT)),
+        };
+        let issued = match result {
+            Ok(issued) => issued,
             Err(e) => {
                 if e.is_unknown_account() {
                     self.shared.forget_account().await;
                 }
+                self.challenges.rotate_left(1);
                 self.failures += 1;
                 let wait = schedule::backoff(self.failures, fastrand::f64());
-                self.retry_at = Some(SystemTime::now() + wait);
+                let next = SystemTime::now() + wait;
+                self.retry_at = Some(next);
                 let message = causes(&e);
                 warn!(
                     error = %message,
                     failures = self.failures,
                     retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())),
+                    next_try = %humantime::format_rfc3339_seconds(next),
                     "certificate order failed; the current certificate keeps serving"
                 );
                 self.set_status(|s| {
@@ -358,7 +409,7 @@ impl HostTask {
                 return Outcome::Failed(message);
             }
         };
-        let info = stored.cert.info.clone();
+        let info = issued.cert.info.clone();
         info!(
             names = %info.sans.join(","),
             serial = %info.serial,
@@ -367,9 +418,17 @@ impl HostTask {
             took_ms = started.elapsed().as_millis() as u64,
             "certificate issued"
         );
-        self.current = Some(current(&stored.cert.key.cert, &info));
+        if let Some(e) = &issued.write_error {
+            // Served anyway: throwing it away would order another one, and
+            // burn the CA's rate limit, on every retry.
+            error!(
+                error = %causes(e),
+                "the new certificate could not be stored: it is served now, but a restart will order again"
+            );
+        }
+        self.current = Some(current(&issued.cert.key.cert, &info));
         self.slot.store(Served {
-            key: stored.cert.key,
+            key: issued.cert.key,
             info: info.clone(),
             source: Source::Acme,
         });
@@ -381,7 +440,7 @@ impl HostTask {
         self.draw = fastrand::f64();
         self.set_status(|s| {
             s.failures = 0;
-            s.last_error = None;
+            s.last_error = issued.write_error.as_ref().map(|e| causes(e));
         });
         Outcome::Renewed {
             serial: info.serial,
@@ -439,8 +498,16 @@ pub enum IssueError {
     Challenge(#[from] challenge::ChallengeError),
     #[error("key or CSR: {0}")]
     Csr(#[from] rcgen::Error),
-    #[error("the issued certificate was not stored: {0}")]
+    #[error("the issued certificate is unusable: {0}")]
     Store(#[from] store::StoreError),
+    #[error("no result within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+}
+
+/// A certificate just issued and checked; `write_error` if it could not be stored.
+struct Issued {
+    cert: crate::tls::certs::LoadedCert,
+    write_error: Option<store::StoreError>,
 }
 
 impl IssueError {
@@ -485,27 +552,29 @@ impl Shared {
         &self,
         names: &[HostPattern],
         replaces: Option<CertificateIdentifier<'static>>,
-    ) -> Result<store::Stored, IssueError> {
+        challenges: &[Challenge],
+    ) -> Result<Issued, IssueError> {
         let account = self.account().await?;
         let identifiers: Vec<Identifier> = names
             .iter()
             .map(|n| Identifier::Dns(n.to_string()))
             .collect();
-        let mut new = NewOrder::new(&identifiers);
-        if let Some(p) = &self.config.profile {
-            new = new.profile(p);
-        }
+        let new = || match &self.config.profile {
+            Some(p) => NewOrder::new(&identifiers).profile(p),
+            None => NewOrder::new(&identifiers),
+        };
         let mut order = match replaces {
-            Some(id) => match account.new_order(&new.replaces(id)).await {
+            Some(id) => match account.new_order(&new().replaces(id)).await {
                 Ok(o) => o,
-                Err(e) => {
+                Err(instant_acme::Error::Api(problem)) => {
                     // The CA may refuse (already replaced, say); an order
                     // without `replaces` is still a good order.
-                    warn!(error = %causes(&e), "order with `replaces` refused; ordering without it");
-                    account.new_order(&NewOrder::new(&identifiers)).await?
+                    warn!(problem = %problem, "the CA refused the order with `replaces`; ordering without it");
+                    account.new_order(&new()).await?
                 }
+                Err(e) => return Err(e.into()),
             },
-            None => account.new_order(&new).await?,
+            None => account.new_order(&new()).await?,
         };
 
         let mut posted = Vec::new();
@@ -523,7 +592,7 @@ impl Shared {
                     })
                 }
             }
-            let kind = self.config.challenges.iter().copied().find(|c| {
+            let kind = challenges.iter().copied().find(|c| {
                 authz
                     .challenges
                     .iter()
@@ -576,19 +645,17 @@ impl Shared {
         let csr = csr(names, &key)?;
         order.finalize_csr(&csr).await?;
         let chain = order.poll_certificate(&retry).await?;
+        let key_pem = key.serialize_pem();
+        let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
         let meta = store::Meta {
             names: names.iter().map(|n| n.to_string()).collect(),
             directory: self.config.directory.clone(),
             issued_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
-        Ok(store::save(
-            &self.state_dir,
-            names,
-            &chain,
-            &key.serialize_pem(),
-            meta,
-            &self.provider,
-        )?)
+        let serial = &cert.info.serial;
+        let write_error =
+            store::write(&self.state_dir, names, &chain, &key_pem, &meta, serial).err();
+        Ok(Issued { cert, write_error })
     }
 }
 

@@ -33,9 +33,10 @@ pub struct Window {
 }
 
 /// When to renew a certificate that is being served: at the `draw` (0..1)
-/// point of the CA's window where it gives one (a window already over means
-/// now), otherwise when `renew_before` (default: a third of the lifetime) is
-/// left. Never earlier than `now`.
+/// point of the CA's window where it gives one (fixed by the window, so
+/// re-asking does not drift it towards the end), otherwise when
+/// `renew_before` (default: a third of the lifetime, at most half of it, so a
+/// fresh certificate is never due at once) is left. Never earlier than `now`.
 pub fn renewal_time(
     now: SystemTime,
     life: Lifetime,
@@ -45,18 +46,14 @@ pub fn renewal_time(
 ) -> SystemTime {
     let draw = draw.clamp(0.0, 1.0);
     if let Some(w) = window.filter(|w| w.end > w.start) {
-        if w.end <= now {
-            return now;
-        }
-        let start = w.start.max(now);
-        let span = w.end.duration_since(start).unwrap_or_default();
-        return start + span.mul_f64(draw);
+        let span = w.end.duration_since(w.start).unwrap_or_default();
+        return (w.start + span.mul_f64(draw)).max(now);
     }
     let lifetime = life
         .not_after
         .duration_since(life.not_before)
         .unwrap_or_default();
-    let before = renew_before.unwrap_or(lifetime / 3);
+    let before = renew_before.unwrap_or(lifetime / 3).min(lifetime / 2);
     let at = life.not_after.checked_sub(before).unwrap_or(now);
     at.max(now)
 }
@@ -73,8 +70,11 @@ pub fn backoff(failures: u32, draw: f64) -> Duration {
 }
 
 /// When to ask for the ARI window again, from the CA's `Retry-After` delay.
+/// A `Retry-After` of zero (or a date already past: clock skew) counts as
+/// none, so a confused CA cannot make every host poll once a second.
 pub fn ari_poll(now: SystemTime, retry_after: Option<Duration>) -> SystemTime {
     now + retry_after
+        .filter(|d| !d.is_zero())
         .unwrap_or(ARI_POLL_DEFAULT)
         .clamp(ARI_POLL_MIN, ARI_POLL_MAX)
 }
@@ -132,12 +132,12 @@ mod tests {
             ),
             ("no ARI: already past due", 70.0, None, None, 0.5, t(70.0)),
             (
-                "renew_before longer than the lifetime",
+                "renew_before longer than the lifetime: at half of it",
                 1.0,
                 None,
                 Some(365 * DAY),
                 0.5,
-                t(1.0),
+                t(45.0),
             ),
             (
                 "ARI: start of the window",
@@ -164,8 +164,16 @@ mod tests {
                 t(61.0),
             ),
             (
-                "ARI: inside the window, the rest of it",
-                61.0,
+                "ARI: the point does not drift",
+                60.5,
+                Some(window),
+                None,
+                0.5,
+                t(61.0),
+            ),
+            (
+                "ARI: the point passed, now",
+                61.5,
                 Some(window),
                 None,
                 0.5,
@@ -226,7 +234,11 @@ mod tests {
         let now = t(0.0);
         assert_eq!(ari_poll(now, Some(HOUR)), now + HOUR);
         assert_eq!(ari_poll(now, None), now + ARI_POLL_DEFAULT);
-        assert_eq!(ari_poll(now, Some(Duration::ZERO)), now + ARI_POLL_MIN);
+        assert_eq!(ari_poll(now, Some(Duration::ZERO)), now + ARI_POLL_DEFAULT);
+        assert_eq!(
+            ari_poll(now, Some(Duration::from_millis(10))),
+            now + ARI_POLL_MIN
+        );
         assert_eq!(ari_poll(now, Some(30 * DAY)), now + ARI_POLL_MAX);
     }
 }

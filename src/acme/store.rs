@@ -6,9 +6,14 @@
 //!                              meta.json       names, directory, issued_at
 //! ```
 //!
-//! A new pair is checked whole in memory (key matches, names covered) before
-//! anything is written; each file is replaced atomically. A pair that does not
-//! load is reported and never served.
+//! `certs/<first name>` is a symlink to a version directory
+//! `certs/.<first name>.<serial>/` (certbot's live/archive idea): a new
+//! certificate is written whole into its own directory, then the link is
+//! switched with one rename, so a reader (portcullis at start, or Postfix and
+//! Dovecot pointed at these files) never sees a new key beside an old chain.
+//! The previous version is kept; older ones are removed. A new pair is checked
+//! in memory (key matches, names covered) before anything is written. A pair
+//! that does not load is reported and never served.
 
 use std::path::{Path, PathBuf};
 
@@ -78,7 +83,94 @@ pub fn load(
     Ok(Some(Stored { cert, meta }))
 }
 
-/// Checks a newly issued pair and, only if it is whole, stores it.
+/// Checks a newly issued pair in memory: it parses, the key matches, the
+/// names are covered.
+pub fn check(
+    state_dir: &Path,
+    names: &[HostPattern],
+    chain_pem: &str,
+    key_pem: &str,
+    provider: &CryptoProvider,
+) -> Result<LoadedCert, StoreError> {
+    let (chain, key, _) = paths(&host_dir(state_dir, names));
+    Ok(certs::load_pem(
+        chain_pem.as_bytes(),
+        key_pem.as_bytes(),
+        &chain,
+        &key,
+        names,
+        provider,
+    )?)
+}
+
+/// Writes a checked pair into a new version directory and switches
+/// `certs/<first name>` to it in one rename.
+pub fn write(
+    state_dir: &Path,
+    names: &[HostPattern],
+    chain_pem: &str,
+    key_pem: &str,
+    meta: &Meta,
+    serial: &str,
+) -> Result<(), StoreError> {
+    let link = host_dir(state_dir, names);
+    let first = names.first().map(|n| n.to_string()).unwrap_or_default();
+    let certs = state_dir.join("certs");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Write { path, source }
+    };
+    let version_name = format!(".{first}.{serial}");
+    let version = certs.join(&version_name);
+    store::create_private_dir(&version).map_err(io(&version))?;
+    let (chain, key, meta_path) = paths(&version);
+    let meta_json = serde_json::to_vec_pretty(meta).map_err(|e| StoreError::Meta {
+        path: meta_path.clone(),
+        message: e.to_string(),
+    })?;
+    store::write_atomic(&key, key_pem.as_bytes(), 0o600).map_err(io(&key))?;
+    store::write_atomic(&chain, chain_pem.as_bytes(), 0o644).map_err(io(&chain))?;
+    store::write_atomic(&meta_path, &meta_json, 0o644).map_err(io(&meta_path))?;
+
+    let previous = std::fs::read_link(&link).ok();
+    if std::fs::symlink_metadata(&link).is_ok_and(|m| m.is_dir()) {
+        // A plain directory (written before versions existed): moved aside,
+        // then removed with the other old versions below.
+        let aside = certs.join(format!(".{first}.plain-{}", certs::unix_now()));
+        std::fs::rename(&link, &aside).map_err(io(&link))?;
+    }
+    let tmp = certs.join(format!(".{first}.link"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&version_name, &tmp).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &link).map_err(io(&link))?;
+    std::fs::File::open(&certs)
+        .and_then(|d| d.sync_all())
+        .map_err(io(&certs))?;
+
+    // Keep the current and the previous version; older ones go.
+    let keep = |name: &str| {
+        name == version_name || previous.as_deref().is_some_and(|p| p == Path::new(name))
+    };
+    if let Ok(entries) = std::fs::read_dir(&certs) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // `.<first>.<SERIAL>` or `.<first>.plain-<time>`; another host's
+            // versions (`.<first>.x.<SERIAL>`) have a dot in the rest.
+            let ours = name
+                .strip_prefix(&format!(".{first}."))
+                .map(|rest| rest.strip_prefix("plain-").unwrap_or(rest))
+                .is_some_and(|rest| {
+                    !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_hexdigit())
+                });
+            if ours && !keep(&name) && entry.path().is_dir() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`check`], then [`write`].
 pub fn save(
     state_dir: &Path,
     names: &[HostPattern],
@@ -87,35 +179,15 @@ pub fn save(
     meta: Meta,
     provider: &CryptoProvider,
 ) -> Result<Stored, StoreError> {
-    let dir = host_dir(state_dir, names);
-    let (chain, key, meta_path) = paths(&dir);
-    let cert = certs::load_pem(
-        chain_pem.as_bytes(),
-        key_pem.as_bytes(),
-        &chain,
-        &key,
+    let cert = check(state_dir, names, chain_pem, key_pem, provider)?;
+    write(
+        state_dir,
         names,
-        provider,
+        chain_pem,
+        key_pem,
+        &meta,
+        &cert.info.serial,
     )?;
-    let write = |path: &Path, bytes: &[u8], mode: u32| {
-        store::write_atomic(path, bytes, mode).map_err(|source| StoreError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    store::create_private_dir(&dir).map_err(|source| StoreError::Write {
-        path: dir.clone(),
-        source,
-    })?;
-    let meta_json = serde_json::to_vec_pretty(&meta).map_err(|e| StoreError::Meta {
-        path: meta_path.clone(),
-        message: e.to_string(),
-    })?;
-    // Key first: a crash between the two leaves a pair that does not match,
-    // which the next start reports and replaces rather than serves.
-    write(&key, key_pem.as_bytes(), 0o600)?;
-    write(&chain, chain_pem.as_bytes(), 0o644)?;
-    write(&meta_path, &meta_json, 0o644)?;
     Ok(Stored { cert, meta })
 }
 
@@ -166,6 +238,46 @@ mod tests {
         let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(dir.join("privkey.pem")), 0o600);
         assert_eq!(mode(dir.clone()), 0o700);
+    }
+
+    #[test]
+    fn each_certificate_gets_its_own_version_and_the_link_switches() {
+        let d = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let mut serials = Vec::new();
+        for _ in 0..3 {
+            let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+            let s = save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
+            let back = load(d.path(), &names(), &provider).unwrap().unwrap();
+            assert_eq!(back.cert.info.serial, s.cert.info.serial);
+            serials.push(s.cert.info.serial);
+        }
+        let link = host_dir(d.path(), &names());
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new(&format!(".mail.example.test.{}", serials[2]))
+        );
+        let mut versions: Vec<String> = std::fs::read_dir(d.path().join("certs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        versions.sort();
+        let mut want = vec![
+            "mail.example.test".to_string(),
+            format!(".mail.example.test.{}", serials[1]),
+            format!(".mail.example.test.{}", serials[2]),
+        ];
+        want.sort();
+        assert_eq!(versions, want, "current and previous kept, older removed");
+
+        // A store from before versions (a plain directory) is set aside.
+        let plain = tempfile::tempdir().unwrap();
+        let dir = host_dir(plain.path(), &names());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("fullchain.pem"), "old").unwrap();
+        let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+        save(plain.path(), &names(), &chain, &key, meta(), &provider).unwrap();
+        assert!(load(plain.path(), &names(), &provider).unwrap().is_some());
     }
 
     #[test]
