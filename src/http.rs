@@ -4,7 +4,10 @@
 //! or, when the host names a backend for this listener, forwarded to it whole
 //! with a PROXY header. Nothing else is served on port 80.
 //!
-//! One request per connection: the answer says `Connection: close`.
+//! Answers close the connection (`Connection: close`). A forwarded connection
+//! is relayed as it is from then on: the backend serves whatever follows.
+//! A request with two Host headers is refused, so portcullis and the backend
+//! never disagree on which host it is for.
 
 use std::io;
 use std::net::SocketAddr;
@@ -64,11 +67,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, &'static str> {
         .strip_prefix("http://")
         .or_else(|| path.strip_prefix("https://"))
         .map(|rest| rest.split(['/', '?']).next().unwrap_or_default());
-    let header = req
+    let mut hosts = req
         .headers
         .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("host"))
-        .and_then(|h| std::str::from_utf8(h.value).ok());
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let header = hosts.next().and_then(|h| std::str::from_utf8(h.value).ok());
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
     let host = authority.or(header).and_then(|v| {
         let v = v.trim();
         // `name:port`; an IPv6 literal (`[::1]:80`) is not a name.
@@ -150,12 +156,13 @@ pub async fn serve(
     let (buf, head) = tokio::select! {
         r = read => match r {
             Ok(Ok(got)) => got,
-            Ok(Err(e)) => {
+            Ok(Err(Unread::Bad(why))) => {
+                info!(reason = why, "bad HTTP request");
+                let _ = socket.write_all(&response(&Answer::BadRequest(why), false)).await;
+                return;
+            }
+            Ok(Err(Unread::Io(e))) => {
                 debug!(error = %e, "no HTTP request");
-                if e.kind() == io::ErrorKind::InvalidData {
-                    let bad = Answer::BadRequest("malformed request");
-                    let _ = socket.write_all(&response(&bad, false)).await;
-                }
                 return;
             }
             Err(_) => {
@@ -216,24 +223,31 @@ pub async fn serve(
     listener::finish(socket, upstream, ctx, stop, started).await;
 }
 
+/// Why no request head was read.
+enum Unread {
+    Io(io::Error),
+    /// Not a request we take: answered with a 400 saying this.
+    Bad(&'static str),
+}
+
 /// Reads until a whole request head is in; returns everything read so far.
-async fn read_head(socket: &mut TcpStream) -> io::Result<(Vec<u8>, Head)> {
+async fn read_head(socket: &mut TcpStream) -> Result<(Vec<u8>, Head), Unread> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = socket.read(&mut chunk).await?;
+        let n = socket.read(&mut chunk).await.map_err(Unread::Io)?;
         if n == 0 {
-            return Err(io::Error::new(
+            return Err(Unread::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "closed before a request",
-            ));
+            )));
         }
         buf.extend_from_slice(&chunk[..n]);
         match parse(&buf) {
             Ok(Some(head)) => return Ok((buf, head)),
             Ok(None) if buf.len() < HEAD_LIMIT => continue,
-            Ok(None) => return Err(io::Error::new(io::ErrorKind::InvalidData, "head too long")),
-            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            Ok(None) => return Err(Unread::Bad("request head longer than 8 KiB")),
+            Err(why) => return Err(Unread::Bad(why)),
         }
     }
 }

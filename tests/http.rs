@@ -297,8 +297,8 @@ async fn bad_requests_are_400() {
     assert_eq!(r.status(), "HTTP/1.1 400 Bad Request", "{}", r.text());
     assert_eq!(r.body(), b"malformed request\n");
     log_line(&[
-        "no HTTP request",
-        "error=malformed request",
+        "bad HTTP request",
+        "reason=\"malformed request\"",
         &format!("client.addr={}", r.client),
     ])
     .await;
@@ -309,13 +309,19 @@ async fn bad_requests_are_400() {
     long.resize(8 * 1024, b'a');
     let r = exchange(addr, &[&long]).await;
     assert_eq!(r.status(), "HTTP/1.1 400 Bad Request", "{}", r.text());
-    assert_eq!(r.body(), b"malformed request\n");
+    assert_eq!(r.body(), b"request head longer than 8 KiB\n");
     log_line(&[
-        "no HTTP request",
-        "error=head too long",
+        "bad HTTP request",
+        "reason=\"request head longer than 8 KiB\"",
         &format!("client.addr={}", r.client),
     ])
     .await;
+
+    // Two Host headers: portcullis and the backend could disagree on the host.
+    let two = b"GET / HTTP/1.1\r\nHost: mail.example.test\r\nHost: webmail.example.test\r\n\r\n";
+    let r = exchange(addr, &[two]).await;
+    assert_eq!(r.status(), "HTTP/1.1 400 Bad Request", "{}", r.text());
+    assert_eq!(r.body(), b"more than one Host header\n");
 
     // Just under the limit, with its end, is a request like any other.
     let mut fits = b"GET / HTTP/1.1\r\nHost: mail.example.test\r\nX-Long: ".to_vec();
