@@ -18,7 +18,9 @@ use tracing::{debug, info, warn};
 use crate::acme::{self, HostHandle, Outcome};
 use crate::config::{CertSource, Config};
 use crate::hosts::CertSlot;
+use crate::reload::Reloader;
 use crate::tls::certs;
+use arc_swap::ArcSwap;
 
 const SOCKET: &str = "control.sock";
 /// A request line is small; anything longer is not ours.
@@ -32,6 +34,7 @@ pub const RENEW_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 pub enum Request {
     Certs,
     Renew { force: bool, name: Option<String> },
+    Reload,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +42,8 @@ pub enum Request {
 pub enum Response {
     Certs(Vec<CertRow>),
     Renew(Vec<RenewRow>),
+    /// What the reload changed, as the log line says it.
+    Reload(String),
     Error(String),
 }
 
@@ -116,7 +121,14 @@ impl Control {
     }
 
     /// Answers requests until `stop` fires, then removes the socket file.
-    pub async fn serve(self, views: Arc<Vec<View>>, stop: CancellationToken) {
+    /// `views` is swapped on reload; `reloader` is `None` when the server
+    /// has no config file to reload from.
+    pub async fn serve(
+        self,
+        views: Arc<ArcSwap<Vec<View>>>,
+        reloader: Option<Reloader>,
+        stop: CancellationToken,
+    ) {
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -124,11 +136,12 @@ impl Control {
             };
             match accepted {
                 Ok((stream, _)) => {
-                    let views = views.clone();
+                    let views = views.load_full();
+                    let reloader = reloader.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move {
                         tokio::select! {
-                            _ = answer(stream, &views) => {},
+                            _ = answer(stream, &views, reloader.as_ref()) => {},
                             _ = stop.cancelled() => {},
                         }
                     });
@@ -143,7 +156,7 @@ impl Control {
     }
 }
 
-async fn answer(stream: UnixStream, views: &[View]) {
+async fn answer(stream: UnixStream, views: &[View], reloader: Option<&Reloader>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
@@ -152,7 +165,7 @@ async fn answer(stream: UnixStream, views: &[View]) {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 debug!(?request, "control request");
-                handle(request, views).await
+                handle(request, views, reloader).await
             }
             Err(e) => Response::Error(format!("bad request: {e}")),
         },
@@ -164,8 +177,17 @@ async fn answer(stream: UnixStream, views: &[View]) {
     }
 }
 
-async fn handle(request: Request, views: &[View]) -> Response {
+async fn handle(request: Request, views: &[View], reloader: Option<&Reloader>) -> Response {
     match request {
+        Request::Reload => match reloader {
+            Some(r) => match r.reload("portcullis reload").await {
+                Ok(changes) => Response::Reload(changes.to_string()),
+                Err(e) => Response::Error(format!(
+                    "reload failed, still serving the previous configuration: {e}"
+                )),
+            },
+            None => Response::Error("this instance was not started from a config file".into()),
+        },
         Request::Certs => Response::Certs(views.iter().map(row).collect()),
         Request::Renew { force, name } => {
             let targets: Vec<&HostHandle> = views
@@ -374,7 +396,8 @@ mod tests {
             Err(ControlError::Running(_))
         ));
         let stop = CancellationToken::new();
-        let served = tokio::spawn(control.serve(Arc::new(Vec::new()), stop.clone()));
+        let views = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let served = tokio::spawn(control.serve(views, None, stop.clone()));
 
         let mut s = UnixStream::connect(socket_path(d.path())).await.unwrap();
         s.write_all(b"{\"command\":\"reboot\"}\n").await.unwrap();

@@ -15,6 +15,7 @@ pub mod names;
 pub mod protocol;
 pub mod proxy_header;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod starttls;
 pub mod tls;

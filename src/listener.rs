@@ -67,10 +67,12 @@ pub struct Stop {
     pub relays: CancellationToken,
 }
 
-/// Accepts until `stop.accepting` fires; each connection becomes a tracked task.
+/// Accepts until `stop.accepting` fires; each connection becomes a tracked
+/// task with the listener settings current when it was accepted (a reload
+/// swaps them for later connections only).
 pub async fn accept_loop(
     tcp: TcpListener,
-    ctx: Arc<ListenerCtx>,
+    settings: Arc<ArcSwap<ListenerCtx>>,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
     stop: Stop,
@@ -87,6 +89,7 @@ pub async fn accept_loop(
             a = tcp.accept() => a,
             _ = stop.accepting.cancelled() => return,
         };
+        let ctx = settings.load_full();
         let (socket, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
@@ -104,7 +107,6 @@ pub async fn accept_loop(
             tls.version = tracing::field::Empty,
             backend = tracing::field::Empty,
         );
-        let ctx = ctx.clone();
         let stop = stop.clone();
         tracker.spawn(connection(socket, peer, ctx, stop, permit).instrument(span));
     }

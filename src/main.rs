@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run in the foreground; SIGTERM or SIGINT drains and exits.
+    /// Run in the foreground; SIGHUP reloads, SIGTERM or SIGINT drains and exits.
     Run {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
@@ -54,6 +54,12 @@ enum Command {
         /// Only the host that has this name (default: every ACME host).
         name: Option<String>,
     },
+    /// Ask the running instance to reload its config and certificate files
+    /// and print what changed (exit 1 if the new config was refused).
+    Reload {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -69,6 +75,7 @@ fn main() -> ExitCode {
             force,
             name,
         } => renew(&config, force, name),
+        Command::Reload { config } => reload(&config),
         Command::Version => {
             println!("portcullis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -257,6 +264,34 @@ fn renew(path: &Path, force: bool, name: Option<String>) -> ExitCode {
     }
 }
 
+fn reload(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match ask(&config, Request::Reload) {
+        Ok(Response::Reload(changes)) => {
+            println!("reloaded: {changes}");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error(e)) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+        Ok(other) => {
+            eprintln!("unexpected answer: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(path: &Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -274,7 +309,10 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let server = match Server::bind(&config) {
+        // Installed before the first "listening" line: a SIGTERM right after
+        // it must drain, not kill.
+        let signals = Signals::install();
+        let server = match Server::bind_file(path) {
             Ok(s) => s,
             Err(errors) => {
                 for e in errors {
@@ -283,31 +321,49 @@ fn run(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        server.run(shutdown_signal()).await;
+        let reloader = server.reloader();
+        server.run(signals.serve(reloader)).await;
         ExitCode::SUCCESS
     })
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP (`systemctl reload`, logrotate) is
-/// caught so it cannot kill the process; reloading comes in a later version.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return tracing::info!(signal = "SIGTERM", "signal received"),
-            _ = int.recv() => return tracing::info!(signal = "SIGINT", "signal received"),
-            _ = hup.recv() => tracing::warn!(
-                signal = "SIGHUP",
-                "reload is not supported yet: restart to apply config changes"
-            ),
+/// SIGTERM and SIGINT end the process (after a drain); SIGHUP
+/// (`systemctl reload`, `kill -HUP`) asks for a reload.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                Signals(None)
+            }
+        }
+    }
+
+    /// Resolves on SIGTERM or SIGINT.
+    async fn serve(self, reloader: portcullis::reload::Reloader) {
+        let Some((mut term, mut int, mut hup)) = self.0 else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return tracing::info!(signal = "SIGTERM", "signal received"),
+                _ = int.recv() => return tracing::info!(signal = "SIGINT", "signal received"),
+                _ = hup.recv() => reloader.trigger("SIGHUP"),
+            }
         }
     }
 }

@@ -9,12 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -26,6 +27,7 @@ use crate::control::{self, Control, ControlError, View};
 use crate::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
 use crate::listener::{accept_loop, ListenerCtx, Stop};
 use crate::names::HostPattern;
+use crate::reload::{self, Reloader, Watcher};
 use crate::tls::certs::{self, CertError, LoadedCert};
 use crate::tls::resolver::CertResolver;
 use crate::tls::{store, TlsContext};
@@ -96,15 +98,66 @@ pub fn load_certificates(
 /// How long sessions get to close once the grace period is over.
 const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A host's certificate slot, kept across reloads for ACME hosts whose names
+/// do not change (their task and certificate go on as they were).
+#[derive(Clone, Debug)]
+struct HostSlot {
+    names: Vec<String>,
+    slot: Arc<CertSlot>,
+    acme: bool,
+}
+
+/// Everything built from one config, before anything is swapped in.
+struct Snapshot {
+    table: HostTable,
+    slots: Vec<HostSlot>,
+    /// ACME hosts that need a new task (new, or their names changed).
+    new_acme: Vec<Managed>,
+}
+
+/// Which socket serves a configured address. An address with port 0 gets
+/// a fresh port when bound, so it is only "the same" within its listener.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum BindKey {
+    Addr(SocketAddr),
+    Ephemeral(String, SocketAddr),
+}
+
+impl BindKey {
+    fn new(listener: &str, addr: SocketAddr) -> BindKey {
+        if addr.port() == 0 {
+            BindKey::Ephemeral(listener.to_string(), addr)
+        } else {
+            BindKey::Addr(addr)
+        }
+    }
+}
+
+/// A bound socket and its accept loop's settings, swapped on reload.
+struct Bound {
+    listener: String,
+    ctx: Arc<ArcSwap<ListenerCtx>>,
+    stop: Stop,
+    local: Option<SocketAddr>,
+}
+
 /// A server with its sockets bound, ready to [`run`](Server::run).
 pub struct Server {
-    listeners: Vec<(Arc<ListenerCtx>, Vec<TcpListener>)>,
-    max_connections: usize,
-    shutdown_grace: std::time::Duration,
-    acme: Option<acme::Manager>,
+    config: Config,
+    config_file: Option<PathBuf>,
+    tls: TlsContext,
+    table: Arc<ArcSwap<HostTable>>,
+    resolver: Arc<CertResolver>,
+    challenges: Arc<Challenges>,
+    slots: Vec<HostSlot>,
+    pending_acme: Vec<Managed>,
+    /// Bound at start, handed to their accept loops by `run`.
+    sockets: Vec<(BindKey, Arc<ArcSwap<ListenerCtx>>, TcpListener, String)>,
     control: Control,
-    /// Every host's names and certificate slot, for the control socket.
-    views: Vec<(Vec<String>, Arc<CertSlot>)>,
+    reloads: (
+        mpsc::Sender<reload::Request>,
+        mpsc::Receiver<reload::Request>,
+    ),
 }
 
 impl Server {
@@ -119,92 +172,23 @@ impl Server {
             }]
         })?;
         let control = Control::bind(&config.state_dir).map_err(|e| vec![e.into()])?;
-        let (loaded, errors) = load_certificates(config, &tls.provider, true);
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let mut hosts = Vec::new();
-        let mut managed = Vec::new();
-        let mut views = Vec::new();
-        for (index, (host, cert)) in config.hosts.iter().zip(loaded).enumerate() {
-            let served = match (&host.certificate, cert) {
-                (CertSource::Acme, _) => {
-                    let acme = config.acme.as_ref().map(|a| a.directory.as_str());
-                    let (served, order_now) =
-                        acme_start(&config.state_dir, &host.names, acme, &tls.provider).map_err(
-                            |source| {
-                                vec![BuildError::Certificate {
-                                    index,
-                                    name: host.names[0].to_string(),
-                                    source,
-                                }]
-                            },
-                        )?;
-                    let slot = Arc::new(CertSlot::new(served));
-                    managed.push(Managed {
-                        names: host.names.clone(),
-                        slot: slot.clone(),
-                        order_now,
-                    });
-                    slot
-                }
-                (source, Some(cert)) => {
-                    if !cert.info.uncovered.is_empty() {
-                        warn!(
-                            host = %host.names[0],
-                            uncovered = %cert.info.uncovered.join(", "),
-                            "certificate does not cover every name of its host"
-                        );
-                    }
-                    let source = match source {
-                        CertSource::Files { .. } => Source::Files,
-                        _ => Source::SelfSigned,
-                    };
-                    Arc::new(CertSlot::new(Served {
-                        key: cert.key,
-                        info: cert.info,
-                        source,
-                    }))
-                }
-                (_, None) => continue,
-            };
-            views.push((
-                host.names.iter().map(|n| n.to_string()).collect(),
-                served.clone(),
-            ));
-            hosts.push(Host {
-                names: host.names.clone(),
-                cert: served,
-                backends: host.backends.clone(),
-            });
-        }
-        let challenges = Arc::new(Challenges::default());
-        let acme = match (&config.acme, managed.is_empty()) {
-            (Some(a), false) => Some(acme::Manager::new(
-                a.clone(),
-                config.state_dir.clone(),
-                tls.provider.clone(),
-                challenges.clone(),
-                managed,
-            )),
-            _ => None,
-        };
-        let table = HostTable::new(hosts, &config.default_host, config.unknown_sni)
-            .map_err(|e| vec![e.into()])?;
-        let table = Arc::new(ArcSwap::from_pointee(table));
+        let snapshot = build(config, &tls, &[])?;
+        let table = Arc::new(ArcSwap::from_pointee(snapshot.table));
         let resolver = Arc::new(CertResolver::new(table.clone()));
+        let challenges = Arc::new(Challenges::default());
 
         let v4_any = v4_any_ports(config.listeners.values());
-        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
         let mut errors = Vec::new();
         for l in config.listeners.values() {
-            let server_config = tls
-                .server_config(l, resolver.clone())
-                .map_err(|e| vec![e.into()])?;
-            let mut sockets = Vec::new();
+            let ctx = listener_ctx(config, l, &tls, &resolver, &table, &challenges)
+                .map_err(|e| vec![e])?;
+            let ctx = Arc::new(ArcSwap::from_pointee(ctx));
             for addr in &l.bind {
                 match bind_socket(*addr, &v4_any) {
-                    Ok(s) => sockets.push(s),
+                    Ok(s) => {
+                        sockets.push((BindKey::new(&l.name, *addr), ctx.clone(), s, l.name.clone()))
+                    }
                     Err(source) => errors.push(BuildError::Bind {
                         listener: l.name.clone(),
                         addr: *addr,
@@ -212,92 +196,140 @@ impl Server {
                     }),
                 }
             }
-            let ctx = ListenerCtx {
-                listener: l.clone(),
-                tls: server_config,
-                table: table.clone(),
-                timeouts: config.timeouts,
-                hostname: l
-                    .hostname
-                    .as_ref()
-                    .unwrap_or(&config.default_host)
-                    .to_string(),
-                challenges: challenges.clone(),
-            };
-            listeners.push((Arc::new(ctx), sockets));
         }
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Server {
-            listeners,
-            max_connections: config.max_connections,
-            shutdown_grace: config.timeouts.shutdown_grace,
-            acme,
+            config: config.clone(),
+            config_file: None,
+            tls,
+            table,
+            resolver,
+            challenges,
+            slots: snapshot.slots,
+            pending_acme: snapshot.new_acme,
+            sockets,
             control,
-            views,
+            reloads: mpsc::channel(4),
         })
+    }
+
+    /// Loads the config from `path` and binds it; reloads read the same file
+    /// and it is watched for changes.
+    pub fn bind_file(path: &Path) -> Result<Server, Vec<String>> {
+        // Absolute, so the watcher's (absolute) event paths compare with it
+        // and with the state_dir below it.
+        let path =
+            &std::path::absolute(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let config = Config::load(path).map_err(|e| vec![e.to_string()])?;
+        let mut server = Server::bind(&config)
+            .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        server.config_file = Some(path.to_path_buf());
+        Ok(server)
+    }
+
+    /// A handle that asks this server to reload its config file.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.reloads.0.clone())
     }
 
     /// Where each listener is bound (port 0 resolved to the real port).
     pub fn local_addrs(&self) -> BTreeMap<String, Vec<SocketAddr>> {
-        self.listeners
-            .iter()
-            .map(|(ctx, sockets)| {
-                let addrs = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
-                (ctx.listener.name.clone(), addrs)
-            })
-            .collect()
+        let mut out: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+        for (_, _, socket, name) in &self.sockets {
+            if let Ok(a) = socket.local_addr() {
+                out.entry(name.clone()).or_default().push(a);
+            }
+        }
+        out
     }
 
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            config,
+            config_file,
+            tls,
+            table,
+            resolver,
+            challenges,
+            slots,
+            pending_acme,
+            sockets,
+            control,
+            reloads: (reload_tx, mut reload_rx),
+        } = self;
         let stop = Stop::default();
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let limit = Arc::new(Semaphore::new(config.max_connections));
         let accepts = TaskTracker::new();
-        for (ctx, sockets) in self.listeners {
-            for socket in sockets {
-                if let Ok(addr) = socket.local_addr() {
-                    info!(listener = %ctx.listener.name, addr = %addr, "listening");
-                }
-                accepts.spawn(accept_loop(
-                    socket,
-                    ctx.clone(),
-                    limit.clone(),
-                    tracker.clone(),
-                    stop.clone(),
-                ));
-            }
-        }
-        accepts.close();
-
         let background = TaskTracker::new();
         let background_stop = CancellationToken::new();
-        let handles = match self.acme {
-            Some(m) => m.start(background_stop.clone(), &background),
-            None => Vec::new(),
+
+        let mut state = Running {
+            config,
+            config_file,
+            tls,
+            table,
+            resolver,
+            challenges,
+            slots,
+            bound: BTreeMap::new(),
+            acme: None,
+            views: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            watcher: None,
+            reload_failures: 0,
+            stop: stop.clone(),
+            limit,
+            tracker: tracker.clone(),
+            accepts: accepts.clone(),
+            background: background.clone(),
+            background_stop: background_stop.clone(),
         };
-        let views = self
-            .views
-            .into_iter()
-            .map(|(names, slot)| View {
-                acme: handles.iter().find(|h| h.names == names).cloned(),
-                names,
-                slot,
-            })
-            .collect();
-        background.spawn(self.control.serve(Arc::new(views), background_stop.clone()));
-        background.close();
+        for (key, ctx, socket, name) in sockets {
+            state.start_accepting(key, name, ctx, socket);
+        }
+        state.sync_acme(pending_acme);
+        state.publish_views();
+        let reloader = Reloader(reload_tx);
+        background.spawn(control.serve(
+            state.views.clone(),
+            Some(reloader.clone()),
+            background_stop.clone(),
+        ));
+        if let Some(path) = state.config_file.clone() {
+            match Watcher::start(reloader.clone()) {
+                Ok(mut w) => {
+                    w.watch(&reload::watched_files(&path, &state.config));
+                    state.watcher = Some(w);
+                }
+                Err(e) => warn!(error = %e, "cannot watch files for changes; SIGHUP still reloads"),
+            }
+        }
+        drop(reloader);
 
-        shutdown.await;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                request = reload_rx.recv() => match request {
+                    Some(r) => state.reload(r).await,
+                    None => break,
+                },
+            }
+        }
+
+        let shutdown_grace = state.config.timeouts.shutdown_grace;
         background_stop.cancel();
-
-        info!(open_sessions = tracker.len(), grace = ?self.shutdown_grace, "shutting down: no new connections");
+        state.acme = None;
+        state.watcher = None;
+        accepts.close();
+        info!(open_sessions = tracker.len(), grace = ?shutdown_grace, "shutting down: no new connections");
         stop.accepting.cancel();
         accepts.wait().await;
         tracker.close();
-        if tokio::time::timeout(self.shutdown_grace, tracker.wait())
+        if tokio::time::timeout(shutdown_grace, tracker.wait())
             .await
             .is_err()
         {
@@ -315,9 +347,369 @@ impl Server {
                 warn!(sessions = tracker.len(), "sessions still open at exit");
             }
         }
+        background.close();
         background.wait().await;
         info!("stopped");
     }
+}
+
+/// The server while it runs: the one writer of the host table, the listener
+/// set and the ACME tasks.
+struct Running {
+    config: Config,
+    config_file: Option<PathBuf>,
+    tls: TlsContext,
+    table: Arc<ArcSwap<HostTable>>,
+    resolver: Arc<CertResolver>,
+    challenges: Arc<Challenges>,
+    slots: Vec<HostSlot>,
+    bound: BTreeMap<BindKey, Bound>,
+    acme: Option<acme::Runner>,
+    views: Arc<ArcSwap<Vec<View>>>,
+    watcher: Option<Watcher>,
+    reload_failures: u64,
+    stop: Stop,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+    accepts: TaskTracker,
+    background: TaskTracker,
+    background_stop: CancellationToken,
+}
+
+impl Running {
+    fn start_accepting(
+        &mut self,
+        key: BindKey,
+        listener: String,
+        ctx: Arc<ArcSwap<ListenerCtx>>,
+        socket: TcpListener,
+    ) {
+        let local = socket.local_addr().ok();
+        if let Some(addr) = local {
+            info!(listener = %listener, addr = %addr, "listening");
+        }
+        // Children of the server's tokens: shutdown stops them all, a
+        // reload that removes this address stops only this one.
+        let stop = Stop {
+            accepting: self.stop.accepting.child_token(),
+            relays: self.stop.relays.child_token(),
+        };
+        self.accepts.spawn(accept_loop(
+            socket,
+            ctx.clone(),
+            self.limit.clone(),
+            self.tracker.clone(),
+            stop.clone(),
+        ));
+        self.bound.insert(
+            key,
+            Bound {
+                listener,
+                ctx,
+                stop,
+                local,
+            },
+        );
+    }
+
+    /// Starts tasks for new ACME hosts, stops those of hosts that are gone.
+    fn sync_acme(&mut self, new: Vec<Managed>) {
+        let wanted: Vec<Vec<String>> = self
+            .slots
+            .iter()
+            .filter(|s| s.acme)
+            .map(|s| s.names.clone())
+            .collect();
+        let Some(config) = self.config.acme.clone().filter(|_| !wanted.is_empty()) else {
+            self.acme = None;
+            return;
+        };
+        // A changed acme: block restarts every task with the new settings;
+        // certificates stay in their slots.
+        if self.acme.as_ref().is_some_and(|r| *r.config() != config) {
+            self.acme = None;
+        }
+        let fresh = self.acme.is_none();
+        let runner = self.acme.get_or_insert_with(|| {
+            acme::Runner::new(
+                config,
+                self.config.state_dir.clone(),
+                self.tls.provider.clone(),
+                self.challenges.clone(),
+                self.background.clone(),
+                self.background_stop.clone(),
+            )
+        });
+        runner.retain(|names| wanted.iter().any(|w| w == names));
+        let mut new = new;
+        if fresh {
+            // Hosts whose slot was kept need their task again.
+            for s in self.slots.iter().filter(|s| s.acme) {
+                if !new.iter().any(|m| names_of(&m.names) == s.names) {
+                    new.push(Managed {
+                        names: s
+                            .names
+                            .iter()
+                            .filter_map(|n| crate::names::HostPattern::parse(n).ok())
+                            .collect(),
+                        slot: s.slot.clone(),
+                        order_now: (s.slot.load().source != Source::Acme)
+                            .then(|| "no certificate issued yet".to_string()),
+                    });
+                }
+            }
+        }
+        for m in new {
+            if !runner.has(&names_of(&m.names)) {
+                runner.add(m);
+            }
+        }
+    }
+
+    fn publish_views(&self) {
+        let views = self
+            .slots
+            .iter()
+            .map(|s| View {
+                names: s.names.clone(),
+                slot: s.slot.clone(),
+                acme: self.acme.as_ref().and_then(|r| r.handle(&s.names)),
+            })
+            .collect();
+        self.views.store(Arc::new(views));
+    }
+
+    async fn reload(&mut self, request: reload::Request) {
+        let result = self.try_reload();
+        match &result {
+            Ok(changes) => info!(
+                trigger = request.reason,
+                changes = %changes,
+                "configuration reloaded"
+            ),
+            Err(e) => {
+                self.reload_failures += 1;
+                error!(
+                    trigger = request.reason,
+                    error = %e,
+                    reload_failures = self.reload_failures,
+                    "reload failed; still serving the previous configuration"
+                );
+            }
+        }
+        if let Some(reply) = request.reply {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Read, parse, validate, build, bind what is new; only then swap.
+    fn try_reload(&mut self) -> Result<reload::Changes, String> {
+        let Some(path) = self.config_file.clone() else {
+            return Err("this server was not started from a config file".into());
+        };
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let lines = |es: Vec<BuildError>| {
+            es.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let snapshot = build(&config, &self.tls, &self.slots).map_err(lines)?;
+
+        // Contexts for every listener, and sockets for addresses not bound yet.
+        let v4_any = v4_any_ports(config.listeners.values());
+        let mut contexts = BTreeMap::new();
+        let mut fresh = Vec::new();
+        for l in config.listeners.values() {
+            let ctx = listener_ctx(
+                &config,
+                l,
+                &self.tls,
+                &self.resolver,
+                &self.table,
+                &self.challenges,
+            )
+            .map_err(|e| e.to_string())?;
+            contexts.insert(l.name.clone(), Arc::new(ctx));
+            for addr in &l.bind {
+                let key = BindKey::new(&l.name, *addr);
+                if !self.bound.contains_key(&key) {
+                    let socket = bind_socket(*addr, &v4_any).map_err(|source| {
+                        BuildError::Bind {
+                            listener: l.name.clone(),
+                            addr: *addr,
+                            source,
+                        }
+                        .to_string()
+                    })?;
+                    fresh.push((key, l.name.clone(), socket));
+                }
+            }
+        }
+
+        // Everything is built: swap.
+        let mut changes = reload::diff(&self.config, &config);
+        for s in &snapshot.slots {
+            let before = self.slots.iter().find(|o| o.names == s.names);
+            if before.is_some_and(|o| o.slot.key().cert != s.slot.key().cert) {
+                changes.certificates_replaced.push(s.names.join(","));
+            }
+        }
+        self.table.store(Arc::new(snapshot.table));
+        let keys: BTreeSet<BindKey> = config
+            .listeners
+            .values()
+            .flat_map(|l| l.bind.iter().map(|a| BindKey::new(&l.name, *a)))
+            .collect();
+        let grace = config.timeouts.shutdown_grace;
+        self.bound.retain(|key, b| {
+            if keys.contains(key) {
+                return true;
+            }
+            info!(listener = %b.listener, addr = ?b.local, "listener removed: no new connections, open sessions drain");
+            b.stop.accepting.cancel();
+            let relays = b.stop.relays.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                relays.cancel();
+            });
+            false
+        });
+        for l in config.listeners.values() {
+            for addr in &l.bind {
+                if let Some(b) = self.bound.get_mut(&BindKey::new(&l.name, *addr)) {
+                    if let Some(ctx) = contexts.get(&l.name) {
+                        b.ctx.store(ctx.clone());
+                        b.listener = l.name.clone();
+                    }
+                }
+            }
+        }
+        for (key, name, socket) in fresh {
+            let ctx = match contexts.get(&name) {
+                Some(c) => Arc::new(ArcSwap::new(c.clone())),
+                None => continue, // built above for every listener
+            };
+            self.start_accepting(key, name, ctx, socket);
+        }
+        self.config = config;
+        self.slots = snapshot.slots;
+        self.sync_acme(snapshot.new_acme);
+        self.publish_views();
+        if let (Some(w), Some(path)) = (self.watcher.as_mut(), &self.config_file) {
+            w.watch(&reload::watched_files(path, &self.config));
+        }
+        Ok(changes)
+    }
+}
+
+fn names_of(names: &[crate::names::HostPattern]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// The per-listener settings every connection reads.
+fn listener_ctx(
+    config: &Config,
+    l: &Listener,
+    tls: &TlsContext,
+    resolver: &Arc<CertResolver>,
+    table: &Arc<ArcSwap<HostTable>>,
+    challenges: &Arc<Challenges>,
+) -> Result<ListenerCtx, BuildError> {
+    Ok(ListenerCtx {
+        listener: l.clone(),
+        tls: tls.server_config(l, resolver.clone())?,
+        table: table.clone(),
+        timeouts: config.timeouts,
+        hostname: l
+            .hostname
+            .as_ref()
+            .unwrap_or(&config.default_host)
+            .to_string(),
+        challenges: challenges.clone(),
+    })
+}
+
+/// Certificates and the host table for `config`. ACME hosts whose names are
+/// in `previous` keep their slot (and their task); the rest start fresh.
+fn build(
+    config: &Config,
+    tls: &TlsContext,
+    previous: &[HostSlot],
+) -> Result<Snapshot, Vec<BuildError>> {
+    let (loaded, errors) = load_certificates(config, &tls.provider, true);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut hosts = Vec::new();
+    let mut new_acme = Vec::new();
+    let mut slots = Vec::new();
+    for (index, (host, cert)) in config.hosts.iter().zip(loaded).enumerate() {
+        let names = names_of(&host.names);
+        let served = match (&host.certificate, cert) {
+            (CertSource::Acme, _) => {
+                let kept = previous.iter().find(|p| p.acme && p.names == names);
+                match kept {
+                    Some(p) => p.slot.clone(),
+                    None => {
+                        let directory = config.acme.as_ref().map(|a| a.directory.as_str());
+                        let (served, order_now) =
+                            acme_start(&config.state_dir, &host.names, directory, &tls.provider)
+                                .map_err(|source| {
+                                    vec![BuildError::Certificate {
+                                        index,
+                                        name: host.names[0].to_string(),
+                                        source,
+                                    }]
+                                })?;
+                        let slot = Arc::new(CertSlot::new(served));
+                        new_acme.push(Managed {
+                            names: host.names.clone(),
+                            slot: slot.clone(),
+                            order_now,
+                        });
+                        slot
+                    }
+                }
+            }
+            (source, Some(cert)) => {
+                if !cert.info.uncovered.is_empty() {
+                    warn!(
+                        host = %host.names[0],
+                        uncovered = %cert.info.uncovered.join(", "),
+                        "certificate does not cover every name of its host"
+                    );
+                }
+                let source = match source {
+                    CertSource::Files { .. } => Source::Files,
+                    _ => Source::SelfSigned,
+                };
+                Arc::new(CertSlot::new(Served {
+                    key: cert.key,
+                    info: cert.info,
+                    source,
+                }))
+            }
+            (_, None) => continue,
+        };
+        slots.push(HostSlot {
+            names,
+            slot: served.clone(),
+            acme: host.certificate == CertSource::Acme,
+        });
+        hosts.push(Host {
+            names: host.names.clone(),
+            cert: served,
+            backends: host.backends.clone(),
+        });
+    }
+    let table = HostTable::new(hosts, &config.default_host, config.unknown_sni)
+        .map_err(|e| vec![e.into()])?;
+    Ok(Snapshot {
+        table,
+        slots,
+        new_acme,
+    })
 }
 
 /// What an ACME host serves at start-up, and why it needs an order now (if

@@ -249,8 +249,9 @@ fn serve_once(config: &Path) -> String {
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
     assert!(
-        rest.iter()
-            .any(|l| l.contains("reload is not supported yet")),
+        rest.iter().any(|l| l.contains("configuration reloaded")
+            && l.contains("trigger=\"SIGHUP\"")
+            && l.contains("changes=nothing changed")),
         "{rest:?}"
     );
     shown

@@ -121,21 +121,26 @@ impl HostHandle {
     }
 }
 
-/// Everything needed to run the ACME tasks; built with the server.
-pub struct Manager {
+/// The running ACME tasks, one per host, added and removed as the config
+/// changes. Dropping the runner stops them all.
+pub struct Runner {
     shared: Arc<Shared>,
-    hosts: Vec<Managed>,
+    tasks: Vec<(HostHandle, CancellationToken)>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
 }
 
-impl Manager {
+impl Runner {
+    /// Tasks run under `stop` (shutdown) and are tracked by `tracker`.
     pub fn new(
         config: config::Acme,
         state_dir: PathBuf,
         provider: Arc<CryptoProvider>,
         challenges: Arc<Challenges>,
-        hosts: Vec<Managed>,
-    ) -> Manager {
-        Manager {
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Runner {
+        Runner {
             shared: Arc::new(Shared {
                 config,
                 state_dir,
@@ -143,27 +148,64 @@ impl Manager {
                 challenges,
                 account: tokio::sync::Mutex::new(None),
             }),
-            hosts,
+            tasks: Vec::new(),
+            tracker,
+            stop,
         }
     }
 
-    /// Starts one task per host; they end when `stop` fires.
-    pub fn start(self, stop: CancellationToken, tracker: &TaskTracker) -> Vec<HostHandle> {
-        let mut handles = Vec::new();
-        for host in self.hosts {
-            let (tx, rx) = mpsc::channel(8);
-            let status = Arc::new(Mutex::new(Status::default()));
-            let names: Vec<String> = host.names.iter().map(|n| n.to_string()).collect();
-            handles.push(HostHandle {
+    pub fn config(&self) -> &config::Acme {
+        &self.shared.config
+    }
+
+    /// Starts the task of one host.
+    pub fn add(&mut self, host: Managed) {
+        let (tx, rx) = mpsc::channel(8);
+        let status = Arc::new(Mutex::new(Status::default()));
+        let names: Vec<String> = host.names.iter().map(|n| n.to_string()).collect();
+        let stop = self.stop.child_token();
+        self.tasks.push((
+            HostHandle {
                 names: names.clone(),
                 requests: tx,
                 status: status.clone(),
-            });
-            let span = tracing::info_span!("acme", host = %names[0]);
-            let task = HostTask::new(self.shared.clone(), host, status);
-            tracker.spawn(task.run(rx, stop.clone()).instrument(span));
+            },
+            stop.clone(),
+        ));
+        let first = names.first().cloned().unwrap_or_default();
+        let span = tracing::info_span!("acme", host = %first);
+        let task = HostTask::new(self.shared.clone(), host, status);
+        self.tracker.spawn(task.run(rx, stop).instrument(span));
+    }
+
+    /// Stops the tasks of hosts `keep` says no to.
+    pub fn retain(&mut self, keep: impl Fn(&[String]) -> bool) {
+        self.tasks.retain(|(handle, stop)| {
+            let kept = keep(&handle.names);
+            if !kept {
+                stop.cancel();
+            }
+            kept
+        });
+    }
+
+    pub fn handle(&self, names: &[String]) -> Option<HostHandle> {
+        self.tasks
+            .iter()
+            .find(|(h, _)| h.names == names)
+            .map(|(h, _)| h.clone())
+    }
+
+    pub fn has(&self, names: &[String]) -> bool {
+        self.tasks.iter().any(|(h, _)| h.names == names)
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        for (_, stop) in &self.tasks {
+            stop.cancel();
         }
-        handles
     }
 }
 
