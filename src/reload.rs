@@ -70,6 +70,8 @@ pub struct Changes {
     pub listeners_added: Vec<String>,
     pub listeners_removed: Vec<String>,
     pub listeners_changed: Vec<String>,
+    /// `default_host`, `unknown_sni`, `acme`: in effect at once.
+    pub settings_changed: Vec<String>,
     /// Settings read only at start.
     pub need_restart: Vec<String>,
 }
@@ -93,6 +95,7 @@ impl fmt::Display for Changes {
             ("listeners added", &self.listeners_added),
             ("listeners removed", &self.listeners_removed),
             ("listeners changed", &self.listeners_changed),
+            ("settings changed", &self.settings_changed),
             ("needs a restart to apply", &self.need_restart),
         ];
         let mut first = true;
@@ -147,6 +150,15 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         .collect();
     if old.timeouts != new.timeouts {
         changes.listeners_changed.push("(timeouts)".into());
+    }
+    for (what, differs) in [
+        ("default_host", old.default_host != new.default_host),
+        ("unknown_sni", old.unknown_sni != new.unknown_sni),
+        ("acme", old.acme != new.acme),
+    ] {
+        if differs {
+            changes.settings_changed.push(what.to_string());
+        }
     }
     for (what, differs) in [
         ("state_dir", old.state_dir != new.state_dir),
@@ -331,7 +343,7 @@ hosts:
                     "  - names: [mail.example.test]\n    certificate: self-signed\n",
                     "  - names: [mail.example.test]\n    certificate: self-signed\n    backends: { imaps: 127.0.0.1:20144 }\n",
                 )
-                .replace("hosts:", "max_connections: 10\nhosts:"),
+                .replace("hosts:", "max_connections: 10\nunknown_sni: reject\nhosts:"),
         );
         let c = diff(&old, &new);
         assert_eq!(c.hosts_added, ["new.example.test"]);
@@ -349,6 +361,7 @@ hosts:
         assert_eq!(c.listeners_added, ["pop3"]);
         assert_eq!(c.listeners_removed, ["pop3s"]);
         assert_eq!(c.need_restart, ["max_connections"]);
+        assert_eq!(c.settings_changed, ["unknown_sni"]);
         let text = c.to_string();
         assert!(
             text.starts_with(

@@ -158,6 +158,8 @@ pub struct Server {
         mpsc::Sender<reload::Request>,
         mpsc::Receiver<reload::Request>,
     ),
+    /// Watching since before the files were read (`bind_file`).
+    watcher: Option<Watcher>,
 }
 
 impl Server {
@@ -212,20 +214,38 @@ impl Server {
             sockets,
             control,
             reloads: mpsc::channel(4),
+            watcher: None,
         })
     }
 
     /// Loads the config from `path` and binds it; reloads read the same file
-    /// and it is watched for changes.
+    /// and it is watched for changes. The watch starts before the files are
+    /// read, so a change made while starting is not missed.
     pub fn bind_file(path: &Path) -> Result<Server, Vec<String>> {
         // Absolute, so the watcher's (absolute) event paths compare with it
         // and with the state_dir below it.
         let path =
             &std::path::absolute(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let reloads = mpsc::channel(4);
+        let mut watcher = match Watcher::start(Reloader(reloads.0.clone())) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "cannot watch files for changes; SIGHUP still reloads");
+                None
+            }
+        };
+        if let Some(w) = watcher.as_mut() {
+            w.watch(&[path.to_path_buf()]);
+        }
         let config = Config::load(path).map_err(|e| vec![e.to_string()])?;
+        if let Some(w) = watcher.as_mut() {
+            w.watch(&reload::watched_files(path, &config));
+        }
         let mut server = Server::bind(&config)
             .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
         server.config_file = Some(path.to_path_buf());
+        server.reloads = reloads;
+        server.watcher = watcher;
         Ok(server)
     }
 
@@ -259,6 +279,7 @@ impl Server {
             sockets,
             control,
             reloads: (reload_tx, mut reload_rx),
+            watcher,
         } = self;
         let stop = Stop::default();
         let tracker = TaskTracker::new();
@@ -278,7 +299,7 @@ impl Server {
             bound: BTreeMap::new(),
             acme: None,
             views: Arc::new(ArcSwap::from_pointee(Vec::new())),
-            watcher: None,
+            watcher,
             reload_failures: 0,
             stop: stop.clone(),
             limit,
@@ -298,15 +319,6 @@ impl Server {
             Some(reloader.clone()),
             background_stop.clone(),
         ));
-        if let Some(path) = state.config_file.clone() {
-            match Watcher::start(reloader.clone()) {
-                Ok(mut w) => {
-                    w.watch(&reload::watched_files(&path, &state.config));
-                    state.watcher = Some(w);
-                }
-                Err(e) => warn!(error = %e, "cannot watch files for changes; SIGHUP still reloads"),
-            }
-        }
         drop(reloader);
 
         tokio::pin!(shutdown);

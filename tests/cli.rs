@@ -1075,10 +1075,7 @@ async fn acme_goes_through_the_https_proxy_unless_no_proxy_says_not() {
     // NO_PROXY=127.0.0.1: direct, though HTTPS_PROXY names a dead proxy.
     let dir = common::scratch();
     let config = pebble_config(dir.path(), &pebble, http_port);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let (tunnels, relayed) = (proxy.targets().len(), proxy.relayed());
     let mut run = Running::start(
         &config,

@@ -68,8 +68,7 @@ default_host: webmail.example.test
 
 /// A loopback address nothing listens on.
 fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], common::free_port()))
 }
 
 /// One HTTP response as bytes arrived.

@@ -427,10 +427,7 @@ async fn client_hello_bytes() -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_backend_gets_each_protocol_its_goodbye() {
     // a port nothing listens on: bind, note, release
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let yaml = format!(
         r#"
 listeners:

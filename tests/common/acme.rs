@@ -50,11 +50,7 @@ pub fn tools(test: &str) -> bool {
         .all(|t| tool(t, test))
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
-}
+pub use super::free_port;
 
 /// What a Pebble will listen on, and the CA its API certificate comes from:
 /// known before it starts, so a portcullis config can name them first.

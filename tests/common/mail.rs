@@ -556,13 +556,18 @@ fn db_entry(file: &str, name: &str) -> Option<Vec<String>> {
         .find(|f| f.first().map(String::as_str) == Some(name))
 }
 
-/// `N` distinct free loopback ports: all bound at once so none repeats, then
-/// released for the daemons (a race with other binders, small in practice).
+/// `N` distinct free loopback ports for the daemons ([`super::free_port`]).
 fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<std::net::TcpListener> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().expect("local addr").port())
+    let mut ports = [0u16; N];
+    for i in 0..N {
+        ports[i] = loop {
+            let p = super::free_port();
+            if !ports[..i].contains(&p) {
+                break p;
+            }
+        };
+    }
+    ports
 }
 
 /// A directory the daemons can enter whatever the umask; callers narrow it.

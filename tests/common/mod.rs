@@ -42,6 +42,29 @@ pub fn tool(name: &str, test: &str) -> bool {
     found
 }
 
+/// A loopback port that was free a moment ago, for a daemon (Pebble,
+/// Postfix, Dovecot) or a listener whose port must be known in advance.
+/// Picked below the kernel's ephemeral range, so that no `127.0.0.1:0` bind
+/// elsewhere in the test run can be handed the same port before it is used.
+pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (10_000, low)
+    } else {
+        (40_000, 60_000)
+    };
+    for _ in 0..200 {
+        let port = fastrand::u16(from..to);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {from}..{to}");
+}
+
 /// A scratch directory that Postfix and Dovecot (which drop privileges) can enter.
 pub fn scratch() -> tempfile::TempDir {
     let d = tempfile::tempdir().expect("tempdir");
@@ -70,6 +93,8 @@ pub fn cert_files(dir: &Path, tag: &str, names: &[&str]) -> (PathBuf, PathBuf) {
 pub struct Proxy {
     pub addrs: BTreeMap<String, Vec<SocketAddr>>,
     pub dir: tempfile::TempDir,
+    /// Set by [`Proxy::start_file`]: asks the server to reload its file.
+    pub reloader: Option<portcullis::reload::Reloader>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -94,9 +119,53 @@ impl Proxy {
         Proxy {
             addrs,
             dir,
+            reloader: None,
             stop: Some(tx),
             done: Some(done),
         }
+    }
+
+    /// Writes `yaml` to `dir/portcullis.yaml` and starts portcullis from that
+    /// file (as `portcullis run` does): reloads re-read it and it is watched.
+    pub async fn start_file(dir: tempfile::TempDir, yaml: &str) -> Proxy {
+        init_logging();
+        let path = dir.path().join("portcullis.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let server = Server::bind_file(&path).unwrap_or_else(|e| panic!("bind: {e:?}\n{yaml}"));
+        let addrs = server.local_addrs();
+        let reloader = Some(server.reloader());
+        let (tx, rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Proxy {
+            addrs,
+            dir,
+            reloader,
+            stop: Some(tx),
+            done: Some(done),
+        }
+    }
+
+    /// The config file of a [`Proxy::start_file`] proxy.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.yaml")
+    }
+
+    /// Replaces the config file in one rename (a reader never sees half of
+    /// it), as an editor or config management does.
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.dir.path().join("portcullis.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    /// Asks the server to re-read its config file and waits for the outcome.
+    pub async fn reload(&self) -> Result<portcullis::reload::Changes, String> {
+        let r = self.reloader.as_ref().expect("started with start_file");
+        tokio::time::timeout(Duration::from_secs(10), r.reload("test"))
+            .await
+            .expect("reload answered within 10 s")
     }
 
     /// The first address of a listener.
@@ -169,6 +238,16 @@ pub async fn log_line(needles: &[&str]) -> String {
         "no log line with {needles:?}; the log was:\n{}",
         String::from_utf8_lossy(&logs)
     );
+}
+
+/// Every captured log line with every one of `needles`, now (no waiting).
+pub fn log_lines(needles: &[&str]) -> Vec<String> {
+    let logs = LOGS.lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Accepts any certificate: the tests assert *which* certificate was served.
