@@ -310,6 +310,66 @@ async fn issued_site(
     (site, pebble, proxy, yaml, chain)
 }
 
+// --- reload ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_acme_certificate_unless_the_names_change() {
+    if !tools("a_reload_keeps_the_acme_certificate_unless_the_names_change") {
+        return;
+    }
+    let site = Site::new("t7").await;
+    let pebble = Pebble::start(site.http, site.imaps).await;
+    let yaml = site.config(&pebble.directory, &pebble.ca_roots, "http-01");
+    let proxy = Proxy::start_file(common::scratch(), &yaml).await;
+    let imaps = proxy.addr(&site.imaps());
+    let first = wait_issued(imaps, &site.names[0], None)
+        .await
+        .unwrap_or_else(|| panic!("no certificate:\n{}", pebble.log()));
+    let s1 = serial(&first[0]);
+
+    // Same names, another backend: the certificate and its task stay.
+    let other = Backend::start("* OK other\r\n", true).await;
+    let moved = yaml.replace(&site.backend.addr.to_string(), &other.addr.to_string());
+    assert_ne!(moved, yaml);
+    proxy.write_config(&moved);
+    let changes = proxy.reload().await.expect("reload");
+    assert!(changes.certificates_replaced.is_empty(), "{changes}");
+    assert!(!changes.backends_moved.is_empty(), "{changes}");
+    let after = served_chain(imaps, &site.names[0]).await.unwrap();
+    assert_eq!(serial(&after[0]), s1, "the ACME certificate is kept");
+    assert_eq!(cert_row(&site).await.source, "acme");
+    assert_eq!(pebble.orders(), 1, "no new order");
+    // ... and the task still answers: a forced renewal works after the reload.
+    let row = renew(&site, true).await;
+    assert_eq!(row.outcome, "renewed", "{row:?}");
+    let s2 = serial(&wait_issued(imaps, &site.names[0], Some(&s1)).await.unwrap()[0]);
+
+    // A third name: a new certificate is ordered for the new set of names.
+    let third = format!("pop.{}.test", site.tag);
+    let grown = moved.replace(
+        &format!("[{}, {}]", site.names[0], site.names[1]),
+        &format!("[{}, {}, {third}]", site.names[0], site.names[1]),
+    );
+    assert_ne!(grown, moved);
+    proxy.write_config(&grown);
+    proxy.reload().await.expect("reload");
+    let mut covered = false;
+    for _ in 0..100 {
+        let c = served_chain(imaps, &third).await.unwrap();
+        if serial(&c[0]) != s2 && chains_to(&pebble.root_der().await, &c, &third) {
+            covered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        covered,
+        "no certificate for the new name:\n{}",
+        pebble.log()
+    );
+    assert_eq!(pebble.orders(), 3);
+}
+
 // --- 1. issuance ---
 
 /// First issuance for a host with two names by `challenges`; what a user sees.
