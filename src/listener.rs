@@ -67,7 +67,8 @@ pub struct Stop {
     pub relays: CancellationToken,
 }
 
-/// Accepts until `stop.accepting` fires; each connection becomes a tracked
+/// Accepts until `listen` fires (a child of `stop.accepting`, or the
+/// address left the config); each connection becomes a tracked
 /// task with the listener settings current when it was accepted (a reload
 /// swaps them for later connections only).
 pub async fn accept_loop(
@@ -76,6 +77,7 @@ pub async fn accept_loop(
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
     stop: Stop,
+    listen: CancellationToken,
 ) {
     loop {
         let permit = tokio::select! {
@@ -83,11 +85,11 @@ pub async fn accept_loop(
                 Ok(p) => p,
                 Err(_) => return, // the semaphore is never closed; nothing to serve without it
             },
-            _ = stop.accepting.cancelled() => return,
+            _ = listen.cancelled() => return,
         };
         let accepted = tokio::select! {
             a = tcp.accept() => a,
-            _ = stop.accepting.cancelled() => return,
+            _ = listen.cancelled() => return,
         };
         let ctx = settings.load_full();
         let (socket, peer) = match accepted {

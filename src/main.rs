@@ -269,6 +269,10 @@ fn reload(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
+            eprintln!(
+                "{}: not valid, so not sent; the running instance keeps its configuration",
+                path.display()
+            );
             return ExitCode::FAILURE;
         }
     };

@@ -70,7 +70,7 @@ pub struct Changes {
     pub listeners_added: Vec<String>,
     pub listeners_removed: Vec<String>,
     pub listeners_changed: Vec<String>,
-    /// `default_host`, `unknown_sni`, `acme`: in effect at once.
+    /// `default_host`, `unknown_sni`, `acme`, `timeouts`: in effect at once.
     pub settings_changed: Vec<String>,
     /// Settings read only at start.
     pub need_restart: Vec<String>,
@@ -148,10 +148,8 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         .filter(|(name, l)| old_l.get(*name).is_some_and(|o| o != *l))
         .map(|(name, _)| name.clone())
         .collect();
-    if old.timeouts != new.timeouts {
-        changes.listeners_changed.push("(timeouts)".into());
-    }
     for (what, differs) in [
+        ("timeouts", old.timeouts != new.timeouts),
         ("default_host", old.default_host != new.default_host),
         ("unknown_sni", old.unknown_sni != new.unknown_sni),
         ("acme", old.acme != new.acme),
@@ -229,7 +227,15 @@ impl Watcher {
         let wanted = files.clone();
         let inner =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(e) if e.kind.is_access() => {}
+                // Opens and reads are not changes; a close after writing is.
+                Ok(e)
+                    if e.kind.is_access()
+                        && !matches!(
+                            e.kind,
+                            notify::EventKind::Access(notify::event::AccessKind::Close(
+                                notify::event::AccessMode::Write
+                            ))
+                        ) => {}
                 Ok(e) => {
                     let wanted = wanted
                         .lock()

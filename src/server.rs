@@ -137,7 +137,10 @@ impl BindKey {
 struct Bound {
     listener: String,
     ctx: Arc<ArcSwap<ListenerCtx>>,
-    stop: Stop,
+    /// Stops this accept loop only (the address left the config).
+    listen: CancellationToken,
+    /// Ends this address's relays (the grace after its removal is over).
+    relays: CancellationToken,
     local: Option<SocketAddr>,
 }
 
@@ -183,13 +186,16 @@ impl Server {
         let mut sockets = Vec::new();
         let mut errors = Vec::new();
         for l in config.listeners.values() {
-            let ctx = listener_ctx(config, l, &tls, &resolver, &table, &challenges)
-                .map_err(|e| vec![e])?;
-            let ctx = Arc::new(ArcSwap::from_pointee(ctx));
+            let ctx = Arc::new(
+                listener_ctx(config, l, &tls, &resolver, &table, &challenges)
+                    .map_err(|e| vec![e])?,
+            );
             for addr in &l.bind {
+                // Each address its own: a reload may give it to another listener.
+                let settings = Arc::new(ArcSwap::new(ctx.clone()));
                 match bind_socket(*addr, &v4_any) {
                     Ok(s) => {
-                        sockets.push((BindKey::new(&l.name, *addr), ctx.clone(), s, l.name.clone()))
+                        sockets.push((BindKey::new(&l.name, *addr), settings, s, l.name.clone()))
                     }
                     Err(source) => errors.push(BuildError::Bind {
                         listener: l.name.clone(),
@@ -400,10 +406,13 @@ impl Running {
         if let Some(addr) = local {
             info!(listener = %listener, addr = %addr, "listening");
         }
-        // Children of the server's tokens: shutdown stops them all, a
-        // reload that removes this address stops only this one.
+        // Children of the server's tokens: shutdown stops them all; a
+        // reload that removes this address stops its accepting at once and
+        // its relays after the grace period. Connections still in their
+        // handshake or dialogue carry on to their relay.
+        let listen = self.stop.accepting.child_token();
         let stop = Stop {
-            accepting: self.stop.accepting.child_token(),
+            accepting: self.stop.accepting.clone(),
             relays: self.stop.relays.child_token(),
         };
         self.accepts.spawn(accept_loop(
@@ -412,13 +421,15 @@ impl Running {
             self.limit.clone(),
             self.tracker.clone(),
             stop.clone(),
+            listen.clone(),
         ));
         self.bound.insert(
             key,
             Bound {
                 listener,
                 ctx,
-                stop,
+                listen,
+                relays: stop.relays,
                 local,
             },
         );
@@ -437,10 +448,13 @@ impl Running {
             return;
         };
         // A changed acme: block restarts every task with the new settings;
-        // certificates stay in their slots.
+        // certificates stay in their slots, and are replaced at once when
+        // they come from another directory (staging → production).
+        let old_directory = self.acme.as_ref().map(|r| r.config().directory.clone());
         if self.acme.as_ref().is_some_and(|r| *r.config() != config) {
             self.acme = None;
         }
+        let moved = old_directory.is_some_and(|d| d != config.directory);
         let fresh = self.acme.is_none();
         let runner = self.acme.get_or_insert_with(|| {
             acme::Runner::new(
@@ -465,8 +479,13 @@ impl Running {
                             .filter_map(|n| crate::names::HostPattern::parse(n).ok())
                             .collect(),
                         slot: s.slot.clone(),
-                        order_now: (s.slot.load().source != Source::Acme)
-                            .then(|| "no certificate issued yet".to_string()),
+                        order_now: if s.slot.load().source != Source::Acme {
+                            Some("no certificate issued yet".to_string())
+                        } else if moved {
+                            Some("the ACME directory changed".to_string())
+                        } else {
+                            None
+                        },
                     });
                 }
             }
@@ -519,7 +538,20 @@ impl Running {
         let Some(path) = self.config_file.clone() else {
             return Err("this server was not started from a config file".into());
         };
-        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let mut config = Config::load(&path).map_err(|e| e.to_string())?;
+        // Watch the new files even if this reload fails: the operator may
+        // be about to copy in the certificate it could not find.
+        if let Some(w) = self.watcher.as_mut() {
+            let mut files = reload::watched_files(&path, &self.config);
+            files.extend(reload::watched_files(&path, &config));
+            w.watch(&files);
+        }
+        let changes = reload::diff(&self.config, &config);
+        // Read only at start: reported as needing a restart, not applied
+        // (a new state_dir would split certificates from their ACME task).
+        config.state_dir = self.config.state_dir.clone();
+        config.max_connections = self.config.max_connections;
+        config.log = self.config.log.clone();
         let lines = |es: Vec<BuildError>| {
             es.iter()
                 .map(|e| e.to_string())
@@ -560,7 +592,7 @@ impl Running {
         }
 
         // Everything is built: swap.
-        let mut changes = reload::diff(&self.config, &config);
+        let mut changes = changes;
         for s in &snapshot.slots {
             let before = self.slots.iter().find(|o| o.names == s.names);
             if before.is_some_and(|o| o.slot.key().cert != s.slot.key().cert) {
@@ -578,9 +610,10 @@ impl Running {
             if keys.contains(key) {
                 return true;
             }
-            info!(listener = %b.listener, addr = ?b.local, "listener removed: no new connections, open sessions drain");
-            b.stop.accepting.cancel();
-            let relays = b.stop.relays.clone();
+            let addr = b.local.map(|a| a.to_string()).unwrap_or_default();
+            info!(listener = %b.listener, addr = %addr, "address removed: no new connections there, open sessions drain");
+            b.listen.cancel();
+            let relays = b.relays.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 relays.cancel();
@@ -657,12 +690,22 @@ fn build(
     let mut new_acme = Vec::new();
     let mut slots = Vec::new();
     for (index, (host, cert)) in config.hosts.iter().zip(loaded).enumerate() {
-        let names = names_of(&host.names);
+        let mut names = names_of(&host.names);
         let served = match (&host.certificate, cert) {
             (CertSource::Acme, _) => {
-                let kept = previous.iter().find(|p| p.acme && p.names == names);
-                match kept {
-                    Some(p) => p.slot.clone(),
+                // The same set of names, in any order: the same certificate.
+                let same = |p: &&HostSlot| {
+                    let (mut a, mut b) = (p.names.clone(), names.clone());
+                    a.sort();
+                    b.sort();
+                    p.acme && a == b
+                };
+                match previous.iter().find(same) {
+                    Some(p) => {
+                        // Keep the names as the running task knows them.
+                        names = p.names.clone();
+                        p.slot.clone()
+                    }
                     None => {
                         let directory = config.acme.as_ref().map(|a| a.directory.as_str());
                         let (served, order_now) =

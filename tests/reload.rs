@@ -238,7 +238,7 @@ async fn an_open_session_survives_every_kind_of_reload() {
         "backends moved: t1.test/pop3s_t1 → none; listeners removed: pop3s_t1"
     );
     log_line(&[
-        "listener removed: no new connections, open sessions drain",
+        "address removed: no new connections there, open sessions drain",
         "listener=pop3s_t1",
     ])
     .await;
