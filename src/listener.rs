@@ -156,6 +156,8 @@ async fn handshake(
             };
             return Err(Refused::Challenge(answer_challenge(start, cert, ctx).await));
         }
+        // One snapshot of the host table for both the certificate and the
+        // route: a reload landing mid-handshake cannot pair them across two.
         let (host, matched) = ctx.table.load().lookup(sni.as_deref());
         let Some(host) = host else {
             let mut socket = start.io;
@@ -163,7 +165,7 @@ async fn handshake(
             return Err(Refused::UnknownSni);
         };
         let stream = start
-            .into_stream(ctx.tls.clone())
+            .into_stream(pinned(&ctx.tls, &host))
             .await
             .map_err(Refused::Handshake)?;
         Ok((stream, host, matched))
@@ -172,6 +174,14 @@ async fn handshake(
         Ok(r) => r,
         Err(_) => Err(Refused::HandshakeTimeout),
     }
+}
+
+/// The listener's TLS settings with the chosen host's certificate fixed in
+/// (a clone of a few `Arc`s; the session cache and ticketer stay shared).
+fn pinned(base: &Arc<ServerConfig>, host: &Host) -> Arc<ServerConfig> {
+    let mut config = (**base).clone();
+    config.cert_resolver = Arc::new(rustls::sign::SingleCertAndKey::from(host.cert.key()));
+    Arc::new(config)
 }
 
 fn only_acme_tls<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {

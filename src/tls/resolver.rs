@@ -1,7 +1,8 @@
-//! rustls asks this resolver for a certificate during every handshake. It reads
-//! the current [`HostTable`] through an `ArcSwap`, so a reload or a renewal is a
-//! pointer swap: the next handshake sees the new certificate, open sessions keep
-//! the one they were given.
+//! The certificate resolver of each listener's base TLS config: it reads the
+//! current [`HostTable`] through an `ArcSwap`, so a reload or a renewal is a
+//! pointer swap. Handshakes through [`crate::listener`] go one step further
+//! and pin the certificate of the host they routed to (same table snapshot
+//! for both); this resolver is what any other use of the config gets.
 
 use std::sync::Arc;
 
