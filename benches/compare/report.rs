@@ -143,7 +143,7 @@ impl Report {
                     }
                     Some(s) => num(s.median),
                     None if present.contains(&k) => "—".into(),
-                    None => "not installed".into(),
+                    None => "not run".into(), // not installed, or left out with --only
                 };
                 out.push_str(&cell);
                 out.push_str(" | ");
