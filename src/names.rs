@@ -67,6 +67,12 @@ impl Hostname {
     }
 }
 
+/// A host's names as written (`*.example.org` keeps its star), for logs,
+/// the store and the control socket.
+pub fn to_strings(names: &[HostPattern]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
 /// `a.b.c` → `b.c`: where a one-label wildcard for `name` would be keyed.
 pub fn parent(name: &str) -> Option<&str> {
     name.split_once('.').map(|(_, rest)| rest)

@@ -175,8 +175,7 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
 
 /// A host as the log names it: its names, comma-joined.
 pub fn host_key(names: &[crate::names::HostPattern]) -> String {
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    names.join(",")
+    crate::names::to_strings(names).join(",")
 }
 
 fn added<V>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>) -> Vec<String> {

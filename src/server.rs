@@ -471,7 +471,10 @@ impl Running {
         if fresh {
             // Hosts whose slot was kept need their task again.
             for s in self.slots.iter().filter(|s| s.acme) {
-                if !new.iter().any(|m| names_of(&m.names) == s.names) {
+                if !new
+                    .iter()
+                    .any(|m| crate::names::to_strings(&m.names) == s.names)
+                {
                     new.push(Managed {
                         names: s
                             .names
@@ -491,7 +494,7 @@ impl Running {
             }
         }
         for m in new {
-            if !runner.has(&names_of(&m.names)) {
+            if !runner.has(&crate::names::to_strings(&m.names)) {
                 runner.add(m);
             }
         }
@@ -648,10 +651,6 @@ impl Running {
     }
 }
 
-fn names_of(names: &[crate::names::HostPattern]) -> Vec<String> {
-    names.iter().map(|n| n.to_string()).collect()
-}
-
 /// The per-listener settings every connection reads.
 fn listener_ctx(
     config: &Config,
@@ -690,7 +689,7 @@ fn build(
     let mut new_acme = Vec::new();
     let mut slots = Vec::new();
     for (index, (host, cert)) in config.hosts.iter().zip(loaded).enumerate() {
-        let mut names = names_of(&host.names);
+        let mut names = crate::names::to_strings(&host.names);
         let served = match (&host.certificate, cert) {
             (CertSource::Acme, _) => {
                 // The same set of names, in any order: the same certificate.
@@ -776,7 +775,7 @@ fn acme_start(
     directory: Option<&str>,
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<(Served, Option<String>), CertError> {
-    let wanted: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let wanted = crate::names::to_strings(names);
     let reason = match acme::store::load(state_dir, names, provider) {
         Ok(Some(stored)) if stored.cert.info.not_after > certs::unix_now() => {
             let reason = if stored.meta.names != wanted {

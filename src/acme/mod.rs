@@ -162,7 +162,7 @@ impl Runner {
     pub fn add(&mut self, host: Managed) {
         let (tx, rx) = mpsc::channel(8);
         let status = Arc::new(Mutex::new(Status::default()));
-        let names: Vec<String> = host.names.iter().map(|n| n.to_string()).collect();
+        let names = crate::names::to_strings(&host.names);
         let stop = self.stop.child_token();
         self.tasks.push((
             HostHandle {
@@ -690,7 +690,7 @@ impl Shared {
         let key_pem = key.serialize_pem();
         let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
         let meta = store::Meta {
-            names: names.iter().map(|n| n.to_string()).collect(),
+            names: crate::names::to_strings(names),
             directory: self.config.directory.clone(),
             issued_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
@@ -703,8 +703,7 @@ impl Shared {
 
 /// A CSR naming every host name as a SAN and nothing else.
 fn csr(names: &[HostPattern], key: &rcgen::KeyPair) -> Result<Vec<u8>, rcgen::Error> {
-    let mut params =
-        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+    let mut params = rcgen::CertificateParams::new(crate::names::to_strings(names))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     Ok(params.serialize_request(key)?.der().to_vec())
 }

@@ -262,7 +262,7 @@ pub fn self_signed(
 
 /// A fresh ECDSA P-256 certificate for `names`, as (certificate PEM, key PEM).
 pub fn generate_self_signed(names: &[HostPattern]) -> Result<(String, String), rcgen::Error> {
-    let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let sans = crate::names::to_strings(names);
     let mut params = rcgen::CertificateParams::new(sans.clone())?;
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(
