@@ -163,27 +163,16 @@ fn ask(config: &Config, request: Request) -> Result<Response, ClientError> {
 }
 
 fn certs(path: &Path, json: bool) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
     };
     let (rows, live) = match ask(&config, Request::Certs) {
         Ok(Response::Certs(rows)) => (rows, true),
-        Ok(other) => {
-            eprintln!("unexpected answer: {other:?}");
-            return ExitCode::FAILURE;
-        }
         Err(ClientError::NotRunning(_)) => {
             let provider = rustls::crypto::aws_lc_rs::default_provider();
             (control::offline_rows(&config, &provider), false)
         }
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+        other => return refused(other, path),
     };
     if json {
         for row in &rows {
@@ -223,44 +212,20 @@ fn certs(path: &Path, json: bool) -> ExitCode {
 }
 
 fn renew(path: &Path, force: bool, name: Option<String>) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
     };
-    match ask(&config, Request::Renew { force, name }) {
-        Ok(Response::Renew(rows)) => {
-            for r in &rows {
-                println!("{}: {}: {}", r.host, r.outcome, r.detail);
-            }
-            if rows.iter().any(|r| r.outcome == "failed") {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Ok(Response::Error(e)) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-        Ok(other) => {
-            eprintln!("unexpected answer: {other:?}");
-            ExitCode::FAILURE
-        }
-        Err(ClientError::NotRunning(p)) => {
-            eprintln!(
-                "no running portcullis answers on {}: start it with `portcullis run --config {}`; it orders due certificates by itself",
-                p.display(),
-                path.display()
-            );
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
+    let rows = match ask(&config, Request::Renew { force, name }) {
+        Ok(Response::Renew(rows)) => rows,
+        other => return refused(other, path),
+    };
+    for r in &rows {
+        println!("{}: {}: {}", r.host, r.outcome, r.detail);
+    }
+    if rows.iter().any(|r| r.outcome == "failed") {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -281,28 +246,33 @@ fn reload(path: &Path) -> ExitCode {
             println!("reloaded: {changes}");
             ExitCode::SUCCESS
         }
-        Ok(Response::Error(e)) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-        Ok(other) => {
-            eprintln!("unexpected answer: {other:?}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
+        other => refused(other, path),
     }
 }
 
+/// The config, or its problems on stderr.
+fn load(path: &Path) -> Option<Config> {
+    Config::load(path).map_err(|e| eprintln!("{e}")).ok()
+}
+
+/// Any answer but the one expected: said on stderr, exit 1.
+fn refused(answer: Result<Response, ClientError>, path: &Path) -> ExitCode {
+    match answer {
+        Ok(Response::Error(e)) => eprintln!("{e}"),
+        Ok(other) => eprintln!("unexpected answer: {other:?}"),
+        Err(ClientError::NotRunning(p)) => eprintln!(
+            "no running portcullis answers on {}: start it with `portcullis run --config {}`; it orders due certificates by itself",
+            p.display(),
+            path.display()
+        ),
+        Err(e) => eprintln!("{e}"),
+    }
+    ExitCode::FAILURE
+}
+
 fn run(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
     };
     portcullis::logging::init(config.log.format, &config.log.level);
     let runtime = match tokio::runtime::Runtime::new() {

@@ -102,7 +102,7 @@ const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// do not change (their task and certificate go on as they were).
 #[derive(Clone, Debug)]
 struct HostSlot {
-    names: Vec<String>,
+    names: Vec<HostPattern>,
     slot: Arc<CertSlot>,
     acme: bool,
 }
@@ -441,7 +441,7 @@ impl Running {
             .slots
             .iter()
             .filter(|s| s.acme)
-            .map(|s| s.names.clone())
+            .map(|s| crate::names::to_strings(&s.names))
             .collect();
         let Some(config) = self.config.acme.clone().filter(|_| !wanted.is_empty()) else {
             self.acme = None;
@@ -471,16 +471,9 @@ impl Running {
         if fresh {
             // Hosts whose slot was kept need their task again.
             for s in self.slots.iter().filter(|s| s.acme) {
-                if !new
-                    .iter()
-                    .any(|m| crate::names::to_strings(&m.names) == s.names)
-                {
+                if !new.iter().any(|m| m.names == s.names) {
                     new.push(Managed {
-                        names: s
-                            .names
-                            .iter()
-                            .filter_map(|n| crate::names::HostPattern::parse(n).ok())
-                            .collect(),
+                        names: s.names.clone(),
                         slot: s.slot.clone(),
                         order_now: if s.slot.load().source != Source::Acme {
                             Some("no certificate issued yet".to_string())
@@ -504,10 +497,13 @@ impl Running {
         let views = self
             .slots
             .iter()
-            .map(|s| View {
-                names: s.names.clone(),
-                slot: s.slot.clone(),
-                acme: self.acme.as_ref().and_then(|r| r.handle(&s.names)),
+            .map(|s| {
+                let names = crate::names::to_strings(&s.names);
+                View {
+                    acme: self.acme.as_ref().and_then(|r| r.handle(&names)),
+                    names,
+                    slot: s.slot.clone(),
+                }
             })
             .collect();
         self.views.store(Arc::new(views));
@@ -599,7 +595,9 @@ impl Running {
         for s in &snapshot.slots {
             let before = self.slots.iter().find(|o| o.names == s.names);
             if before.is_some_and(|o| o.slot.key().cert != s.slot.key().cert) {
-                changes.certificates_replaced.push(s.names.join(","));
+                changes
+                    .certificates_replaced
+                    .push(reload::host_key(&s.names));
             }
         }
         self.table.store(Arc::new(snapshot.table));
@@ -689,7 +687,7 @@ fn build(
     let mut new_acme = Vec::new();
     let mut slots = Vec::new();
     for (index, (host, cert)) in config.hosts.iter().zip(loaded).enumerate() {
-        let mut names = crate::names::to_strings(&host.names);
+        let mut names = host.names.clone();
         let served = match (&host.certificate, cert) {
             (CertSource::Acme, _) => {
                 // The same set of names, in any order: the same certificate.

@@ -111,18 +111,7 @@ impl Proxy {
         let config = Config::parse(yaml, dir.path())
             .unwrap_or_else(|p| panic!("test config invalid: {p:#?}\n{yaml}"));
         let server = Server::bind(&config).unwrap_or_else(|e| panic!("bind: {e:?}"));
-        let addrs = server.local_addrs();
-        let (tx, rx) = oneshot::channel::<()>();
-        let done = tokio::spawn(server.run(async {
-            let _ = rx.await;
-        }));
-        Proxy {
-            addrs,
-            dir,
-            reloader: None,
-            stop: Some(tx),
-            done: Some(done),
-        }
+        Proxy::launch(dir, server, None)
     }
 
     /// Writes `yaml` to `dir/portcullis.yaml` and starts portcullis from that
@@ -132,8 +121,17 @@ impl Proxy {
         let path = dir.path().join("portcullis.yaml");
         std::fs::write(&path, yaml).unwrap();
         let server = Server::bind_file(&path).unwrap_or_else(|e| panic!("bind: {e:?}\n{yaml}"));
-        let addrs = server.local_addrs();
         let reloader = Some(server.reloader());
+        Proxy::launch(dir, server, reloader)
+    }
+
+    /// Runs a bound server until [`Proxy::shutdown`] or drop.
+    fn launch(
+        dir: tempfile::TempDir,
+        server: Server,
+        reloader: Option<portcullis::reload::Reloader>,
+    ) -> Proxy {
+        let addrs = server.local_addrs();
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(server.run(async {
             let _ = rx.await;
