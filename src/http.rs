@@ -11,14 +11,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::hosts::Matched;
-use crate::listener::{self, ListenerCtx, Stop};
+use crate::listener::{self, ListenerCtx, Ready, Session, Stop};
 use crate::names::Hostname;
 
 /// Longest request head read: a request line and ordinary headers.
@@ -142,37 +141,41 @@ fn response(answer: &Answer, head_only: bool) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Serves one connection on an http listener.
-pub async fn serve(
+/// Serves one connection on an http listener: answers it, or returns the
+/// client and its backend (the request head already sent on) for the relay.
+pub(crate) async fn serve(
     mut socket: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     ctx: &ListenerCtx,
     stop: &Stop,
-    started: Instant,
-) {
+    session: &mut Session,
+) -> Option<Ready> {
     tracing::Span::current().record("tls.version", "none");
     let read = tokio::time::timeout(ctx.timeouts.handshake, read_head(&mut socket));
     let (buf, head) = tokio::select! {
         r = read => match r {
             Ok(Ok(got)) => got,
             Ok(Err(Unread::Bad(why))) => {
-                info!(reason = why, "bad HTTP request");
+                session.end("bad_request", why.to_string());
                 let _ = socket.write_all(&response(&Answer::BadRequest(why), false)).await;
-                return;
+                return None;
             }
             Ok(Err(Unread::Io(e))) => {
-                debug!(error = %e, "no HTTP request");
-                return;
+                session.end("client_left", e.to_string());
+                return None;
             }
             Err(_) => {
-                debug!("HTTP request head timed out");
-                return;
+                session.end("request_timeout", None);
+                return None;
             }
         },
-        _ = stop.accepting.cancelled() => return,
+        _ = stop.accepting.cancelled() => {
+            session.end("shutdown", None);
+            return None;
+        }
     };
-    let table = ctx.table.load();
+    let table = &ctx.table;
     let answer = answer(
         &head,
         |token| ctx.challenges.http(token),
@@ -183,25 +186,36 @@ pub async fn serve(
         },
     );
     match &answer {
-        Answer::Challenge(_) => info!(path = %head.path, "acme http-01 challenge answered"),
-        Answer::NotFound if head.path.starts_with(CHALLENGE_PREFIX) => {
-            info!(path = %head.path, "acme http-01 request for no open challenge")
+        Answer::Challenge(_) => {
+            info!(path = %head.path, "acme http-01 challenge answered");
+            session.end("acme_challenge", None);
         }
-        Answer::BadRequest(why) => info!(reason = why, "bad HTTP request"),
-        _ => {}
+        Answer::NotFound if head.path.starts_with(CHALLENGE_PREFIX) => {
+            session.end(
+                "acme_challenge",
+                format!("no open challenge for {}", head.path),
+            );
+        }
+        Answer::BadRequest(why) => session.end("bad_request", why.to_string()),
+        Answer::NotFound => session.end("not_found", None),
+        Answer::Redirect(_) => session.end("redirected", None),
+        Answer::Forward(_) => {}
     }
     let Answer::Forward(host) = answer else {
         let head_only = head.method == "HEAD";
         let _ = socket.write_all(&response(&answer, head_only)).await;
         let _ = socket.shutdown().await;
-        return;
+        return None;
     };
     tracing::Span::current().record("sni", host.as_str());
     let (found, _) = table.lookup(Some(host.as_str()));
     let Some(backend) = found.and_then(|h| h.backends.get(&ctx.listener.name).cloned()) else {
-        return;
+        session.fail(
+            "no_backend",
+            format!("host {host} has no backend on this listener"),
+        );
+        return None;
     };
-    drop(table);
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
     let upstream = tokio::select! {
         r = listener::connect(&backend, peer, local, None) => r,
@@ -210,17 +224,19 @@ pub async fn serve(
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            warn!(error = %e, "backend unavailable");
+            session.fail("backend_unavailable", e.to_string());
             let unavailable = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\nbackend unavailable\n";
             let _ = socket.write_all(unavailable).await;
             let _ = socket.shutdown().await;
-            return;
+            return None;
         }
     };
-    if upstream.write_all(&buf).await.is_err() {
-        return;
+    if let Err(e) = upstream.write_all(&buf).await {
+        session.fail("backend_unavailable", e.to_string());
+        return None;
     }
-    listener::finish(socket, upstream, ctx, stop, started).await;
+    session.count_up(buf.len());
+    Some(Ready::Plain(socket, upstream))
 }
 
 /// Why no request head was read.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use rustls::server::Acceptor;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -49,8 +49,11 @@ const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x
 #[derive(Debug)]
 pub struct ListenerCtx {
     pub listener: Listener,
+    /// Its certificate resolver looks names up in `table`, the very
+    /// snapshot connections route with: certificate and route cannot come
+    /// from two different configurations.
     pub tls: Arc<ServerConfig>,
-    pub table: Arc<ArcSwap<HostTable>>,
+    pub table: Arc<HostTable>,
     pub timeouts: Timeouts,
     /// The name STARTTLS greetings and SMTP goodbyes use before SNI is known.
     pub hostname: String,
@@ -158,14 +161,16 @@ async fn handshake(
         }
         // One snapshot of the host table for both the certificate and the
         // route: a reload landing mid-handshake cannot pair them across two.
-        let (host, matched) = ctx.table.load().lookup(sni.as_deref());
+        let (host, matched) = ctx.table.lookup(sni.as_deref());
         let Some(host) = host else {
             let mut socket = start.io;
             let _ = socket.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             return Err(Refused::UnknownSni);
         };
+        // The listener's config resolves the certificate from the same
+        // table snapshot (see `ListenerCtx::tls`): the routed host's.
         let stream = start
-            .into_stream(pinned(&ctx.tls, &host))
+            .into_stream(ctx.tls.clone())
             .await
             .map_err(Refused::Handshake)?;
         Ok((stream, host, matched))
@@ -174,14 +179,6 @@ async fn handshake(
         Ok(r) => r,
         Err(_) => Err(Refused::HandshakeTimeout),
     }
-}
-
-/// The listener's TLS settings with the chosen host's certificate fixed in
-/// (a clone of a few `Arc`s; the session cache and ticketer stay shared).
-fn pinned(base: &Arc<ServerConfig>, host: &Host) -> Arc<ServerConfig> {
-    let mut config = (**base).clone();
-    config.cert_resolver = Arc::new(rustls::sign::SingleCertAndKey::from(host.cert.key()));
-    Arc::new(config)
 }
 
 fn only_acme_tls<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {
@@ -220,6 +217,94 @@ fn is_expected(e: &io::Error) -> bool {
     )
 }
 
+/// What a connection hands the relay once every check has passed.
+pub(crate) enum Ready {
+    Tls(Box<TlsStream<TcpStream>>, TcpStream),
+    Plain(TcpStream, TcpStream),
+}
+
+/// What the one line at a connection's end says. Listener, client address,
+/// SNI, TLS version and backend are on the connection's span.
+#[derive(Debug)]
+pub(crate) struct Session {
+    started: Instant,
+    up: u64,
+    down: u64,
+    outcome: &'static str,
+    reason: Option<String>,
+    /// The outcome is the operator's business (a backend down), not the
+    /// client's (a scanner's failed handshake).
+    warn: bool,
+}
+
+impl Session {
+    fn new() -> Session {
+        Session {
+            started: Instant::now(),
+            up: 0,
+            down: 0,
+            outcome: "closed",
+            reason: None,
+            warn: false,
+        }
+    }
+
+    /// Ends the session before its relay.
+    pub(crate) fn end(&mut self, outcome: &'static str, reason: impl Into<Option<String>>) {
+        self.outcome = outcome;
+        self.reason = reason.into();
+    }
+
+    /// Like [`Session::end`], for outcomes the operator should look at.
+    pub(crate) fn fail(&mut self, outcome: &'static str, reason: String) {
+        self.end(outcome, reason);
+        self.warn = true;
+    }
+
+    fn relayed(&mut self, stats: relay::RelayStats) {
+        self.up += stats.up;
+        self.down += stats.down;
+        self.outcome = stats.end.as_str();
+        if let RelayEnd::Error(e) = &stats.end {
+            if !is_expected(e) {
+                self.reason = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Bytes the session moved before its relay (an HTTP request head).
+    pub(crate) fn count_up(&mut self, n: usize) {
+        self.up += n as u64;
+    }
+
+    fn log(&self) {
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let reason = self.reason.as_deref();
+        if self.warn {
+            warn!(
+                bytes.up = self.up,
+                bytes.down = self.down,
+                duration_ms,
+                outcome = %self.outcome,
+                reason,
+                "session closed"
+            );
+        } else {
+            info!(
+                bytes.up = self.up,
+                bytes.down = self.down,
+                duration_ms,
+                outcome = %self.outcome,
+                reason,
+                "session closed"
+            );
+        }
+    }
+}
+
+/// One connection, start to end. The checks before the relay run boxed, so
+/// a session that has reached its relay (and may idle in it for hours)
+/// keeps only the relay's state in its task.
 async fn connection(
     socket: TcpStream,
     peer: SocketAddr,
@@ -227,27 +312,47 @@ async fn connection(
     stop: Stop,
     _permit: OwnedSemaphorePermit,
 ) {
-    let started = Instant::now();
+    let mut session = Session::new();
+    let ready = Box::pin(prepare(socket, peer, &ctx, &stop, &mut session)).await;
+    let idle = ctx.timeouts.idle;
+    match ready {
+        Some(Ready::Tls(client, upstream)) => {
+            session.relayed(relay::relay(client, upstream, idle, &stop.relays).await)
+        }
+        Some(Ready::Plain(client, upstream)) => {
+            session.relayed(relay::relay(client, upstream, idle, &stop.relays).await)
+        }
+        None => {}
+    }
+    session.log();
+}
+
+/// Everything before the relay: dialogue, handshake, routing, backend.
+async fn prepare(
+    socket: TcpStream,
+    peer: SocketAddr,
+    ctx: &ListenerCtx,
+    stop: &Stop,
+    session: &mut Session,
+) -> Option<Ready> {
     let _ = socket.set_nodelay(true);
     let local = match socket.local_addr() {
         Ok(a) => a,
         Err(e) => {
-            debug!(error = %e, "connection gone before it could be served");
-            return;
+            session.end("client_left", e.to_string());
+            return None;
         }
     };
     if ctx.listener.protocol == Protocol::Http {
-        return crate::http::serve(socket, peer, local, &ctx, &stop, started).await;
+        return crate::http::serve(socket, peer, local, ctx, stop, session).await;
     }
     let mut greeting = BackendGreeting::Keep;
     let (socket, deadline) = if ctx.listener.tls == TlsMode::Starttls {
-        let Some(mut dialogue) = protocol::dialogue(
+        let mut dialogue = protocol::dialogue(
             ctx.listener.protocol,
             &ctx.hostname,
             ctx.listener.require_tls,
-        ) else {
-            return;
-        };
+        )?;
         greeting = dialogue.backend_greeting();
         let phase = starttls::dialogue(
             socket,
@@ -270,43 +375,55 @@ async fn connection(
                     line: &line,
                     pending: &pending,
                 };
-                return plaintext_session(socket, peer, local, &ctx, &stop, opening, started).await;
+                return plaintext_session(socket, peer, local, ctx, stop, opening, session).await;
             }
-            Phase::Ended => return,
+            Phase::Ended => {
+                session.end("dialogue_ended", None);
+                return None;
+            }
         }
     } else {
         (socket, tokio::time::Instant::now() + ctx.timeouts.handshake)
     };
 
     let shaken = tokio::select! {
-        r = handshake(socket, &ctx, deadline) => r,
+        r = handshake(socket, ctx, deadline) => r,
         _ = stop.accepting.cancelled() => Err(Refused::Shutdown),
     };
     let (mut client, host, matched) = match shaken {
         Ok(ok) => ok,
         Err(Refused::Handshake(e)) if is_expected(&e) => {
-            debug!(error = %e, "client left during the TLS handshake");
-            return;
+            session.end("client_left", e.to_string());
+            return None;
         }
         Err(Refused::Handshake(e)) => {
-            info!(error = %e, "TLS handshake failed");
-            return;
+            session.end("handshake_failed", e.to_string());
+            return None;
         }
-        Err(r @ Refused::UnknownSni) => {
-            info!(sni.match = Matched::Rejected.as_str(), "{r}");
-            return;
+        Err(Refused::HandshakeTimeout) => {
+            session.end("handshake_timeout", None);
+            return None;
+        }
+        Err(Refused::UnknownSni) => {
+            session.end("unknown_sni", None);
+            return None;
         }
         Err(Refused::Challenge(Ok(()))) => {
             info!("acme tls-alpn-01 challenge answered");
-            return;
+            session.end("acme_challenge", None);
+            return None;
         }
         Err(Refused::Challenge(Err(e))) => {
-            info!(error = %e, "acme tls-alpn-01 handshake failed");
-            return;
+            session.end("acme_challenge", e.to_string());
+            return None;
         }
-        Err(r) => {
-            info!("{r}");
-            return;
+        Err(r @ Refused::NoChallenge) => {
+            session.end("acme_challenge", r.to_string());
+            return None;
+        }
+        Err(Refused::Shutdown) => {
+            session.end("shutdown", None);
+            return None;
         }
     };
     let (_, conn) = client.get_ref();
@@ -323,9 +440,12 @@ async fn connection(
 
     let greeting_name = sni.clone().unwrap_or_else(|| host.label());
     let Some(backend) = host.backends.get(&ctx.listener.name) else {
-        warn!(host = %host.label(), "no backend for this host on this listener");
-        goodbye(&mut client, &ctx, &greeting_name).await;
-        return;
+        session.fail(
+            "no_backend",
+            format!("host {} has no backend on this listener", host.label()),
+        );
+        goodbye(&mut client, ctx, &greeting_name).await;
+        return None;
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
 
@@ -344,9 +464,9 @@ async fn connection(
     let mut upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
-            warn!(error = %e, "backend unavailable");
-            goodbye(&mut client, &ctx, &greeting_name).await;
-            return;
+            session.fail("backend_unavailable", e.to_string());
+            goodbye(&mut client, ctx, &greeting_name).await;
+            return None;
         }
     };
     if greeting != BackendGreeting::Keep {
@@ -356,48 +476,24 @@ async fn connection(
         {
             Ok(got) => got,
             Err(e) => {
-                warn!(error = %e, "backend greeting not received");
-                goodbye(&mut client, &ctx, &greeting_name).await;
-                return;
+                session.fail("backend_unavailable", format!("no greeting: {e}"));
+                goodbye(&mut client, ctx, &greeting_name).await;
+                return None;
             }
         };
         if !is_positive(&words) {
-            warn!(reply = %String::from_utf8_lossy(&words).trim_end(), "backend refused the session");
+            let reply = String::from_utf8_lossy(&words).trim_end().to_string();
+            session.fail("backend_refused", reply);
             starttls::close_with(&mut client, &words).await;
-            return;
+            return None;
         }
         if !early.is_empty() && client.write_all(&early).await.is_err() {
-            return;
+            session.end("client_left", None);
+            return None;
         }
     }
     debug!(sni.match = matched.as_str(), cipher = %cipher, "relaying");
-    finish(client, upstream, &ctx, &stop, started).await;
-}
-
-/// Relays to the end and logs the session's one summary line.
-pub(crate) async fn finish<C, B>(
-    client: C,
-    upstream: B,
-    ctx: &ListenerCtx,
-    stop: &Stop,
-    started: Instant,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let stats = relay::relay(client, upstream, ctx.timeouts.idle, &stop.relays).await;
-    let error = match &stats.end {
-        RelayEnd::Error(e) if !is_expected(e) => Some(e.to_string()),
-        _ => None,
-    };
-    info!(
-        bytes.up = stats.up,
-        bytes.down = stats.down,
-        duration_ms = started.elapsed().as_millis() as u64,
-        outcome = stats.end.as_str(),
-        error = error.as_deref(),
-        "session closed"
-    );
+    Some(Ready::Tls(Box::new(client), upstream))
 }
 
 /// What an SMTP client said before it went on without TLS.
@@ -417,15 +513,18 @@ async fn plaintext_session(
     ctx: &ListenerCtx,
     stop: &Stop,
     opening: Opening<'_>,
-    started: Instant,
-) {
+    session: &mut Session,
+) -> Option<Ready> {
     tracing::Span::current().record("tls.version", "none");
-    let (host, _) = ctx.table.load().lookup(None);
+    let (host, _) = ctx.table.lookup(None);
     let backend = host.and_then(|h| h.backends.get(&ctx.listener.name).cloned());
     let Some(backend) = backend else {
-        warn!("no backend for the default host on this listener");
+        session.fail(
+            "no_backend",
+            "the default host has no backend on this listener".into(),
+        );
         starttls::close_with(&mut client, &protocol::smtp::unavailable(&ctx.hostname)).await;
-        return;
+        return None;
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
     let opened = tokio::select! {
@@ -436,26 +535,28 @@ async fn plaintext_session(
         Ok(s) => s,
         Err(Opened::Refused(words)) => {
             // A 554 from postscreen must stay a 554, or the sender retries for days.
-            warn!(reply = %String::from_utf8_lossy(&words).trim_end(), "backend refused the session");
+            let reply = String::from_utf8_lossy(&words).trim_end().to_string();
+            session.fail("backend_refused", reply);
             starttls::close_with(&mut client, &words).await;
-            return;
+            return None;
         }
         Err(Opened::Failed(e)) => {
-            warn!(error = %e, "backend unavailable");
+            session.fail("backend_unavailable", e.to_string());
             starttls::close_with(&mut client, &protocol::smtp::unavailable(&ctx.hostname)).await;
-            return;
+            return None;
         }
     };
     if upstream.write_all(opening.line).await.is_err()
         || upstream.write_all(opening.pending).await.is_err()
     {
+        session.fail("backend_unavailable", "backend closed after EHLO".into());
         let _ = client
             .write_all(&protocol::smtp::unavailable(&ctx.hostname))
             .await;
-        return;
+        return None;
     }
     debug!("relaying without TLS");
-    finish(client, upstream, ctx, stop, started).await;
+    Some(Ready::Plain(client, upstream))
 }
 
 /// Why a plaintext backend session could not be opened.

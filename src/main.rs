@@ -8,6 +8,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use portcullis::control::{self, ClientError, Request, Response};
 use portcullis::server::{load_certificates, Server};
 

@@ -7,22 +7,26 @@
 //! one direction has ended, the other gets at most [`HALF_CLOSED_IDLE`] of
 //! silence, so a peer that never closes cannot pin the session for 31 minutes.
 //!
-//! Memory: IMAP clients hold thousands of sessions open and silent, so an idle
-//! direction waits on a small inline buffer; a [`BURST`]-sized heap buffer is
-//! taken only while reads keep filling the small one, and given back as soon as
-//! the source runs dry.
+//! Memory: IMAP clients hold thousands of sessions open and silent, so a
+//! session owns no relay buffer at all. Both directions are polled by one
+//! future; a read goes into a buffer on the stack of the poll and is written
+//! on at once. Only when the writer cannot take everything (the other side
+//! reads slower than this one sends) is the rest kept, on the heap, until it
+//! is written. An idle session is its two sockets, rustls's state and a few
+//! words of bookkeeping.
 
+use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Inline buffer an idle direction waits on.
-const SMALL: usize = 1024;
-/// Buffer for a direction that is moving data: one TLS record's worth.
+/// Largest read: one TLS record's worth of plaintext.
 const BURST: usize = 16 * 1024;
 /// Silence allowed after one direction has closed.
 pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
@@ -59,71 +63,96 @@ pub struct RelayStats {
     pub end: RelayEnd,
 }
 
-/// Progress both directions report to the idle watchdog.
-struct Activity {
-    start: Instant,
-    /// Milliseconds since `start` of the last byte read either way.
-    last_ms: AtomicU64,
-    half_closed: AtomicBool,
+/// One direction: read from one side, write to the other.
+#[derive(Default)]
+struct Half {
+    /// Bytes read but not yet taken by the writer, from `at` on.
+    held: Option<Box<[u8]>>,
+    at: usize,
+    /// The writer has taken bytes it may still buffer (rustls does).
+    unflushed: bool,
+    /// The reader reached end-of-stream.
+    eof: bool,
+    /// The writer's side is shut down: this direction is over.
+    done: bool,
+    count: u64,
 }
 
-impl Activity {
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    /// Resolves once nothing has moved for `idle` (or the half-closed limit).
-    async fn idle(&self, idle: Duration) {
+impl Half {
+    /// Moves bytes until the reader has nothing more for now (`Pending`) or
+    /// this direction is over (`Ready(Ok)`); `moved` is set when a read
+    /// brought bytes.
+    fn poll_move<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
         loop {
-            let limit = if self.half_closed.load(Ordering::Relaxed) {
-                idle.min(HALF_CLOSED_IDLE)
-            } else {
-                idle
-            };
-            let deadline = self.last() + limit;
-            if Instant::now() >= deadline {
-                return;
+            if let Some(held) = &self.held {
+                while self.at < held.len() {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &held[self.at..]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.at += n;
+                    self.unflushed = true;
+                }
+                self.held = None;
             }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// Copies `r` to `w` until end-of-stream, then shuts `w`'s write side.
-async fn pump<R, W>(mut r: R, mut w: W, count: &AtomicU64, activity: &Activity) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut small = [0u8; SMALL];
-    let mut burst: Option<Box<[u8]>> = None;
-    loop {
-        let n = match burst.as_deref_mut() {
-            Some(buf) => r.read(buf).await?,
-            None => r.read(&mut small).await?,
-        };
-        if n == 0 {
-            activity.half_closed.store(true, Ordering::Relaxed);
-            return w.shutdown().await;
-        }
-        activity.touch();
-        let data = match burst.as_deref() {
-            Some(buf) => &buf[..n],
-            None => &small[..n],
-        };
-        w.write_all(data).await?;
-        w.flush().await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        let capacity = burst.as_ref().map_or(SMALL, |b| b.len());
-        if n < capacity {
-            burst = None;
-        } else if burst.is_none() {
-            burst = Some(vec![0u8; BURST].into_boxed_slice());
+            if self.eof {
+                if self.unflushed {
+                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    self.unflushed = false;
+                }
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut stack = [MaybeUninit::<u8>::uninit(); BURST];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+            let data = buf.filled();
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            *moved = true;
+            self.count += data.len() as u64;
+            let mut at = 0;
+            while at < data.len() {
+                match Pin::new(&mut *w).poll_write(cx, &data[at..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        at += n;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // The writer's waker is registered; keep the rest.
+                        self.held = Some(data[at..].into());
+                        self.at = 0;
+                        return Poll::Pending;
+                    }
+                }
+            }
         }
     }
 }
@@ -139,39 +168,96 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (client_r, client_w) = tokio::io::split(client);
-    let (backend_r, backend_w) = tokio::io::split(backend);
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-        half_closed: AtomicBool::new(false),
-    };
-    let both = async {
-        tokio::try_join!(
-            pump(client_r, backend_w, &up, &activity),
-            pump(backend_r, client_w, &down, &activity),
-        )
-    };
-    let end = tokio::select! {
-        r = both => match r {
-            Ok(_) => RelayEnd::Closed,
-            Err(e) => RelayEnd::Error(e),
-        },
-        _ = activity.idle(idle) => RelayEnd::IdleTimeout,
-        _ = stop.cancelled() => RelayEnd::Shutdown,
-    };
-    RelayStats {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-        end,
+    let last = Instant::now();
+    Relay {
+        client,
+        backend,
+        up: Half::default(),
+        down: Half::default(),
+        idle,
+        last,
+        timer: tokio::time::sleep_until(last + idle),
+        cancelled: stop.cancelled(),
+    }
+    .await
+}
+
+pin_project_lite::pin_project! {
+    /// The whole relay state of a session: a hand-written future rather than
+    /// an `async` block, so it holds each field once.
+    struct Relay<'a, C, B> {
+        client: C,
+        backend: B,
+        up: Half,
+        down: Half,
+        idle: Duration,
+        // When a read last brought bytes, either way.
+        last: Instant,
+        #[pin]
+        timer: tokio::time::Sleep,
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
+    }
+}
+
+impl<C, B> Future for Relay<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = RelayStats;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayStats> {
+        let mut me = self.project();
+        let end = 'end: {
+            if me.cancelled.as_mut().poll(cx).is_ready() {
+                break 'end RelayEnd::Shutdown;
+            }
+            let mut moved = false;
+            let a = me.up.poll_move(cx, me.client, me.backend, &mut moved);
+            let b = me.down.poll_move(cx, me.backend, me.client, &mut moved);
+            match (a, b) {
+                (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
+                    break 'end RelayEnd::Error(e)
+                }
+                (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => break 'end RelayEnd::Closed,
+                _ => {}
+            }
+            if moved {
+                *me.last = Instant::now();
+            }
+            // Once one direction is over the other gets at most HALF_CLOSED_IDLE.
+            let limit = if me.up.done || me.down.done {
+                (*me.idle).min(HALF_CLOSED_IDLE)
+            } else {
+                *me.idle
+            };
+            let deadline = *me.last + limit;
+            // The timer is moved only when it fires (or must fire sooner),
+            // not on every byte.
+            if deadline < me.timer.deadline() {
+                me.timer.as_mut().reset(deadline);
+            }
+            while me.timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    break 'end RelayEnd::IdleTimeout;
+                }
+                me.timer.as_mut().reset(deadline);
+            }
+            return Poll::Pending;
+        };
+        Poll::Ready(RelayStats {
+            up: me.up.count,
+            down: me.down.count,
+            end,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn bytes_flow_both_ways_and_half_close_is_kept() {

@@ -150,7 +150,6 @@ pub struct Server {
     config_file: Option<PathBuf>,
     tls: TlsContext,
     table: Arc<ArcSwap<HostTable>>,
-    resolver: Arc<CertResolver>,
     challenges: Arc<Challenges>,
     slots: Vec<HostSlot>,
     pending_acme: Vec<Managed>,
@@ -179,7 +178,6 @@ impl Server {
         let control = Control::bind(&config.state_dir).map_err(|e| vec![e.into()])?;
         let snapshot = build(config, &tls, &[])?;
         let table = Arc::new(ArcSwap::from_pointee(snapshot.table));
-        let resolver = Arc::new(CertResolver::new(table.clone()));
         let challenges = Arc::new(Challenges::default());
 
         let v4_any = v4_any_ports(config.listeners.values());
@@ -187,7 +185,7 @@ impl Server {
         let mut errors = Vec::new();
         for l in config.listeners.values() {
             let ctx = Arc::new(
-                listener_ctx(config, l, &tls, &resolver, &table, &challenges)
+                listener_ctx(config, l, &tls, &table.load_full(), &challenges)
                     .map_err(|e| vec![e])?,
             );
             for addr in &l.bind {
@@ -213,7 +211,6 @@ impl Server {
             config_file: None,
             tls,
             table,
-            resolver,
             challenges,
             slots: snapshot.slots,
             pending_acme: snapshot.new_acme,
@@ -278,7 +275,6 @@ impl Server {
             config_file,
             tls,
             table,
-            resolver,
             challenges,
             slots,
             pending_acme,
@@ -299,7 +295,6 @@ impl Server {
             config_file,
             tls,
             table,
-            resolver,
             challenges,
             slots,
             bound: BTreeMap::new(),
@@ -378,7 +373,6 @@ struct Running {
     config_file: Option<PathBuf>,
     tls: TlsContext,
     table: Arc<ArcSwap<HostTable>>,
-    resolver: Arc<CertResolver>,
     challenges: Arc<Challenges>,
     slots: Vec<HostSlot>,
     bound: BTreeMap<BindKey, Bound>,
@@ -558,21 +552,15 @@ impl Running {
                 .join("\n")
         };
         let snapshot = build(&config, &self.tls, &self.slots).map_err(lines)?;
+        let table = Arc::new(snapshot.table);
 
         // Contexts for every listener, and sockets for addresses not bound yet.
         let v4_any = v4_any_ports(config.listeners.values());
         let mut contexts = BTreeMap::new();
         let mut fresh = Vec::new();
         for l in config.listeners.values() {
-            let ctx = listener_ctx(
-                &config,
-                l,
-                &self.tls,
-                &self.resolver,
-                &self.table,
-                &self.challenges,
-            )
-            .map_err(|e| e.to_string())?;
+            let ctx = listener_ctx(&config, l, &self.tls, &table, &self.challenges)
+                .map_err(|e| e.to_string())?;
             contexts.insert(l.name.clone(), Arc::new(ctx));
             for addr in &l.bind {
                 let key = BindKey::new(&l.name, *addr);
@@ -600,7 +588,7 @@ impl Running {
                     .push(reload::host_key(&s.names));
             }
         }
-        self.table.store(Arc::new(snapshot.table));
+        self.table.store(table);
         let keys: BTreeSet<BindKey> = config
             .listeners
             .values()
@@ -654,13 +642,12 @@ fn listener_ctx(
     config: &Config,
     l: &Listener,
     tls: &TlsContext,
-    resolver: &Arc<CertResolver>,
-    table: &Arc<ArcSwap<HostTable>>,
+    table: &Arc<HostTable>,
     challenges: &Arc<Challenges>,
 ) -> Result<ListenerCtx, BuildError> {
     Ok(ListenerCtx {
         listener: l.clone(),
-        tls: tls.server_config(l, resolver.clone())?,
+        tls: tls.server_config(l, Arc::new(CertResolver::new(table.clone())))?,
         table: table.clone(),
         timeouts: config.timeouts,
         hostname: l

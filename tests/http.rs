@@ -242,7 +242,8 @@ async fn challenge_paths_without_an_open_challenge_are_404() {
     for token in ["get", "nohost", "fwd", "post", "head"] {
         log_line(&[
             "INFO",
-            "acme http-01 request for no open challenge",
+            "outcome=acme_challenge",
+            "reason=\"no open challenge for",
             &format!("/.well-known/acme-challenge/no-such-token-{token}"),
         ])
         .await;
@@ -276,7 +277,7 @@ async fn bad_requests_are_400() {
         assert_eq!(r.header("connection").as_deref(), Some("close"));
         assert_eq!(r.body(), format!("{why}\n").as_bytes(), "{request:?}");
         log_line(&[
-            "bad HTTP request",
+            "outcome=bad_request",
             why,
             &format!("client.addr={}", r.client),
         ])
@@ -296,7 +297,7 @@ async fn bad_requests_are_400() {
     assert_eq!(r.status(), "HTTP/1.1 400 Bad Request", "{}", r.text());
     assert_eq!(r.body(), b"malformed request\n");
     log_line(&[
-        "bad HTTP request",
+        "outcome=bad_request",
         "reason=\"malformed request\"",
         &format!("client.addr={}", r.client),
     ])
@@ -310,7 +311,7 @@ async fn bad_requests_are_400() {
     assert_eq!(r.status(), "HTTP/1.1 400 Bad Request", "{}", r.text());
     assert_eq!(r.body(), b"request head longer than 8 KiB\n");
     log_line(&[
-        "bad HTTP request",
+        "outcome=bad_request",
         "reason=\"request head longer than 8 KiB\"",
         &format!("client.addr={}", r.client),
     ])
@@ -348,11 +349,7 @@ async fn a_slow_client_is_closed_after_the_handshake_timeout() {
         took >= Duration::from_millis(800) && took < Duration::from_secs(5),
         "closed after {took:?}, handshake timeout 1 s"
     );
-    log_line(&[
-        "HTTP request head timed out",
-        &format!("client.addr={client}"),
-    ])
-    .await;
+    log_line(&["outcome=request_timeout", &format!("client.addr={client}")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,7 +467,7 @@ async fn a_dead_backend_is_a_502() {
     assert_eq!(r.body(), b"backend unavailable\n");
     log_line(&[
         "WARN",
-        "backend unavailable",
+        "outcome=backend_unavailable",
         &format!("client.addr={}", r.client),
         "sni=\"down.example.test\"",
     ])

@@ -125,7 +125,7 @@ async fn unknown_sni_can_be_rejected_with_an_alert() {
         format!("{err:?}").contains("UnrecognisedName"),
         "expected an unrecognized_name alert, got {err:?}"
     );
-    log_line(&["unknown SNI refused", "nobody.example.net"]).await;
+    log_line(&["outcome=unknown_sni", "nobody.example.net"]).await;
     // known names and clients without SNI are still served
     assert_eq!(
         greeting(Some("b.example.test"), &w).await.0,
@@ -376,7 +376,7 @@ async fn plaintext_and_truncated_hellos_are_refused_without_harm() {
         answer.is_empty() || answer[0] == 0x15,
         "only a TLS alert, got {answer:?}"
     );
-    log_line(&["TLS handshake failed", &port]).await;
+    log_line(&["outcome=handshake_failed", &port]).await;
 
     // a ClientHello cut short, then silence: the handshake deadline ends it
     let hello = client_hello_bytes().await;
@@ -390,7 +390,7 @@ async fn plaintext_and_truncated_hellos_are_refused_without_harm() {
         started.elapsed() < Duration::from_secs(5),
         "closed by the 1 s deadline"
     );
-    log_line(&["TLS handshake timed out", &port]).await;
+    log_line(&["outcome=handshake_timeout", &port]).await;
 
     // a client that connects and says nothing
     let mut silent = TcpStream::connect(addr).await.unwrap();
@@ -398,7 +398,7 @@ async fn plaintext_and_truncated_hellos_are_refused_without_harm() {
     let started = Instant::now();
     assert!(read_until(&mut silent, b"never").await.is_empty());
     assert!(started.elapsed() < Duration::from_secs(5));
-    log_line(&["TLS handshake timed out", &port]).await;
+    log_line(&["outcome=handshake_timeout", &port]).await;
 
     // none of that reached a backend, and the live session still relays
     assert_eq!(
@@ -460,7 +460,7 @@ hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
         assert!(got.is_empty() || got.ends_with("\r\n"));
     }
     log_line(&[
-        "backend unavailable",
+        "outcome=backend_unavailable",
         &dead.to_string(),
         "Connection refused",
     ])

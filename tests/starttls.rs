@@ -427,7 +427,7 @@ async fn a_backend_refusal_reaches_the_client_in_its_own_words() {
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got)).await;
     assert_eq!(got, b"421 4.7.0 backend.test Too many connections\r\n");
-    log_line(&["backend refused the session", "Too many connections"]).await;
+    log_line(&["outcome=backend_refused", "Too many connections"]).await;
 
     // plaintext MX: a postscreen-style 554 stays a 554, so the sender bounces
     let blocked = Scripted::start("554 5.7.1 Service unavailable; client blocked\r\n").await;

@@ -345,7 +345,12 @@ impl Bench {
 async fn run(opts: Opts) -> Result<(), String> {
     let began = Instant::now();
     let load_before = procfs::loadavg();
-    let tools = Tools::find(PathBuf::from(env!("CARGO_BIN_EXE_portcullis")));
+    // PORTCULLIS_BENCH_BIN runs another build or a wrapper (e.g. a script that
+    // starts the binary under heaptrack or perf); its figures are then the wrapper's.
+    let portcullis = std::env::var_os("PORTCULLIS_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portcullis")));
+    let tools = Tools::find(portcullis);
     if !tools.portcullis.is_file() {
         return Err(format!(
             "{} is missing: `cargo bench` builds it; run `cargo build --release`",

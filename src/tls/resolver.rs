@@ -1,12 +1,11 @@
-//! The certificate resolver of each listener's base TLS config: it reads the
-//! current [`HostTable`] through an `ArcSwap`, so a reload or a renewal is a
-//! pointer swap. Handshakes through [`crate::listener`] go one step further
-//! and pin the certificate of the host they routed to (same table snapshot
-//! for both); this resolver is what any other use of the config gets.
+//! The certificate resolver of each listener's TLS config. It is bound to
+//! one snapshot of the [`HostTable`], the same one the listener routes with,
+//! so a connection's certificate and its backend always come from one
+//! configuration. A reload builds new listener contexts with new resolvers;
+//! a renewal swaps the certificate inside the host's slot.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -14,11 +13,11 @@ use crate::hosts::HostTable;
 
 #[derive(Debug)]
 pub struct CertResolver {
-    table: Arc<ArcSwap<HostTable>>,
+    table: Arc<HostTable>,
 }
 
 impl CertResolver {
-    pub fn new(table: Arc<ArcSwap<HostTable>>) -> CertResolver {
+    pub fn new(table: Arc<HostTable>) -> CertResolver {
         CertResolver { table }
     }
 }
@@ -26,7 +25,7 @@ impl CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // None makes rustls abort the handshake with a fatal alert.
-        let (host, _) = self.table.load().lookup(hello.server_name());
+        let (host, _) = self.table.lookup(hello.server_name());
         host.map(|h| h.cert.key())
     }
 }
