@@ -51,6 +51,30 @@ pub struct Config {
     pub max_connections: usize,
     pub timeouts: Timeouts,
     pub log: LogConfig,
+    /// `/metrics` and `/healthz`; off unless configured.
+    pub admin: Option<Admin>,
+    /// Who hears about issuance, renewal and expiry; off unless configured.
+    pub notify: Option<Notify>,
+}
+
+/// The `admin:` block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+}
+
+/// The `notify:` block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notify {
+    /// Recipients (bare addresses); defaults to the ACME contacts.
+    pub email: Vec<String>,
+    /// The envelope and header sender.
+    pub from: String,
+    /// The SMTP server mail goes through: the operator's own Postfix, as a
+    /// backend (PROXY v2 unless `proxy_protocol` says otherwise).
+    pub smtp: Option<Backend>,
+    /// An `http://` or `https://` URL that gets each event as JSON.
+    pub webhook: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -382,7 +406,11 @@ const TOP_KEYS: &[&str] = &[
     "max_connections",
     "timeouts",
     "log",
+    "admin",
+    "notify",
 ];
+const ADMIN_KEYS: &[&str] = &["bind"];
+const NOTIFY_KEYS: &[&str] = &["email", "from", "smtp", "webhook"];
 const LISTENER_KEYS: &[&str] = &["bind", "protocol", "tls", "alpn", "hostname", "require_tls"];
 const BACKEND_KEYS: &[&str] = &["address", "proxy_protocol", "connect_timeout"];
 const ACME_KEYS: &[&str] = &[
@@ -651,6 +679,7 @@ impl Walk<'_> {
             None => Some(defaults::MAX_CONNECTIONS),
         };
         let log = self.log(field(m, "log"));
+        let admin = field(m, "admin").and_then(|v| self.admin(v));
 
         if listeners.is_empty() && field(m, "listeners").is_some() {
             self.err("listeners", "at least one listener is needed");
@@ -659,6 +688,10 @@ impl Walk<'_> {
             self.err("hosts", "at least one host is needed");
         }
         let acme = self.acme_fits(acme, field(m, "acme").is_some(), &listeners, &hosts);
+        let notify = match (field(m, "notify"), &default_host) {
+            (Some(v), Some(d)) => self.notify(v, acme.as_ref(), d, timeouts.connect),
+            _ => None,
+        };
         Some(Config {
             state_dir: state_dir?,
             acme,
@@ -669,6 +702,94 @@ impl Walk<'_> {
             max_connections: max_connections?,
             timeouts,
             log,
+            admin,
+            notify,
+        })
+    }
+
+    fn admin(&mut self, v: &Value) -> Option<Admin> {
+        let m = self.mapping(v, "admin", ADMIN_KEYS)?;
+        let bind = self
+            .required(m, "admin", "bind")
+            .and_then(|b| self.string(b, "admin.bind"))
+            .and_then(|s| self.socket_addr(&s, "admin.bind"))?;
+        Some(Admin { bind })
+    }
+
+    fn notify(
+        &mut self,
+        v: &Value,
+        acme: Option<&Acme>,
+        default_host: &Hostname,
+        connect: Duration,
+    ) -> Option<Notify> {
+        let m = self.mapping(v, "notify", NOTIFY_KEYS)?;
+        let address = |s: &str| {
+            let (local, domain) = s.rsplit_once('@')?;
+            let plain = |p: &str| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic() && !b"<>,;\"\\".contains(&b))
+            };
+            (plain(local) && plain(domain) && !domain.contains('@')).then(|| s.to_string())
+        };
+        let mut email = Vec::new();
+        if let Some(v) = field(m, "email") {
+            for (p, s) in self.strings(v, "notify.email") {
+                match address(&s) {
+                    Some(a) => email.push(a),
+                    None => self.err(&p, format!("{s:?}: expected an address like postmaster@example.org")),
+                }
+            }
+        } else if let Some(acme) = acme {
+            email = acme
+                .contact
+                .iter()
+                .filter_map(|c| c.strip_prefix("mailto:"))
+                .filter_map(address)
+                .collect();
+        }
+        let from = match field(m, "from").and_then(|v| self.string(v, "notify.from")) {
+            Some(f) => match address(&f) {
+                Some(a) => a,
+                None => {
+                    self.err("notify.from", format!("{f:?}: expected an address like portcullis@example.org"));
+                    return None;
+                }
+            },
+            None => format!("portcullis@{}", default_host.as_str()),
+        };
+        let smtp = field(m, "smtp")
+            .and_then(|v| self.backend(v, "notify.smtp"))
+            .map(|b| Backend {
+                address: b.address,
+                proxy_protocol: b.proxy_protocol,
+                connect_timeout: b.connect_timeout.unwrap_or(connect),
+            });
+        let webhook = field(m, "webhook").and_then(|v| self.string(v, "notify.webhook"));
+        if let Some(url) = &webhook {
+            let ok = ["http://", "https://"]
+                .iter()
+                .any(|p| url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+            if !ok {
+                self.err("notify.webhook", format!("{url:?}: expected an http:// or https:// URL"));
+            }
+        }
+        if !email.is_empty() && smtp.is_none() && field(m, "smtp").is_none() {
+            self.err(
+                "notify.smtp",
+                "missing: mail to notify.email goes through an SMTP backend, e.g. smtp: 127.0.0.1:20025",
+            );
+        }
+        if email.is_empty() && webhook.is_none() && field(m, "email").is_none() {
+            self.err(
+                "notify",
+                "nobody to notify: set email (default: the acme contacts, and there are none) or webhook",
+            );
+        }
+        Some(Notify {
+            email,
+            from,
+            smtp,
+            webhook,
         })
     }
 

@@ -248,7 +248,7 @@ fn renew_row(host: &str, outcome: Outcome) -> RenewRow {
     }
 }
 
-fn row(view: &View) -> CertRow {
+pub fn row(view: &View) -> CertRow {
     let served = view.slot.load();
     let status = view.acme.as_ref().map(HostHandle::status);
     CertRow {

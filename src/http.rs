@@ -224,6 +224,7 @@ pub(crate) async fn serve(
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
+            ctx.metrics.backend_failed(backend.address);
             session.fail("backend_unavailable", e.to_string());
             let unavailable = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\nbackend unavailable\n";
             let _ = socket.write_all(unavailable).await;

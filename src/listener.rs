@@ -35,6 +35,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::acme::challenge::{Challenges, ACME_TLS_ALPN};
 use crate::config::{Backend, Listener, Protocol, ProxyProtocol, Timeouts, TlsMode};
 use crate::hosts::{Host, HostTable, Matched};
+use crate::metrics::ListenerMetrics;
 use crate::protocol::BackendGreeting;
 use crate::proxy_header::{self, TlsFacts};
 use crate::relay::{self, RelayEnd};
@@ -59,6 +60,7 @@ pub struct ListenerCtx {
     pub hostname: String,
     /// Open ACME challenges: http-01 tokens, tls-alpn-01 certificates.
     pub challenges: Arc<Challenges>,
+    pub metrics: ListenerMetrics,
 }
 
 /// Cancellation for the two stages of shutdown.
@@ -82,6 +84,7 @@ pub async fn accept_loop(
     stop: Stop,
     listen: CancellationToken,
 ) {
+    let mut failing = false;
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -100,10 +103,21 @@ pub async fn accept_loop(
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on the error.
                 warn!(listener = %ctx.listener.name, error = %e, "accept failed");
+                if let Ok(local) = tcp.local_addr() {
+                    ctx.metrics.all().accepting(&ctx.listener.name, local, false);
+                    failing = true;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        if failing {
+            if let Ok(local) = tcp.local_addr() {
+                ctx.metrics.all().accepting(&ctx.listener.name, local, true);
+            }
+            failing = false;
+        }
+        ctx.metrics.connections.inc();
         let span = tracing::info_span!(
             "conn",
             listener = %ctx.listener.name,
@@ -312,19 +326,27 @@ async fn connection(
     stop: Stop,
     _permit: OwnedSemaphorePermit,
 ) {
+    let metrics = &ctx.metrics;
+    metrics.open.inc();
     let mut session = Session::new();
     let ready = Box::pin(prepare(socket, peer, &ctx, &stop, &mut session)).await;
     let idle = ctx.timeouts.idle;
+    let meter = relay::Meter {
+        up: &metrics.up,
+        down: &metrics.down,
+    };
     match ready {
         Some(Ready::Tls(client, upstream)) => {
-            session.relayed(relay::relay(client, upstream, idle, &stop.relays).await)
+            session.relayed(relay::relay(client, upstream, idle, &stop.relays, meter).await)
         }
         Some(Ready::Plain(client, upstream)) => {
-            session.relayed(relay::relay(client, upstream, idle, &stop.relays).await)
+            session.relayed(relay::relay(client, upstream, idle, &stop.relays, meter).await)
         }
         None => {}
     }
     session.log();
+    metrics.session(session.outcome);
+    metrics.open.dec();
 }
 
 /// Everything before the relay: dialogue, handshake, routing, backend.
@@ -363,7 +385,10 @@ async fn prepare(
         )
         .await;
         match phase {
-            Phase::Upgrade { socket, deadline } => (socket, deadline),
+            Phase::Upgrade { socket, deadline } => {
+                ctx.metrics.starttls.inc();
+                (socket, deadline)
+            }
             Phase::PassThrough {
                 socket,
                 hello,
@@ -390,6 +415,17 @@ async fn prepare(
         r = handshake(socket, ctx, deadline) => r,
         _ = stop.accepting.cancelled() => Err(Refused::Shutdown),
     };
+    let handshake_outcome = match &shaken {
+        Ok((stream, _, _)) if stream.get_ref().1.server_name().is_none() => Some("no_sni"),
+        Ok(_) => Some("ok"),
+        Err(Refused::Handshake(_)) => Some("alert"),
+        Err(Refused::HandshakeTimeout) => Some("timeout"),
+        Err(Refused::UnknownSni) => Some("unknown_sni"),
+        Err(_) => None, // ACME validators and shutdown: not client handshakes
+    };
+    if let Some(outcome) = handshake_outcome {
+        ctx.metrics.handshake(outcome);
+    }
     let (mut client, host, matched) = match shaken {
         Ok(ok) => ok,
         Err(Refused::Handshake(e)) if is_expected(&e) => {
@@ -464,6 +500,7 @@ async fn prepare(
     let mut upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
+            ctx.metrics.backend_failed(backend.address);
             session.fail("backend_unavailable", e.to_string());
             goodbye(&mut client, ctx, &greeting_name).await;
             return None;
@@ -476,6 +513,7 @@ async fn prepare(
         {
             Ok(got) => got,
             Err(e) => {
+                ctx.metrics.backend_failed(backend.address);
                 session.fail("backend_unavailable", format!("no greeting: {e}"));
                 goodbye(&mut client, ctx, &greeting_name).await;
                 return None;
@@ -541,6 +579,7 @@ async fn plaintext_session(
             return None;
         }
         Err(Opened::Failed(e)) => {
+            ctx.metrics.backend_failed(backend.address);
             session.fail("backend_unavailable", e.to_string());
             starttls::close_with(&mut client, &protocol::smtp::unavailable(&ctx.hostname)).await;
             return None;

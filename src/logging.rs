@@ -1,5 +1,7 @@
 //! Log output: human text or one JSON object per line, filtered by the config's
-//! `log.level` unless `RUST_LOG` is set.
+//! `log.level` unless `RUST_LOG` is set. Under systemd, when stderr is the
+//! journal (`JOURNAL_STREAM` names it), lines carry no timestamp: the
+//! journal stamps every line itself.
 
 use std::io::IsTerminal;
 
@@ -17,8 +19,42 @@ pub fn init(format: LogFormat, level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let journal = stderr_is_journal();
+    let _ = match (format, journal) {
+        (LogFormat::Text, false) => builder.try_init(),
+        (LogFormat::Text, true) => builder.without_time().try_init(),
+        (LogFormat::Json, false) => builder.json().flatten_event(true).try_init(),
+        (LogFormat::Json, true) => builder.json().flatten_event(true).without_time().try_init(),
     };
+}
+
+/// True when `JOURNAL_STREAM` (`device:inode`, set by systemd) names the
+/// file stderr is: a child whose stderr was redirected elsewhere inherits
+/// the variable but not the journal.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(parse_journal_stream) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+fn parse_journal_stream(s: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = s.split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_is_device_and_inode() {
+        assert_eq!(parse_journal_stream("8:1234"), Some((8, 1234)));
+        assert_eq!(parse_journal_stream("8"), None);
+        assert_eq!(parse_journal_stream("a:1"), None);
+    }
 }

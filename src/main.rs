@@ -274,11 +274,39 @@ fn refused(answer: Result<Response, ClientError>, path: &Path) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Raises the open-file limit to its hard limit: each proxied session holds
+/// two descriptors, and the usual soft limit of 1,024 would cap portcullis
+/// near 500 sessions. Says so when even the hard limit is too low for
+/// `max_connections`.
+fn raise_open_files(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!(error = %e, "cannot raise the open-file limit");
+            limit.current = before;
+        }
+    }
+    // Sessions need two descriptors each, plus listeners, logs, ACME.
+    let needed = (max_connections as u64).saturating_mul(2).saturating_add(64);
+    match limit.current {
+        Some(n) if n < needed => tracing::warn!(
+            open_files = n,
+            max_connections,
+            "the open-file limit is below 2 x max_connections: accepts will fail with 'Too many open files' first (raise LimitNOFILE= or ulimit -n, or lower max_connections)"
+        ),
+        _ => tracing::debug!(open_files = ?limit.current, "open-file limit"),
+    }
+}
+
 fn run(path: &Path) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::FAILURE;
     };
     portcullis::logging::init(config.log.format, &config.log.level);
+    raise_open_files(config.max_connections);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 /// Largest read: one TLS record's worth of plaintext.
@@ -87,6 +88,7 @@ impl Half {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
+        counter: &Counter,
         moved: &mut bool,
     ) -> Poll<io::Result<()>>
     where
@@ -136,6 +138,7 @@ impl Half {
             }
             *moved = true;
             self.count += data.len() as u64;
+            counter.inc_by(data.len() as u64);
             let mut at = 0;
             while at < data.len() {
                 match Pin::new(&mut *w).poll_write(cx, &data[at..]) {
@@ -157,12 +160,21 @@ impl Half {
     }
 }
 
+/// Where a relay counts the bytes it moves, as they move (a session in
+/// IMAP IDLE may last for hours; its bytes should not wait for its end).
+#[derive(Clone, Copy)]
+pub struct Meter<'a> {
+    pub up: &'a Counter,
+    pub down: &'a Counter,
+}
+
 /// Relays until both sides close, `idle` passes without a byte, or `stop` fires.
 pub async fn relay<C, B>(
     client: C,
     backend: B,
     idle: Duration,
     stop: &CancellationToken,
+    meter: Meter<'_>,
 ) -> RelayStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -178,6 +190,7 @@ where
         last,
         timer: tokio::time::sleep_until(last + idle),
         cancelled: stop.cancelled(),
+        meter,
     }
     .await
 }
@@ -197,6 +210,7 @@ pin_project_lite::pin_project! {
         timer: tokio::time::Sleep,
         #[pin]
         cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
+        meter: Meter<'a>,
     }
 }
 
@@ -214,8 +228,8 @@ where
                 break 'end RelayEnd::Shutdown;
             }
             let mut moved = false;
-            let a = me.up.poll_move(cx, me.client, me.backend, &mut moved);
-            let b = me.down.poll_move(cx, me.backend, me.client, &mut moved);
+            let a = me.up.poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
+            let b = me.down.poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
             match (a, b) {
                 (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
                     break 'end RelayEnd::Error(e)
@@ -259,6 +273,13 @@ mod tests {
     use super::*;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
+    /// A meter nobody reads.
+    fn meter() -> Meter<'static> {
+        static C: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+        let c = C.get_or_init(Counter::default);
+        Meter { up: c, down: c }
+    }
+
     #[tokio::test]
     async fn bytes_flow_both_ways_and_half_close_is_kept() {
         let (client, mut client_peer) = duplex(64);
@@ -266,7 +287,7 @@ mod tests {
         let stop = CancellationToken::new();
         let task =
             tokio::spawn(
-                async move { relay(client, backend, Duration::from_secs(5), &stop).await },
+                async move { relay(client, backend, Duration::from_secs(5), &stop, meter()).await },
             );
         let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let sent = big.clone();
@@ -294,7 +315,7 @@ mod tests {
         let (client, _c) = duplex(64);
         let (backend, _b) = duplex(64);
         let stop = CancellationToken::new();
-        let stats = relay(client, backend, Duration::from_secs(31 * 60), &stop).await;
+        let stats = relay(client, backend, Duration::from_secs(31 * 60), &stop, meter()).await;
         assert!(matches!(stats.end, RelayEnd::IdleTimeout));
     }
 
@@ -304,7 +325,7 @@ mod tests {
         let (backend, _b) = duplex(64);
         let stop = CancellationToken::new();
         stop.cancel();
-        let stats = relay(client, backend, Duration::from_secs(60), &stop).await;
+        let stats = relay(client, backend, Duration::from_secs(60), &stop, meter()).await;
         assert!(matches!(stats.end, RelayEnd::Shutdown));
     }
 }

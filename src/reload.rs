@@ -153,6 +153,7 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         ("default_host", old.default_host != new.default_host),
         ("unknown_sni", old.unknown_sni != new.unknown_sni),
         ("acme", old.acme != new.acme),
+        ("notify", old.notify != new.notify),
     ] {
         if differs {
             changes.settings_changed.push(what.to_string());
@@ -165,6 +166,7 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
             old.max_connections != new.max_connections,
         ),
         ("log", old.log != new.log),
+        ("admin", old.admin != new.admin),
     ] {
         if differs {
             changes.need_restart.push(what.to_string());

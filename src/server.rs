@@ -29,6 +29,7 @@ use crate::listener::{accept_loop, ListenerCtx, Stop};
 use crate::names::HostPattern;
 use crate::reload::{self, Reloader, Watcher};
 use crate::tls::certs::{self, CertError, LoadedCert};
+use crate::metrics::Metrics;
 use crate::tls::resolver::CertResolver;
 use crate::tls::{store, TlsContext};
 
@@ -162,6 +163,9 @@ pub struct Server {
     ),
     /// Watching since before the files were read (`bind_file`).
     watcher: Option<Watcher>,
+    metrics: Arc<Metrics>,
+    /// The admin endpoint's socket (`admin.bind`).
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -179,13 +183,14 @@ impl Server {
         let snapshot = build(config, &tls, &[])?;
         let table = Arc::new(ArcSwap::from_pointee(snapshot.table));
         let challenges = Arc::new(Challenges::default());
+        let metrics = Metrics::new();
 
         let v4_any = v4_any_ports(config.listeners.values());
         let mut sockets = Vec::new();
         let mut errors = Vec::new();
         for l in config.listeners.values() {
             let ctx = Arc::new(
-                listener_ctx(config, l, &tls, &table.load_full(), &challenges)
+                listener_ctx(config, l, &tls, &table.load_full(), &challenges, &metrics)
                     .map_err(|e| vec![e])?,
             );
             for addr in &l.bind {
@@ -203,6 +208,20 @@ impl Server {
                 }
             }
         }
+        let admin = match &config.admin {
+            Some(a) => match bind_socket(a.bind, &v4_any) {
+                Ok(s) => Some(s),
+                Err(source) => {
+                    errors.push(BuildError::Bind {
+                        listener: "admin".into(),
+                        addr: a.bind,
+                        source,
+                    });
+                    None
+                }
+            },
+            None => None,
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -218,6 +237,8 @@ impl Server {
             control,
             reloads: mpsc::channel(4),
             watcher: None,
+            metrics,
+            admin,
         })
     }
 
@@ -257,6 +278,11 @@ impl Server {
         Reloader(self.reloads.0.clone())
     }
 
+    /// Where the admin endpoint listens, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
     /// Where each listener is bound (port 0 resolved to the real port).
     pub fn local_addrs(&self) -> BTreeMap<String, Vec<SocketAddr>> {
         let mut out: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
@@ -282,6 +308,8 @@ impl Server {
             control,
             reloads: (reload_tx, mut reload_rx),
             watcher,
+            metrics,
+            admin,
         } = self;
         let stop = Stop::default();
         let tracker = TaskTracker::new();
@@ -302,6 +330,7 @@ impl Server {
             views: Arc::new(ArcSwap::from_pointee(Vec::new())),
             watcher,
             reload_failures: 0,
+            metrics: metrics.clone(),
             stop: stop.clone(),
             limit,
             tracker: tracker.clone(),
@@ -321,6 +350,14 @@ impl Server {
             background_stop.clone(),
         ));
         drop(reloader);
+        if let Some(admin) = admin {
+            background.spawn(crate::admin::serve(
+                admin,
+                metrics,
+                state.views.clone(),
+                background_stop.clone(),
+            ));
+        }
 
         tokio::pin!(shutdown);
         loop {
@@ -380,6 +417,7 @@ struct Running {
     views: Arc<ArcSwap<Vec<View>>>,
     watcher: Option<Watcher>,
     reload_failures: u64,
+    metrics: Arc<Metrics>,
     stop: Stop,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -399,6 +437,7 @@ impl Running {
         let local = socket.local_addr().ok();
         if let Some(addr) = local {
             info!(listener = %listener, addr = %addr, "listening");
+            self.metrics.accepting(&listener, addr, true);
         }
         // Children of the server's tokens: shutdown stops them all; a
         // reload that removes this address stops its accepting at once and
@@ -458,6 +497,9 @@ impl Running {
                 self.challenges.clone(),
                 self.background.clone(),
                 self.background_stop.clone(),
+                acme::Hooks {
+                    metrics: self.metrics.clone(),
+                },
             )
         });
         runner.retain(|names| wanted.iter().any(|w| w == names));
@@ -505,6 +547,7 @@ impl Running {
 
     async fn reload(&mut self, request: reload::Request) {
         let result = self.try_reload();
+        self.metrics.reload(result.is_ok());
         match &result {
             Ok(changes) => info!(
                 trigger = request.reason,
@@ -545,6 +588,7 @@ impl Running {
         config.state_dir = self.config.state_dir.clone();
         config.max_connections = self.config.max_connections;
         config.log = self.config.log.clone();
+        config.admin = self.config.admin.clone();
         let lines = |es: Vec<BuildError>| {
             es.iter()
                 .map(|e| e.to_string())
@@ -559,7 +603,7 @@ impl Running {
         let mut contexts = BTreeMap::new();
         let mut fresh = Vec::new();
         for l in config.listeners.values() {
-            let ctx = listener_ctx(&config, l, &self.tls, &table, &self.challenges)
+            let ctx = listener_ctx(&config, l, &self.tls, &table, &self.challenges, &self.metrics)
                 .map_err(|e| e.to_string())?;
             contexts.insert(l.name.clone(), Arc::new(ctx));
             for addr in &l.bind {
@@ -598,6 +642,9 @@ impl Running {
         self.bound.retain(|key, b| {
             if keys.contains(key) {
                 return true;
+            }
+            if let Some(a) = b.local {
+                self.metrics.forget_address(&b.listener, a);
             }
             let addr = b.local.map(|a| a.to_string()).unwrap_or_default();
             info!(listener = %b.listener, addr = %addr, "address removed: no new connections there, open sessions drain");
@@ -644,6 +691,7 @@ fn listener_ctx(
     tls: &TlsContext,
     table: &Arc<HostTable>,
     challenges: &Arc<Challenges>,
+    metrics: &Arc<Metrics>,
 ) -> Result<ListenerCtx, BuildError> {
     Ok(ListenerCtx {
         listener: l.clone(),
@@ -656,6 +704,7 @@ fn listener_ctx(
             .unwrap_or(&config.default_host)
             .to_string(),
         challenges: challenges.clone(),
+        metrics: metrics.listener(&l.name),
     })
 }
 

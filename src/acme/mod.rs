@@ -68,6 +68,13 @@ struct Shared {
     challenges: Arc<Challenges>,
     /// Opened on first use, then reused by every host.
     account: tokio::sync::Mutex<Option<Account>>,
+    hooks: Hooks,
+}
+
+/// Who else hears about issuance: metrics, notifications.
+#[derive(Clone, Debug)]
+pub struct Hooks {
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A renewal asked for through the control socket.
@@ -139,6 +146,7 @@ impl Runner {
         challenges: Arc<Challenges>,
         tracker: TaskTracker,
         stop: CancellationToken,
+        hooks: Hooks,
     ) -> Runner {
         Runner {
             shared: Arc::new(Shared {
@@ -147,6 +155,7 @@ impl Runner {
                 provider,
                 challenges,
                 account: tokio::sync::Mutex::new(None),
+                hooks,
             }),
             tasks: Vec::new(),
             tracker,
@@ -448,10 +457,12 @@ impl HostTask {
                     s.failures = self.failures;
                     s.last_error = Some(message.clone());
                 });
+                self.shared.hooks.metrics.renewal(false);
                 return Outcome::Failed(message);
             }
         };
         let info = issued.cert.info.clone();
+        self.shared.hooks.metrics.renewal(true);
         info!(
             names = %info.sans.join(","),
             serial = %info.serial,

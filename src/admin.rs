@@ -1,0 +1,205 @@
+//! The admin endpoint (`admin: { bind: 127.0.0.1:9099 }`): `GET /metrics`
+//! in the Prometheus text format, `GET /healthz` for load balancers and
+//! monitoring. Plain HTTP/1.1, one request per connection; bind it to
+//! loopback or a management network, it has no authentication.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info};
+
+use crate::control::{self, CertRow, View};
+use crate::metrics::Metrics;
+
+/// A certificate this close to expiry makes `/healthz` fail: a successful
+/// renewal would have replaced it long before.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest request head read.
+const HEAD_LIMIT: usize = 4096;
+/// Time a client gets to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    views: Arc<ArcSwap<Vec<View>>>,
+    stop: CancellationToken,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(addr = %addr, "admin endpoint listening (/metrics, /healthz)");
+    }
+    let tasks = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => break,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (metrics, views) = (metrics.clone(), views.clone());
+        tasks.spawn(async move {
+            if let Err(e) = answer(stream, &metrics, &views).await {
+                debug!(error = %e, "admin request failed");
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    views: &ArcSwap<Vec<View>>,
+) -> io::Result<()> {
+    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timed out"))??;
+    let rows: Vec<CertRow> = views.load().iter().map(control::row).collect();
+    let (status, content_type, body) = match parse(&head) {
+        Some(("GET", "/metrics")) => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.encode(&rows),
+        ),
+        Some(("GET", "/healthz")) => match problems(metrics, &rows, SystemTime::now()) {
+            p if p.is_empty() => ("200 OK", "text/plain", "ok\n".to_string()),
+            p => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("{}\n", p.join("\n")),
+            ),
+        },
+        Some((_, "/metrics" | "/healthz")) => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+        Some(_) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".into()),
+        None => ("400 Bad Request", "text/plain", "malformed request\n".into()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > HEAD_LIMIT {
+            break; // answered as malformed
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(buf)
+}
+
+/// Method and path (query string dropped).
+fn parse(head: &[u8]) -> Option<(&str, &str)> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    let path = req.path?;
+    Some((req.method?, path.split('?').next().unwrap_or(path)))
+}
+
+/// Why `/healthz` fails; empty when healthy.
+pub fn problems(metrics: &Metrics, certs: &[CertRow], now: SystemTime) -> Vec<String> {
+    let mut out: Vec<String> = metrics
+        .failing_addresses()
+        .into_iter()
+        .map(|a| format!("listener {a}: accept is failing"))
+        .collect();
+    for row in certs {
+        let Ok(not_after) = humantime::parse_rfc3339(&row.not_after) else {
+            continue;
+        };
+        let host = row.names.first().map(String::as_str).unwrap_or_default();
+        if not_after <= now {
+            out.push(format!(
+                "certificate for {host} ({}) expired at {}",
+                row.source, row.not_after
+            ));
+        } else if not_after <= now + EXPIRY_MARGIN {
+            let days = not_after
+                .duration_since(now)
+                .map_or(0, |d| d.as_secs() / 86_400);
+            let why = row
+                .last_error
+                .as_deref()
+                .map(|e| format!("; last renewal error: {e}"))
+                .unwrap_or_default();
+            out.push(format!(
+                "certificate for {host} ({}) expires in {days} days, at {}, and has not been renewed{why}",
+                row.source, row.not_after
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(names: &[&str], not_after: &str) -> CertRow {
+        CertRow {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            source: "files".into(),
+            issuer: "CN=x".into(),
+            serial: "01".into(),
+            not_after: not_after.into(),
+            next_renewal: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn health_names_every_problem() {
+        let m = Metrics::new();
+        let now = humantime::parse_rfc3339("2030-01-01T00:00:00Z").unwrap();
+        let ok = [row(&["a.test"], "2030-03-01T00:00:00Z")];
+        assert!(problems(&m, &ok, now).is_empty());
+        let bad = [
+            row(&["old.test"], "2029-12-31T00:00:00Z"),
+            row(&["soon.test", "www.soon.test"], "2030-01-05T00:00:00Z"),
+            row(&["fine.test"], "2030-01-09T00:00:00Z"),
+        ];
+        let p = problems(&m, &bad, now);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("old.test") && p[0].contains("expired"), "{p:?}");
+        assert!(p[1].contains("soon.test") && p[1].contains("expires in 4 days"), "{p:?}");
+        m.accepting("imaps", "127.0.0.1:993".parse().unwrap(), false);
+        let p = problems(&m, &ok, now);
+        assert_eq!(p, vec!["listener imaps 127.0.0.1:993: accept is failing"]);
+    }
+
+    #[test]
+    fn requests_are_parsed() {
+        assert_eq!(
+            parse(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Some(("GET", "/metrics"))
+        );
+        assert_eq!(parse(b"garbage\r\n\r\n"), None);
+    }
+}

@@ -1,0 +1,368 @@
+//! Prometheus metrics (prometheus-client), served by [`crate::admin`].
+//!
+//! One [`Metrics`] per server. Hot-path counters (per connection, per byte)
+//! are looked up once per listener context ([`ListenerMetrics`]) and bumped
+//! with one atomic add; certificate gauges are filled at scrape time from
+//! the certificates being served, so they are never stale.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::control::CertRow;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AddressLabels {
+    listener: String,
+    address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    listener: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    listener: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    host: String,
+    name: String,
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+/// Handshake outcomes, as the `outcome` label spells them.
+pub const HANDSHAKE_OUTCOMES: [&str; 5] = ["ok", "no_sni", "unknown_sni", "alert", "timeout"];
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    open: Family<ListenerLabel, Gauge>,
+    connections: Family<ListenerLabel, Counter>,
+    handshakes: Family<OutcomeLabels, Counter>,
+    starttls: Family<ListenerLabel, Counter>,
+    sessions: Family<OutcomeLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    backend_failures: Family<BackendLabel, Counter>,
+    accepting: Family<AddressLabels, Gauge>,
+    /// The same, readable: the family cannot be iterated.
+    accept_state: Mutex<BTreeMap<String, bool>>,
+    not_after: Family<CertLabels, Gauge>,
+    next_renewal: Family<HostLabel, Gauge>,
+    renewals: Family<Outcome, Counter>,
+    reloads: Family<Outcome, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("portcullis");
+        let m = Metrics {
+            open: Family::default(),
+            connections: Family::default(),
+            handshakes: Family::default(),
+            starttls: Family::default(),
+            sessions: Family::default(),
+            bytes: Family::default(),
+            backend_failures: Family::default(),
+            accepting: Family::default(),
+            accept_state: Mutex::default(),
+            not_after: Family::default(),
+            next_renewal: Family::default(),
+            renewals: Family::default(),
+            reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            m.open.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "handshakes",
+            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alert, timeout)",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "starttls_upgrades",
+            "STARTTLS commands that led to a TLS handshake",
+            m.starttls.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Connections ended, by outcome (as in the 'session closed' log line)",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "relayed_bytes",
+            "Bytes relayed: up is client to backend, down is backend to client",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "backend_connect_failures",
+            "Backend connections that failed (refused, timed out, no greeting)",
+            m.backend_failures.clone(),
+        );
+        registry.register(
+            "listener_accepting",
+            "1 while the address accepts connections, 0 while accept fails",
+            m.accepting.clone(),
+        );
+        registry.register(
+            "certificate_not_after_seconds",
+            "Expiry of the certificate served for each name (Unix time)",
+            m.not_after.clone(),
+        );
+        registry.register(
+            "certificate_next_renewal_seconds",
+            "When portcullis next tries to renew the host's certificate (Unix time)",
+            m.next_renewal.clone(),
+        );
+        registry.register(
+            "certificate_renewals",
+            "ACME issuance attempts by outcome (ok, failed)",
+            m.renewals.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome (ok, failed)",
+            m.reloads.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The counters of one listener, looked up once.
+    pub fn listener(self: &Arc<Self>, name: &str) -> ListenerMetrics {
+        let l = || ListenerLabel {
+            listener: name.to_string(),
+        };
+        let handshake = |outcome| {
+            self.handshakes
+                .get_or_create(&OutcomeLabels {
+                    listener: name.to_string(),
+                    outcome,
+                })
+                .clone()
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&DirectionLabels {
+                    listener: name.to_string(),
+                    direction,
+                })
+                .clone()
+        };
+        ListenerMetrics {
+            name: name.to_string(),
+            open: self.open.get_or_create(&l()).clone(),
+            connections: self.connections.get_or_create(&l()).clone(),
+            handshakes: HANDSHAKE_OUTCOMES.map(handshake),
+            starttls: self.starttls.get_or_create(&l()).clone(),
+            up: bytes("up"),
+            down: bytes("down"),
+            all: self.clone(),
+        }
+    }
+
+    pub fn accepting(&self, listener: &str, address: SocketAddr, yes: bool) {
+        let labels = AddressLabels {
+            listener: listener.to_string(),
+            address: address.to_string(),
+        };
+        self.accepting.get_or_create(&labels).set(i64::from(yes));
+        let mut state = self.accept_state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.insert(format!("{listener} {address}"), yes);
+    }
+
+    /// The address is gone from the configuration.
+    pub fn forget_address(&self, listener: &str, address: SocketAddr) {
+        self.accepting.remove(&AddressLabels {
+            listener: listener.to_string(),
+            address: address.to_string(),
+        });
+        let mut state = self.accept_state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.remove(&format!("{listener} {address}"));
+    }
+
+    /// Addresses whose accept is failing now, as `listener address`.
+    pub fn failing_addresses(&self) -> Vec<String> {
+        let state = self.accept_state.lock().unwrap_or_else(PoisonError::into_inner);
+        state
+            .iter()
+            .filter(|(_, ok)| !**ok)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub fn renewal(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.renewals.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// The exposition text, with the certificate gauges set from `certs`.
+    pub fn encode(&self, certs: &[CertRow]) -> String {
+        self.not_after.clear();
+        self.next_renewal.clear();
+        for row in certs {
+            let host = row.names.first().cloned().unwrap_or_default();
+            let not_after = parse_rfc3339(&row.not_after);
+            for name in &row.names {
+                let labels = CertLabels {
+                    host: host.clone(),
+                    name: name.clone(),
+                    source: row.source.clone(),
+                };
+                self.not_after.get_or_create(&labels).set(not_after);
+            }
+            if let Some(next) = row.next_renewal.as_deref().map(parse_rfc3339) {
+                self.next_renewal
+                    .get_or_create(&HostLabel { host })
+                    .set(next);
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn parse_rfc3339(s: &str) -> i64 {
+    humantime::parse_rfc3339(s)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// One listener's counters, bumped on the connection path.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    name: String,
+    pub open: Gauge,
+    pub connections: Counter,
+    /// Indexed like [`HANDSHAKE_OUTCOMES`].
+    handshakes: [Counter; 5],
+    pub starttls: Counter,
+    pub up: Counter,
+    pub down: Counter,
+    all: Arc<Metrics>,
+}
+
+impl ListenerMetrics {
+    pub fn all(&self) -> &Arc<Metrics> {
+        &self.all
+    }
+
+    pub fn handshake(&self, outcome: &str) {
+        if let Some(i) = HANDSHAKE_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.handshakes[i].inc();
+        }
+    }
+
+    pub fn session(&self, outcome: &'static str) {
+        self.all
+            .sessions
+            .get_or_create(&OutcomeLabels {
+                listener: self.name.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn backend_failed(&self, backend: SocketAddr) {
+        self.all
+            .backend_failures
+            .get_or_create(&BackendLabel {
+                backend: backend.to_string(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_certificates_are_exposed() {
+        let m = Metrics::new();
+        let l = m.listener("imaps");
+        l.connections.inc();
+        l.open.inc();
+        l.handshake("ok");
+        l.handshake("unknown_sni");
+        l.session("closed");
+        l.up.inc_by(10);
+        l.backend_failed("127.0.0.1:20143".parse().unwrap());
+        m.reload(false);
+        m.accepting("imaps", "127.0.0.1:993".parse().unwrap(), false);
+        let rows = vec![CertRow {
+            names: vec!["mail.example.org".into(), "imap.example.org".into()],
+            source: "acme".into(),
+            issuer: "CN=x".into(),
+            serial: "01".into(),
+            not_after: "2030-01-01T00:00:00Z".into(),
+            next_renewal: Some("2029-12-01T00:00:00Z".into()),
+            last_error: None,
+        }];
+        let text = m.encode(&rows);
+        for line in [
+            "portcullis_connections_total{listener=\"imaps\"} 1",
+            "portcullis_connections_open{listener=\"imaps\"} 1",
+            "portcullis_handshakes_total{listener=\"imaps\",outcome=\"ok\"} 1",
+            "portcullis_handshakes_total{listener=\"imaps\",outcome=\"unknown_sni\"} 1",
+            "portcullis_handshakes_total{listener=\"imaps\",outcome=\"alert\"} 0",
+            "portcullis_sessions_total{listener=\"imaps\",outcome=\"closed\"} 1",
+            "portcullis_relayed_bytes_total{listener=\"imaps\",direction=\"up\"} 10",
+            "portcullis_backend_connect_failures_total{backend=\"127.0.0.1:20143\"} 1",
+            "portcullis_config_reloads_total{outcome=\"failed\"} 1",
+            "portcullis_certificate_not_after_seconds{host=\"mail.example.org\",name=\"imap.example.org\",source=\"acme\"} 1893456000",
+            "portcullis_certificate_next_renewal_seconds{host=\"mail.example.org\"} 1890777600",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\nnot in\n{text}");
+        }
+        assert_eq!(m.failing_addresses(), vec!["imaps 127.0.0.1:993"]);
+        // a certificate that is gone is gone from the next scrape
+        assert!(!m.encode(&[]).contains("certificate_not_after_seconds{"));
+    }
+}
