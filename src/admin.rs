@@ -68,7 +68,9 @@ async fn answer(
     let (status, content_type, body) = match parse(&head) {
         Some(("GET", "/metrics")) => (
             "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+            // What prometheus-client writes: OpenMetrics text (`# EOF`,
+            // counters typed without their `_total`).
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(&rows),
         ),
         Some(("GET", "/healthz")) => match problems(metrics, &rows, SystemTime::now()) {

@@ -62,6 +62,17 @@ struct Outcome {
     outcome: &'static str,
 }
 
+/// Session outcomes that exist from the start at 0, so that an alert on
+/// `increase(...)` sees the first one (a series that appears at 1 shows no
+/// increase). The others appear when they first happen.
+const SESSION_OUTCOMES_AT_ZERO: [&str; 5] = [
+    "closed",
+    "handshake_failed",
+    "no_backend",
+    "backend_unavailable",
+    "backend_refused",
+];
+
 /// Handshake outcomes, as the `outcome` label spells them.
 pub const HANDSHAKE_OUTCOMES: [&str; 5] = ["ok", "no_sni", "unknown_sni", "alert", "timeout"];
 
@@ -163,11 +174,27 @@ impl Metrics {
             "Configuration reloads by outcome (ok, failed)",
             m.reloads.clone(),
         );
+        for outcome in ["ok", "failed"] {
+            drop(m.renewals.get_or_create(&Outcome { outcome }));
+            drop(m.reloads.get_or_create(&Outcome { outcome }));
+        }
         Arc::new(Metrics { registry, ..m })
     }
 
-    /// The counters of one listener, looked up once.
-    pub fn listener(self: &Arc<Self>, name: &str) -> ListenerMetrics {
+    /// The counters of one listener, looked up once; `backends` (the
+    /// listener's backends) start at 0 failures.
+    pub fn listener(self: &Arc<Self>, name: &str, backends: &[SocketAddr]) -> ListenerMetrics {
+        for outcome in SESSION_OUTCOMES_AT_ZERO {
+            drop(self.sessions.get_or_create(&OutcomeLabels {
+                listener: name.to_string(),
+                outcome,
+            }));
+        }
+        for b in backends {
+            drop(self.backend_failures.get_or_create(&BackendLabel {
+                backend: b.to_string(),
+            }));
+        }
         let l = || ListenerLabel {
             listener: name.to_string(),
         };
@@ -326,7 +353,7 @@ mod tests {
     #[test]
     fn counters_and_certificates_are_exposed() {
         let m = Metrics::new();
-        let l = m.listener("imaps");
+        let l = m.listener("imaps", &["127.0.0.1:20144".parse().unwrap()]);
         l.connections.inc();
         l.open.inc();
         l.handshake("ok");
@@ -356,6 +383,10 @@ mod tests {
             "portcullis_relayed_bytes_total{listener=\"imaps\",direction=\"up\"} 10",
             "portcullis_backend_connect_failures_total{backend=\"127.0.0.1:20143\"} 1",
             "portcullis_config_reloads_total{outcome=\"failed\"} 1",
+            "portcullis_config_reloads_total{outcome=\"ok\"} 0",
+            "portcullis_certificate_renewals_total{outcome=\"failed\"} 0",
+            "portcullis_sessions_total{listener=\"imaps\",outcome=\"backend_unavailable\"} 0",
+            "portcullis_backend_connect_failures_total{backend=\"127.0.0.1:20144\"} 0",
             "portcullis_certificate_not_after_seconds{host=\"mail.example.org\",name=\"imap.example.org\",source=\"acme\"} 1893456000",
             "portcullis_certificate_next_renewal_seconds{host=\"mail.example.org\"} 1890777600",
         ] {

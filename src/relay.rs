@@ -28,7 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 /// Largest read: one TLS record's worth of plaintext.
-const BURST: usize = 16 * 1024;
+const BURST: usize = 64 * 1024;
 /// Silence allowed after one direction has closed.
 pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
 

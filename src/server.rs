@@ -11,8 +11,9 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -30,6 +31,7 @@ use crate::names::HostPattern;
 use crate::reload::{self, Reloader, Watcher};
 use crate::tls::certs::{self, CertError, LoadedCert};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::tls::resolver::CertResolver;
 use crate::tls::{store, TlsContext};
 
@@ -52,6 +54,8 @@ pub enum BuildError {
     },
     #[error("control socket: {0}")]
     Control(#[from] ControlError),
+    #[error("notify: {0}")]
+    Notify(String),
     #[error("listeners.{listener}: cannot listen on {addr}: {source}")]
     Bind {
         listener: String,
@@ -166,6 +170,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     /// The admin endpoint's socket (`admin.bind`).
     admin: Option<TcpListener>,
+    notifier: Arc<ArcSwapOption<Notifier>>,
 }
 
 impl Server {
@@ -184,6 +189,9 @@ impl Server {
         let table = Arc::new(ArcSwap::from_pointee(snapshot.table));
         let challenges = Arc::new(Challenges::default());
         let metrics = Metrics::new();
+        let notifier = Arc::new(ArcSwapOption::from(
+            notifier(config).map_err(|e| vec![BuildError::Notify(e)])?,
+        ));
 
         let v4_any = v4_any_ports(config.listeners.values());
         let mut sockets = Vec::new();
@@ -239,6 +247,7 @@ impl Server {
             watcher: None,
             metrics,
             admin,
+            notifier,
         })
     }
 
@@ -310,6 +319,7 @@ impl Server {
             watcher,
             metrics,
             admin,
+            notifier,
         } = self;
         let stop = Stop::default();
         let tracker = TaskTracker::new();
@@ -331,6 +341,7 @@ impl Server {
             watcher,
             reload_failures: 0,
             metrics: metrics.clone(),
+            notifier: notifier.clone(),
             stop: stop.clone(),
             limit,
             tracker: tracker.clone(),
@@ -350,6 +361,11 @@ impl Server {
             background_stop.clone(),
         ));
         drop(reloader);
+        background.spawn(expiry_watch(
+            notifier,
+            state.views.clone(),
+            background_stop.clone(),
+        ));
         if let Some(admin) = admin {
             background.spawn(crate::admin::serve(
                 admin,
@@ -418,6 +434,7 @@ struct Running {
     watcher: Option<Watcher>,
     reload_failures: u64,
     metrics: Arc<Metrics>,
+    notifier: Arc<ArcSwapOption<Notifier>>,
     stop: Stop,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -499,6 +516,7 @@ impl Running {
                 self.background_stop.clone(),
                 acme::Hooks {
                     metrics: self.metrics.clone(),
+                    notifier: self.notifier.clone(),
                 },
             )
         });
@@ -597,6 +615,11 @@ impl Running {
         };
         let snapshot = build(&config, &self.tls, &self.slots).map_err(lines)?;
         let table = Arc::new(snapshot.table);
+        let notifier = if config.notify != self.config.notify {
+            Some(notifier(&config).map_err(|e| BuildError::Notify(e).to_string())?)
+        } else {
+            None
+        };
 
         // Contexts for every listener, and sockets for addresses not bound yet.
         let v4_any = v4_any_ports(config.listeners.values());
@@ -633,6 +656,9 @@ impl Running {
             }
         }
         self.table.store(table);
+        if let Some(n) = notifier {
+            self.notifier.store(n);
+        }
         let keys: BTreeSet<BindKey> = config
             .listeners
             .values()
@@ -684,6 +710,48 @@ impl Running {
     }
 }
 
+/// The notifier for `config.notify`, if any.
+fn notifier(config: &Config) -> Result<Option<Arc<Notifier>>, String> {
+    config
+        .notify
+        .as_ref()
+        .map(|n| Notifier::new(n, None).map(Arc::new))
+        .transpose()
+}
+
+/// How often served certificates are checked for coming expiry (the
+/// notifier itself sends at most one warning a day per host).
+const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+
+/// Warns about certificates close to expiry, hourly, from a minute after start.
+async fn expiry_watch(
+    notifier: Arc<ArcSwapOption<Notifier>>,
+    views: Arc<ArcSwap<Vec<View>>>,
+    stop: CancellationToken,
+) {
+    let mut next = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {},
+            _ = stop.cancelled() => return,
+        }
+        next += EXPIRY_CHECK;
+        let Some(n) = notifier.load_full() else {
+            continue;
+        };
+        let certs: Vec<(String, Vec<String>, SystemTime, String)> = views
+            .load()
+            .iter()
+            .map(control::row)
+            .filter_map(|r| {
+                let not_after = humantime::parse_rfc3339(&r.not_after).ok()?;
+                Some((r.names.first()?.clone(), r.names, not_after, r.source))
+            })
+            .collect();
+        n.check_expiry(&certs, SystemTime::now());
+    }
+}
+
 /// The per-listener settings every connection reads.
 fn listener_ctx(
     config: &Config,
@@ -693,6 +761,13 @@ fn listener_ctx(
     challenges: &Arc<Challenges>,
     metrics: &Arc<Metrics>,
 ) -> Result<ListenerCtx, BuildError> {
+    let mut backends: Vec<SocketAddr> = config
+        .hosts
+        .iter()
+        .filter_map(|h| h.backends.get(&l.name).map(|b| b.address))
+        .collect();
+    backends.sort();
+    backends.dedup();
     Ok(ListenerCtx {
         listener: l.clone(),
         tls: tls.server_config(l, Arc::new(CertResolver::new(table.clone())))?,
@@ -704,7 +779,7 @@ fn listener_ctx(
             .unwrap_or(&config.default_host)
             .to_string(),
         challenges: challenges.clone(),
-        metrics: metrics.listener(&l.name),
+        metrics: metrics.listener(&l.name, &backends),
     })
 }
 

@@ -1139,3 +1139,114 @@ hosts:
     );
     assert!(run.stop().success());
 }
+
+/// Under systemd, stderr is the journal and `JOURNAL_STREAM` (`dev:inode`)
+/// names it: the journal stamps each line, so portcullis leaves out its own
+/// timestamp. A child whose stderr goes elsewhere (a file, a pipe) inherits
+/// the variable without the journal, and keeps its timestamps.
+#[test]
+fn logs_leave_the_timestamp_to_the_journal_only_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = common::scratch();
+    let config = dir.path().join("journal.yaml");
+    std::fs::write(
+        &config,
+        r#"
+state_dir: state
+listeners: { imaps: { bind: "127.0.0.1:0", protocol: imap, tls: implicit } }
+backends: { imaps: 127.0.0.1:9 }
+hosts: [ { names: [mail.example.test], certificate: self-signed } ]
+"#,
+    )
+    .unwrap();
+    let stream_of = |path: &Path| {
+        let m = std::fs::metadata(path).unwrap();
+        format!("{}:{}", m.dev(), m.ino())
+    };
+    // Runs `portcullis run` with stderr on `log` until it listens, then
+    // SIGTERM; returns the log's lines.
+    let run = |log: &Path, journal: Option<String>| -> Vec<String> {
+        let file = std::fs::File::create(log).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .env_remove("JOURNAL_STREAM");
+        for v in INHERITED {
+            cmd.env_remove(v);
+        }
+        if let Some(stream) = journal {
+            cmd.env("JOURNAL_STREAM", stream);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let read = || std::fs::read_to_string(log).unwrap_or_default();
+        let deadline = Instant::now() + QUICK;
+        while !read().contains("listening") {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("portcullis exited ({status}) while starting:\n{}", read());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("not listening within {QUICK:?}:\n{}", read());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline + QUICK {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no exit within {QUICK:?} of SIGTERM:\n{}", read());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+        read().lines().map(str::to_string).collect()
+    };
+    // "2025-11-22T06:22:05.605721Z  INFO listening …"
+    let stamp = |line: &str| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|first| humantime::parse_rfc3339(first).is_ok())
+    };
+
+    // stderr is the very file JOURNAL_STREAM names: no timestamps
+    let journal = dir.path().join("journal.log");
+    std::fs::File::create(&journal).unwrap(); // its inode, kept by run's truncate
+    let lines = run(&journal, Some(stream_of(&journal)));
+    assert!(lines.len() >= 2, "{lines:#?}");
+    assert!(
+        lines[0].trim_start().starts_with("INFO") && lines[0].contains("listening"),
+        "the first line starts with its level: {:?}",
+        lines[0]
+    );
+    for line in &lines {
+        assert!(!stamp(line), "a timestamp for the journal: {line:?}");
+    }
+
+    // JOURNAL_STREAM names another file (inherited from a journald parent),
+    // or is unset: every line starts with an RFC 3339 timestamp
+    let other = stream_of(&config);
+    for (name, journal) in [("inherited.log", Some(other)), ("plain.log", None)] {
+        let lines = run(&dir.path().join(name), journal);
+        assert!(lines.len() >= 2, "{name}: {lines:#?}");
+        for line in &lines {
+            assert!(stamp(line), "{name}: no timestamp on {line:?}");
+        }
+        assert!(
+            lines[0].contains(" INFO ") && lines[0].contains("listening"),
+            "{name}: {:?}",
+            lines[0]
+        );
+    }
+}

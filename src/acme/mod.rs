@@ -75,6 +75,16 @@ struct Shared {
 #[derive(Clone, Debug)]
 pub struct Hooks {
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Swapped when a reload changes `notify:`.
+    pub notifier: Arc<arc_swap::ArcSwapOption<crate::notify::Notifier>>,
+}
+
+impl Hooks {
+    fn notify(&self, event: crate::notify::Event) {
+        if let Some(n) = self.notifier.load_full() {
+            n.send(event);
+        }
+    }
 }
 
 /// A renewal asked for through the control socket.
@@ -458,6 +468,15 @@ impl HostTask {
                     s.last_error = Some(message.clone());
                 });
                 self.shared.hooks.metrics.renewal(false);
+                let served = self.slot.load();
+                let names = crate::names::to_strings(&self.names);
+                self.shared.hooks.notify(crate::notify::Event::RenewalFailed {
+                    host: names[0].clone(),
+                    names,
+                    error: message.clone(),
+                    next_try: next,
+                    not_after: (served.source == Source::Acme).then(|| unix(served.info.not_after)),
+                });
                 return Outcome::Failed(message);
             }
         };
@@ -480,6 +499,16 @@ impl HostTask {
             );
         }
         self.current = Some(current(&issued.cert.key.cert, &info));
+        let renewal = self.slot.load().source == Source::Acme;
+        let names = crate::names::to_strings(&self.names);
+        self.shared.hooks.notify(crate::notify::Event::Issued {
+            host: names[0].clone(),
+            names,
+            serial: info.serial.clone(),
+            issuer: info.issuer.clone(),
+            not_after: unix(info.not_after),
+            renewal,
+        });
         self.slot.store(Served {
             key: issued.cert.key,
             info: info.clone(),

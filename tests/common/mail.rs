@@ -53,7 +53,7 @@ pub fn managesieve(test: &str) -> bool {
         if std::env::var("PORTCULLIS_REQUIRE_TOOLS").as_deref() == Ok("1") {
             panic!("{msg}, and PORTCULLIS_REQUIRE_TOOLS=1 forbids skipping");
         }
-        eprintln!("\n!!! {msg}\n");
+        super::say_skipped(&msg);
     }
     found
 }
@@ -585,4 +585,88 @@ fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// Fetches whole messages with imaplib: from [`CLIENT_IP`] over implicit TLS
+/// (SNI [`SNI`]) to a portcullis listener, waiting up to --wait seconds for
+/// --count messages whose subject contains --subject. Prints `COUNT n`, then
+/// one `MESSAGE <base64 of the raw message>` line each.
+const FETCH: &str = r#"
+import argparse, base64, imaplib, socket, ssl, sys, time
+ap = argparse.ArgumentParser()
+for a in ("--port", "--count"):
+    ap.add_argument(a, type=int, required=True)
+for a in ("--sni", "--source", "--user", "--password", "--subject"):
+    ap.add_argument(a, required=True)
+ap.add_argument("--wait", type=float, default=15)
+args = ap.parse_args()
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+
+class Imap(imaplib.IMAP4):
+    def _create_socket(self, timeout):
+        raw = socket.create_connection(("127.0.0.1", args.port), timeout=10,
+                                       source_address=(args.source, 0))
+        return ctx.wrap_socket(raw, server_hostname=args.sni)
+
+c = Imap("127.0.0.1", args.port, timeout=10)
+c.login(args.user, args.password)
+c.select("INBOX", readonly=True)
+deadline = time.monotonic() + args.wait
+while True:
+    c.noop()
+    typ, data = c.search(None, "SUBJECT", '"%s"' % args.subject)
+    found = data[0].split()
+    if len(found) >= args.count or time.monotonic() > deadline:
+        break
+    time.sleep(0.2)
+print("COUNT", len(found))
+for num in found:
+    typ, msg = c.fetch(num, "(BODY.PEEK[])")
+    print("MESSAGE", base64.b64encode(msg[0][1]).decode())
+c.logout()
+"#;
+
+/// The raw messages (CRLF line endings) in `user`'s INBOX whose subject
+/// contains `subject`, read through the portcullis IMAPS listener at `addr`
+/// once at least `count` are there (or after 15 s, with what there is).
+pub async fn imap_messages(
+    addr: SocketAddr,
+    user: &str,
+    subject: &str,
+    count: usize,
+) -> Vec<String> {
+    use base64::Engine as _;
+    let (port, count) = (addr.port().to_string(), count.to_string());
+    let args = [
+        "-c",
+        FETCH,
+        "--port",
+        &port,
+        "--sni",
+        SNI,
+        "--source",
+        CLIENT_IP,
+        "--user",
+        user,
+        "--password",
+        PASSWORD,
+        "--subject",
+        subject,
+        "--count",
+        &count,
+    ];
+    let (ok, stdout, stderr) = run_cmd("python3", &args, b"", CLIENT_LIMIT).await;
+    assert!(ok, "imap fetch failed:\n{stdout}{stderr}");
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("MESSAGE "))
+        .map(|b| {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .expect("the fetch script prints base64");
+            String::from_utf8_lossy(&raw).into_owned()
+        })
+        .collect()
 }

@@ -37,9 +37,16 @@ pub fn tool(name: &str, test: &str) -> bool {
         if std::env::var("PORTCULLIS_REQUIRE_TOOLS").as_deref() == Ok("1") {
             panic!("{msg}, and PORTCULLIS_REQUIRE_TOOLS=1 forbids skipping");
         }
-        eprintln!("\n!!! {msg}\n");
+        say_skipped(&msg);
     }
     found
+}
+
+/// Prints a skip notice where it is seen: straight to the process's stderr,
+/// past libtest's capture (which would swallow `eprintln!` of a passing test).
+pub fn say_skipped(msg: &str) {
+    use std::io::Write;
+    let _ = write!(std::io::stderr(), "\n!!! {msg}\n\n");
 }
 
 /// A loopback port that was free a moment ago, for a daemon (Pebble,
