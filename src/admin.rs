@@ -86,8 +86,16 @@ async fn answer(
             "text/plain",
             "GET only\n".to_string(),
         ),
-        Some(_) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".into()),
-        None => ("400 Bad Request", "text/plain", "malformed request\n".into()),
+        Some(_) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /healthz\n".into(),
+        ),
+        None => (
+            "400 Bad Request",
+            "text/plain",
+            "malformed request\n".into(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -189,8 +197,14 @@ mod tests {
         ];
         let p = problems(&m, &bad, now);
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p[0].contains("old.test") && p[0].contains("expired"), "{p:?}");
-        assert!(p[1].contains("soon.test") && p[1].contains("expires in 4 days"), "{p:?}");
+        assert!(
+            p[0].contains("old.test") && p[0].contains("expired"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("soon.test") && p[1].contains("expires in 4 days"),
+            "{p:?}"
+        );
         m.accepting("imaps", "127.0.0.1:993".parse().unwrap(), false);
         let p = problems(&m, &ok, now);
         assert_eq!(p, vec!["listener imaps 127.0.0.1:993: accept is failing"]);

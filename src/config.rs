@@ -727,7 +727,9 @@ impl Walk<'_> {
         let address = |s: &str| {
             let (local, domain) = s.rsplit_once('@')?;
             let plain = |p: &str| {
-                !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic() && !b"<>,;\"\\".contains(&b))
+                !p.is_empty()
+                    && p.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"<>,;\"\\".contains(&b))
             };
             (plain(local) && plain(domain) && !domain.contains('@')).then(|| s.to_string())
         };
@@ -736,7 +738,10 @@ impl Walk<'_> {
             for (p, s) in self.strings(v, "notify.email") {
                 match address(&s) {
                     Some(a) => email.push(a),
-                    None => self.err(&p, format!("{s:?}: expected an address like postmaster@example.org")),
+                    None => self.err(
+                        &p,
+                        format!("{s:?}: expected an address like postmaster@example.org"),
+                    ),
                 }
             }
         } else if let Some(acme) = acme {
@@ -751,7 +756,10 @@ impl Walk<'_> {
             Some(f) => match address(&f) {
                 Some(a) => a,
                 None => {
-                    self.err("notify.from", format!("{f:?}: expected an address like portcullis@example.org"));
+                    self.err(
+                        "notify.from",
+                        format!("{f:?}: expected an address like portcullis@example.org"),
+                    );
                     return None;
                 }
             },
@@ -770,7 +778,10 @@ impl Walk<'_> {
                 .iter()
                 .any(|p| url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
             if !ok {
-                self.err("notify.webhook", format!("{url:?}: expected an http:// or https:// URL"));
+                self.err(
+                    "notify.webhook",
+                    format!("{url:?}: expected an http:// or https:// URL"),
+                );
             }
         }
         if !email.is_empty() && smtp.is_none() && field(m, "smtp").is_none() {

@@ -104,7 +104,9 @@ pub async fn accept_loop(
                 // EMFILE and friends: back off instead of spinning on the error.
                 warn!(listener = %ctx.listener.name, error = %e, "accept failed");
                 if let Ok(local) = tcp.local_addr() {
-                    ctx.metrics.all().accepting(&ctx.listener.name, local, false);
+                    ctx.metrics
+                        .all()
+                        .accepting(&ctx.listener.name, local, false);
                     failing = true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -290,7 +290,9 @@ fn raise_open_files(max_connections: usize) {
         }
     }
     // Sessions need two descriptors each, plus listeners, logs, ACME.
-    let needed = (max_connections as u64).saturating_mul(2).saturating_add(64);
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
     match limit.current {
         Some(n) if n < needed => tracing::warn!(
             open_files = n,

@@ -232,7 +232,10 @@ impl Metrics {
             address: address.to_string(),
         };
         self.accepting.get_or_create(&labels).set(i64::from(yes));
-        let mut state = self.accept_state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self
+            .accept_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         state.insert(format!("{listener} {address}"), yes);
     }
 
@@ -242,13 +245,19 @@ impl Metrics {
             listener: listener.to_string(),
             address: address.to_string(),
         });
-        let mut state = self.accept_state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self
+            .accept_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         state.remove(&format!("{listener} {address}"));
     }
 
     /// Addresses whose accept is failing now, as `listener address`.
     pub fn failing_addresses(&self) -> Vec<String> {
-        let state = self.accept_state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self
+            .accept_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         state
             .iter()
             .filter(|(_, ok)| !**ok)

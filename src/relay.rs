@@ -22,9 +22,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 /// Largest read: one TLS record's worth of plaintext.
@@ -228,8 +228,12 @@ where
                 break 'end RelayEnd::Shutdown;
             }
             let mut moved = false;
-            let a = me.up.poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
-            let b = me.down.poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
+            let a = me
+                .up
+                .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
+            let b = me
+                .down
+                .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
             match (a, b) {
                 (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
                     break 'end RelayEnd::Error(e)
@@ -285,10 +289,9 @@ mod tests {
         let (client, mut client_peer) = duplex(64);
         let (backend, mut backend_peer) = duplex(64);
         let stop = CancellationToken::new();
-        let task =
-            tokio::spawn(
-                async move { relay(client, backend, Duration::from_secs(5), &stop, meter()).await },
-            );
+        let task = tokio::spawn(async move {
+            relay(client, backend, Duration::from_secs(5), &stop, meter()).await
+        });
         let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let sent = big.clone();
         let writer = tokio::spawn(async move {
@@ -315,7 +318,14 @@ mod tests {
         let (client, _c) = duplex(64);
         let (backend, _b) = duplex(64);
         let stop = CancellationToken::new();
-        let stats = relay(client, backend, Duration::from_secs(31 * 60), &stop, meter()).await;
+        let stats = relay(
+            client,
+            backend,
+            Duration::from_secs(31 * 60),
+            &stop,
+            meter(),
+        )
+        .await;
         assert!(matches!(stats.end, RelayEnd::IdleTimeout));
     }
 

@@ -27,11 +27,11 @@ use crate::config::{CertSource, Config, Listener};
 use crate::control::{self, Control, ControlError, View};
 use crate::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
 use crate::listener::{accept_loop, ListenerCtx, Stop};
+use crate::metrics::Metrics;
 use crate::names::HostPattern;
+use crate::notify::Notifier;
 use crate::reload::{self, Reloader, Watcher};
 use crate::tls::certs::{self, CertError, LoadedCert};
-use crate::metrics::Metrics;
-use crate::notify::Notifier;
 use crate::tls::resolver::CertResolver;
 use crate::tls::{store, TlsContext};
 
@@ -626,8 +626,15 @@ impl Running {
         let mut contexts = BTreeMap::new();
         let mut fresh = Vec::new();
         for l in config.listeners.values() {
-            let ctx = listener_ctx(&config, l, &self.tls, &table, &self.challenges, &self.metrics)
-                .map_err(|e| e.to_string())?;
+            let ctx = listener_ctx(
+                &config,
+                l,
+                &self.tls,
+                &table,
+                &self.challenges,
+                &self.metrics,
+            )
+            .map_err(|e| e.to_string())?;
             contexts.insert(l.name.clone(), Arc::new(ctx));
             for addr in &l.bind {
                 let key = BindKey::new(&l.name, *addr);

@@ -470,13 +470,16 @@ impl HostTask {
                 self.shared.hooks.metrics.renewal(false);
                 let served = self.slot.load();
                 let names = crate::names::to_strings(&self.names);
-                self.shared.hooks.notify(crate::notify::Event::RenewalFailed {
-                    host: names[0].clone(),
-                    names,
-                    error: message.clone(),
-                    next_try: next,
-                    not_after: (served.source == Source::Acme).then(|| unix(served.info.not_after)),
-                });
+                self.shared
+                    .hooks
+                    .notify(crate::notify::Event::RenewalFailed {
+                        host: names[0].clone(),
+                        names,
+                        error: message.clone(),
+                        next_try: next,
+                        not_after: (served.source == Source::Acme)
+                            .then(|| unix(served.info.not_after)),
+                    });
                 return Outcome::Failed(message);
             }
         };
