@@ -567,6 +567,7 @@ impl<'a> Transaction<'a> {
         Action::Quit(std::mem::take(&mut self.refused))
     }
 
+    /// `i < to.len()`: both callers check it before asking.
     fn rcpt(&mut self, i: usize) -> Action {
         self.state = State::RcptTo(i);
         Action::Send(format!("RCPT TO:<{}>\r\n", self.to[i]).into_bytes())

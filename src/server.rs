@@ -190,7 +190,7 @@ impl Server {
         let challenges = Arc::new(Challenges::default());
         let metrics = Metrics::new();
         let notifier = Arc::new(ArcSwapOption::from(
-            notifier(config).map_err(|e| vec![BuildError::Notify(e)])?,
+            notifier(config, None).map_err(|e| vec![BuildError::Notify(e)])?,
         ));
 
         let v4_any = v4_any_ports(config.listeners.values());
@@ -277,6 +277,8 @@ impl Server {
         let mut server = Server::bind(&config)
             .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
         server.config_file = Some(path.to_path_buf());
+        let named = notifier(&config, Some(path)).map_err(|e| vec![e])?;
+        server.notifier.store(named);
         server.reloads = reloads;
         server.watcher = watcher;
         Ok(server)
@@ -616,7 +618,10 @@ impl Running {
         let snapshot = build(&config, &self.tls, &self.slots).map_err(lines)?;
         let table = Arc::new(snapshot.table);
         let notifier = if config.notify != self.config.notify {
-            Some(notifier(&config).map_err(|e| BuildError::Notify(e).to_string())?)
+            Some(
+                notifier(&config, self.config_file.as_deref())
+                    .map_err(|e| BuildError::Notify(e).to_string())?,
+            )
         } else {
             None
         };
@@ -717,13 +722,17 @@ impl Running {
     }
 }
 
-/// The notifier for `config.notify`, if any.
-fn notifier(config: &Config) -> Result<Option<Arc<Notifier>>, String> {
-    config
-        .notify
-        .as_ref()
-        .map(|n| Notifier::new(n, None).map(Arc::new))
-        .transpose()
+/// The notifier for `config.notify`, if any; its emails name `file` in the
+/// commands they suggest.
+fn notifier(config: &Config, file: Option<&Path>) -> Result<Option<Arc<Notifier>>, String> {
+    let Some(n) = &config.notify else {
+        return Ok(None);
+    };
+    let mut notifier = Notifier::new(n, None)?;
+    if let Some(file) = file {
+        notifier = notifier.with_config_path(file);
+    }
+    Ok(Some(Arc::new(notifier)))
 }
 
 /// How often served certificates are checked for coming expiry (the
