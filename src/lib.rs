@@ -17,6 +17,7 @@ pub mod names;
 pub mod notify;
 pub mod protocol;
 pub mod proxy_header;
+pub mod read_ahead;
 pub mod relay;
 pub mod reload;
 pub mod server;

@@ -36,6 +36,7 @@ use crate::acme::challenge::{Challenges, ACME_TLS_ALPN};
 use crate::config::{Backend, Listener, Protocol, ProxyProtocol, Timeouts, TlsMode};
 use crate::hosts::{Host, HostTable, Matched};
 use crate::metrics::ListenerMetrics;
+use crate::read_ahead::ReadAhead;
 use crate::protocol::BackendGreeting;
 use crate::proxy_header::{self, TlsFacts};
 use crate::relay::{self, RelayEnd};
@@ -156,9 +157,9 @@ async fn handshake(
     socket: TcpStream,
     ctx: &ListenerCtx,
     deadline: tokio::time::Instant,
-) -> Result<(TlsStream<TcpStream>, Arc<Host>, Matched), Refused> {
+) -> Result<(TlsStream<ReadAhead>, Arc<Host>, Matched), Refused> {
     let work = async {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), socket)
+        let start = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(socket))
             .await
             .map_err(Refused::Handshake)?;
         let hello = start.client_hello();
@@ -208,7 +209,7 @@ fn only_acme_tls<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {
 /// Completes an `acme-tls/1` handshake with the challenge certificate, then
 /// closes: the validator only looks at the certificate.
 async fn answer_challenge(
-    start: tokio_rustls::StartHandshake<TcpStream>,
+    start: tokio_rustls::StartHandshake<ReadAhead>,
     cert: Arc<rustls::sign::CertifiedKey>,
     ctx: &ListenerCtx,
 ) -> Result<(), io::Error> {
@@ -235,7 +236,7 @@ fn is_expected(e: &io::Error) -> bool {
 
 /// What a connection hands the relay once every check has passed.
 pub(crate) enum Ready {
-    Tls(Box<TlsStream<TcpStream>>, TcpStream),
+    Tls(Box<TlsStream<ReadAhead>>, TcpStream),
     Plain(TcpStream, TcpStream),
 }
 
@@ -716,7 +717,7 @@ pub(crate) async fn connect(
 }
 
 /// The protocol's "try later" line, then close_notify and close.
-async fn goodbye(client: &mut TlsStream<TcpStream>, ctx: &ListenerCtx, hostname: &str) {
+async fn goodbye(client: &mut TlsStream<ReadAhead>, ctx: &ListenerCtx, hostname: &str) {
     let line = protocol::unavailable(ctx.listener.protocol, hostname).unwrap_or_default();
     starttls::close_with(client, &line).await;
 }

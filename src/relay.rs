@@ -119,22 +119,37 @@ impl Half {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            // Read until the buffer is full or the reader has nothing more
+            // for now, then write once: a TLS reader hands out one record
+            // (16 KiB) per read, and four of them make one system call.
             let mut stack = [MaybeUninit::<u8>::uninit(); BURST];
             let mut buf = ReadBuf::uninit(&mut stack);
-            match Pin::new(&mut *r).poll_read(cx, &mut buf) {
-                Poll::Ready(r) => r?,
-                Poll::Pending => {
-                    if self.unflushed {
-                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                        self.unflushed = false;
+            let mut dry = false;
+            while buf.remaining() > 0 {
+                let before = buf.filled().len();
+                match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                        self.eof = true;
+                        break;
                     }
-                    return Poll::Pending;
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        dry = true;
+                        break;
+                    }
                 }
             }
             let data = buf.filled();
             if data.is_empty() {
-                self.eof = true;
-                continue;
+                if self.eof {
+                    continue;
+                }
+                if self.unflushed {
+                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    self.unflushed = false;
+                }
+                return Poll::Pending;
             }
             *moved = true;
             self.count += data.len() as u64;
@@ -155,6 +170,14 @@ impl Half {
                         return Poll::Pending;
                     }
                 }
+            }
+            if dry {
+                // The reader's waker is registered: done for now.
+                if self.unflushed {
+                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    self.unflushed = false;
+                }
+                return Poll::Pending;
             }
         }
     }
