@@ -295,26 +295,23 @@ impl Session {
     }
 
     fn log(&self) {
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        let reason = self.reason.as_deref();
+        // tracing fixes an event's level at compile time: one field list, two levels.
+        macro_rules! line {
+            ($level:ident) => {
+                $level!(
+                    bytes.up = self.up,
+                    bytes.down = self.down,
+                    duration_ms = self.started.elapsed().as_millis() as u64,
+                    outcome = %self.outcome,
+                    reason = self.reason.as_deref(),
+                    "session closed"
+                )
+            };
+        }
         if self.warn {
-            warn!(
-                bytes.up = self.up,
-                bytes.down = self.down,
-                duration_ms,
-                outcome = %self.outcome,
-                reason,
-                "session closed"
-            );
+            line!(warn);
         } else {
-            info!(
-                bytes.up = self.up,
-                bytes.down = self.down,
-                duration_ms,
-                outcome = %self.outcome,
-                reason,
-                "session closed"
-            );
+            line!(info);
         }
     }
 }
