@@ -817,14 +817,10 @@ fn build(
         let mut names = host.names.clone();
         let served = match (&host.certificate, cert) {
             (CertSource::Acme, _) => {
-                // The same set of names, in any order: the same certificate.
-                let same = |p: &&HostSlot| {
-                    let (mut a, mut b) = (p.names.clone(), names.clone());
-                    a.sort();
-                    b.sort();
-                    p.acme && a == b
-                };
-                match previous.iter().find(same) {
+                match previous
+                    .iter()
+                    .find(|p| p.acme && same_names(&p.names, &names))
+                {
                     Some(p) => {
                         // Keep the names as the running task knows them.
                         names = p.names.clone();
@@ -832,15 +828,27 @@ fn build(
                     }
                     None => {
                         let directory = config.acme.as_ref().map(|a| a.directory.as_str());
-                        let (served, order_now) =
-                            acme_start(&config.state_dir, &host.names, directory, &tls.provider)
-                                .map_err(|source| {
-                                    vec![BuildError::Certificate {
-                                        index,
-                                        name: host.names[0].to_string(),
-                                        source,
-                                    }]
-                                })?;
+                        // A host switched from certificate files to acme
+                        // (the migration from certbot) keeps its files'
+                        // certificate until the first ACME one is issued.
+                        let before = previous
+                            .iter()
+                            .find(|p| !p.acme && same_names(&p.names, &names))
+                            .map(|p| p.slot.load());
+                        let (served, order_now) = acme_start(
+                            &config.state_dir,
+                            &host.names,
+                            directory,
+                            &tls.provider,
+                            before.as_deref(),
+                        )
+                        .map_err(|source| {
+                            vec![BuildError::Certificate {
+                                index,
+                                name: host.names[0].to_string(),
+                                source,
+                            }]
+                        })?;
                         let slot = Arc::new(CertSlot::new(served));
                         new_acme.push(Managed {
                             names: host.names.clone(),
@@ -892,13 +900,16 @@ fn build(
 }
 
 /// What an ACME host serves at start-up, and why it needs an order now (if
-/// it does): the stored certificate while it is valid, else a self-signed
-/// placeholder. A stored pair that does not load is reported and never served.
+/// it does): the stored certificate while it is valid, else the certificate
+/// `files` the host served before it was switched to acme (while valid),
+/// else a self-signed placeholder. A stored pair that does not load is
+/// reported and never served.
 fn acme_start(
     state_dir: &std::path::Path,
     names: &[HostPattern],
     directory: Option<&str>,
     provider: &rustls::crypto::CryptoProvider,
+    files: Option<&Served>,
 ) -> Result<(Served, Option<String>), CertError> {
     let wanted = crate::names::to_strings(names);
     let reason = match acme::store::load(state_dir, names, provider) {
@@ -930,6 +941,19 @@ fn acme_start(
             "the stored certificate is unusable".to_string()
         }
     };
+    if let Some(f) =
+        files.filter(|f| f.source == Source::Files && f.info.not_after > certs::unix_now())
+    {
+        info!(host = %wanted[0], reason = %reason, not_after = %control::rfc3339(f.info.not_after), "serving the previous certificate files until the ACME certificate is issued");
+        return Ok((
+            Served {
+                key: f.key.clone(),
+                info: f.info.clone(),
+                source: f.source,
+            },
+            Some(reason),
+        ));
+    }
     let placeholder = certs::self_signed(state_dir, names, provider)?;
     warn!(host = %wanted[0], reason = %reason, "serving a self-signed placeholder until the ACME certificate is issued");
     Ok((
@@ -940,6 +964,14 @@ fn acme_start(
         },
         Some(reason),
     ))
+}
+
+/// The same set of names, in any order: the same certificate.
+fn same_names(a: &[HostPattern], b: &[HostPattern]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// Ports on which some listener binds `0.0.0.0`: an `[::]` socket on the same

@@ -973,3 +973,49 @@ async fn a_certificate_replaced_while_starting_is_picked_up() {
     let _ = tx.send(());
     let _ = done.await;
 }
+
+/// The migration from certbot: a host switched from certificate files to
+/// `acme` keeps serving its files' certificate until the first ACME
+/// certificate is issued — here never, the CA being unreachable — instead
+/// of a self-signed placeholder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_switched_to_acme_keeps_its_files_certificate_until_issued() {
+    let dir = scratch();
+    let (crt, key) = cert_files(dir.path(), "t6", &["t6.test"]);
+    let files_yaml = one_host_yaml("imaps_t6", "t6.test", &crt, &key);
+    let proxy = Proxy::start_file(dir, &files_yaml).await;
+    let addr = proxy.addr("imaps_t6");
+    watching(&proxy).await;
+    assert_eq!(served(addr, "t6.test").await, file_der(&crt));
+
+    // Nothing listens on the CA's port: every order fails.
+    let dead_ca = common::free_port();
+    let acme_yaml = files_yaml
+        .replace(
+            &format!("certificate: {{ cert: {}, key: {} }}", crt.display(), key.display()),
+            "certificate: acme",
+        )
+        .replace(
+            "hosts:",
+            &format!(
+                "acme:\n  directory: https://127.0.0.1:{dead_ca}/dir\n  contact: [\"mailto:postmaster@t6.test\"]\n  terms_of_service_agreed: true\n  challenges: [tls-alpn-01]\nhosts:"
+            ),
+        );
+    assert!(acme_yaml.contains("certificate: acme"), "{acme_yaml}");
+    proxy.write_config(&acme_yaml);
+    let changes = proxy.reload().await.expect("the acme config loads");
+    assert!(changes.to_string().contains("acme"), "{changes}");
+    log_line(&[
+        "serving the previous certificate files until the ACME certificate is issued",
+        "t6.test",
+    ])
+    .await;
+    // The order fails (connection refused) and the files' certificate stays.
+    log_line(&["certificate order failed", "t6.test"]).await;
+    assert_eq!(served(addr, "t6.test").await, file_der(&crt));
+    assert!(
+        log_lines(&["serving a self-signed placeholder", "t6.test"]).is_empty(),
+        "no placeholder was ever served for t6.test"
+    );
+    proxy.shutdown().await;
+}
