@@ -774,9 +774,13 @@ impl Walk<'_> {
             });
         let webhook = field(m, "webhook").and_then(|v| self.string(v, "notify.webhook"));
         if let Some(url) = &webhook {
+            // What the webhook client will parse: a scheme, a host, a path.
             let ok = ["http://", "https://"]
                 .iter()
-                .any(|p| url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+                .any(|p| url.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
+                && url
+                    .parse::<http::Uri>()
+                    .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
             if !ok {
                 self.err(
                     "notify.webhook",
@@ -1409,6 +1413,69 @@ hosts:
 default_host: mail.example.test
 timeouts: { idle: 45m }
 "#;
+
+    #[test]
+    fn admin_and_notify_blocks_parse_and_their_mistakes_are_named() {
+        let c = parse(&format!(
+            "{GOOD}admin: {{ bind: 127.0.0.1:9099 }}\nnotify: {{ email: [ops@example.test], smtp: 127.0.0.1:20025, webhook: \"https://hooks.example.test/x?k=1\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.unwrap().bind, "127.0.0.1:9099".parse().unwrap());
+        let n = c.notify.unwrap();
+        assert_eq!(n.email, ["ops@example.test"]);
+        assert_eq!(n.from, "portcullis@mail.example.test");
+        let smtp = n.smtp.unwrap();
+        assert_eq!(smtp.address, "127.0.0.1:20025".parse().unwrap());
+        assert_eq!(smtp.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(
+            n.webhook.as_deref(),
+            Some("https://hooks.example.test/x?k=1")
+        );
+
+        for (block, want) in [
+            (
+                "notify: { email: [ops@example.test] }",
+                "notify.smtp: missing",
+            ),
+            (
+                "notify: { webhook: \"https://hooks.example.test/a b\" }",
+                "notify.webhook: \"https://hooks.example.test/a b\": expected an http",
+            ),
+            (
+                "notify: { webhook: ftp://x }",
+                "notify.webhook: \"ftp://x\": expected an http",
+            ),
+            (
+                "notify: { from: nobody }",
+                "notify.from: \"nobody\": expected an address",
+            ),
+            (
+                "notify: { email: [\"a b@c\"], smtp: 127.0.0.1:25 }",
+                "notify.email[0]: \"a b@c\": expected an address",
+            ),
+            ("notify: {}", "notify: nobody to notify"),
+            (
+                "admin: { bind: localhost:9099 }",
+                "admin.bind: invalid address",
+            ),
+        ] {
+            let errs = parse(&format!("{GOOD}{block}\n")).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.starts_with(want)),
+                "{block}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn notify_email_defaults_to_the_acme_contacts() {
+        let text = GOOD.replace(
+            "hosts:",
+            "acme: { directory: letsencrypt-staging, contact: [\"mailto:ops@example.test\"], terms_of_service_agreed: true }\nhosts:",
+        ) + "notify: { smtp: 127.0.0.1:20025 }\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.notify.unwrap().email, ["ops@example.test"]);
+    }
 
     #[test]
     fn a_good_config_parses_into_typed_values() {

@@ -61,7 +61,7 @@ pub struct ListenerCtx {
     pub hostname: String,
     /// Open ACME challenges: http-01 tokens, tls-alpn-01 certificates.
     pub challenges: Arc<Challenges>,
-    pub metrics: ListenerMetrics,
+    pub metrics: Arc<ListenerMetrics>,
 }
 
 /// Cancellation for the two stages of shutdown.
@@ -104,7 +104,13 @@ pub async fn accept_loop(
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on the error.
                 warn!(listener = %ctx.listener.name, error = %e, "accept failed");
-                if let Ok(local) = tcp.local_addr() {
+                // Out of descriptors or memory: the address is not serving.
+                // (A connection aborted before accept is not the listener's fault.)
+                let exhausted = matches!(
+                    e.raw_os_error(),
+                    Some(errno::EMFILE | errno::ENFILE | errno::ENOBUFS | errno::ENOMEM)
+                );
+                if let (true, Ok(local)) = (exhausted, tcp.local_addr()) {
                     ctx.metrics
                         .all()
                         .accepting(&ctx.listener.name, local, false);
@@ -223,6 +229,14 @@ async fn answer_challenge(
     stream.shutdown().await
 }
 
+/// errno values of accept(2) that mean the process is out of resources.
+mod errno {
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    pub const ENOBUFS: i32 = 105;
+}
+
 /// Resets, EOFs and timeouts are the network being the network: debug, not warn.
 fn is_expected(e: &io::Error) -> bool {
     matches!(
@@ -283,8 +297,11 @@ impl Session {
         self.down += stats.down;
         self.outcome = stats.end.as_str();
         if let RelayEnd::Error(e) = &stats.end {
-            if !is_expected(e) {
-                self.reason = Some(e.to_string());
+            self.reason = Some(e.to_string());
+            if is_expected(e) {
+                // A reset, or a TCP close without TLS close_notify: how many
+                // clients end a session. Not an error of anyone's.
+                self.outcome = "closed";
             }
         }
     }
@@ -326,11 +343,15 @@ async fn connection(
     stop: Stop,
     _permit: OwnedSemaphorePermit,
 ) {
-    let metrics = &ctx.metrics;
-    metrics.open.inc();
+    let open = Open::new(ctx.metrics.clone());
     let mut session = Session::new();
     let ready = Box::pin(prepare(socket, peer, &ctx, &stop, &mut session)).await;
     let idle = ctx.timeouts.idle;
+    // The context holds the host table, certificates and keys of the
+    // configuration this connection was accepted under: a session that
+    // idles for days must not keep an old configuration alive.
+    drop(ctx);
+    let metrics = &open.0;
     let meter = relay::Meter {
         up: &metrics.up,
         down: &metrics.down,
@@ -346,7 +367,23 @@ async fn connection(
     }
     session.log();
     metrics.session(session.outcome);
-    metrics.open.dec();
+}
+
+/// Counts a connection in `connections_open` for as long as it lives,
+/// however it ends.
+struct Open(Arc<ListenerMetrics>);
+
+impl Open {
+    fn new(metrics: Arc<ListenerMetrics>) -> Open {
+        metrics.open.inc();
+        Open(metrics)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.dec();
+    }
 }
 
 /// Everything before the relay: dialogue, handshake, routing, backend.
@@ -418,6 +455,7 @@ async fn prepare(
     let handshake_outcome = match &shaken {
         Ok((stream, _, _)) if stream.get_ref().1.server_name().is_none() => Some("no_sni"),
         Ok(_) => Some("ok"),
+        Err(Refused::Handshake(e)) if is_expected(e) => Some("client_left"),
         Err(Refused::Handshake(_)) => Some("alert"),
         Err(Refused::HandshakeTimeout) => Some("timeout"),
         Err(Refused::UnknownSni) => Some("unknown_sni"),

@@ -74,7 +74,14 @@ const SESSION_OUTCOMES_AT_ZERO: [&str; 5] = [
 ];
 
 /// Handshake outcomes, as the `outcome` label spells them.
-pub const HANDSHAKE_OUTCOMES: [&str; 5] = ["ok", "no_sni", "unknown_sni", "alert", "timeout"];
+pub const HANDSHAKE_OUTCOMES: [&str; 6] = [
+    "ok",
+    "no_sni",
+    "unknown_sni",
+    "alert",
+    "timeout",
+    "client_left",
+];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -93,6 +100,7 @@ pub struct Metrics {
     next_renewal: Family<HostLabel, Gauge>,
     renewals: Family<Outcome, Counter>,
     reloads: Family<Outcome, Counter>,
+    scrape: Mutex<()>,
 }
 
 impl Metrics {
@@ -112,6 +120,7 @@ impl Metrics {
             next_renewal: Family::default(),
             renewals: Family::default(),
             reloads: Family::default(),
+            scrape: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -126,7 +135,7 @@ impl Metrics {
         );
         registry.register(
             "handshakes",
-            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alert, timeout)",
+            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alert: failed, timeout, client_left: closed or reset mid-handshake)",
             m.handshakes.clone(),
         );
         registry.register(
@@ -277,6 +286,8 @@ impl Metrics {
 
     /// The exposition text, with the certificate gauges set from `certs`.
     pub fn encode(&self, certs: &[CertRow]) -> String {
+        // Two scrapes at once must not clear each other's certificate gauges.
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
         self.not_after.clear();
         self.next_renewal.clear();
         for row in certs {
@@ -317,7 +328,7 @@ pub struct ListenerMetrics {
     pub open: Gauge,
     pub connections: Counter,
     /// Indexed like [`HANDSHAKE_OUTCOMES`].
-    handshakes: [Counter; 5],
+    handshakes: [Counter; 6],
     pub starttls: Counter,
     pub up: Counter,
     pub down: Counter,

@@ -957,6 +957,18 @@ impl Notifier {
         self
     }
 
+    /// Takes over `old`'s record of expiry warnings sent, so a reload that
+    /// changes `notify:` does not warn about every host again the same day.
+    pub fn with_history_of(self, old: &Notifier) -> Notifier {
+        let sent = old
+            .expiry_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        *self.expiry_sent.lock().unwrap_or_else(|e| e.into_inner()) = sent;
+        self
+    }
+
     /// Delivers `event` in a task of its own and returns at once; the
     /// outcome is logged (`notification sent` / `notification failed`).
     pub fn send(self: &Arc<Self>, event: Event) {

@@ -76,6 +76,9 @@ struct Half {
     eof: bool,
     /// The writer's side is shut down: this direction is over.
     done: bool,
+    /// A read failed after earlier reads of the same burst brought bytes:
+    /// those are written (and flushed) first, then the error ends the relay.
+    failed: Option<io::Error>,
     count: u64,
 }
 
@@ -110,6 +113,14 @@ impl Half {
                 }
                 self.held = None;
             }
+            if let Some(e) = self.failed.take() {
+                // Flushed first (a flush error is moot: the relay ends anyway).
+                if self.unflushed && Pin::new(&mut *w).poll_flush(cx).is_pending() {
+                    self.failed = Some(e);
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Err(e));
+            }
             if self.eof {
                 if self.unflushed {
                     ready!(Pin::new(&mut *w).poll_flush(cx))?;
@@ -133,7 +144,13 @@ impl Half {
                         break;
                     }
                     Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) if buf.filled().is_empty() => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        // A client that closes without close_notify right
+                        // after its last command: the command still goes.
+                        self.failed = Some(e);
+                        break;
+                    }
                     Poll::Pending => {
                         dry = true;
                         break;
@@ -214,6 +231,7 @@ where
         timer: tokio::time::sleep_until(last + idle),
         cancelled: stop.cancelled(),
         meter,
+        up_first: false,
     }
     .await
 }
@@ -234,6 +252,9 @@ pin_project_lite::pin_project! {
         #[pin]
         cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
         meter: Meter<'a>,
+        // Which direction is polled first, alternating: a direction that
+        // always has data must not starve the other.
+        up_first: bool,
     }
 }
 
@@ -251,12 +272,24 @@ where
                 break 'end RelayEnd::Shutdown;
             }
             let mut moved = false;
-            let a = me
-                .up
-                .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
-            let b = me
-                .down
-                .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
+            *me.up_first = !*me.up_first;
+            let (a, b) = if *me.up_first {
+                let a = me
+                    .up
+                    .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
+                let b = me
+                    .down
+                    .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
+                (a, b)
+            } else {
+                let b = me
+                    .down
+                    .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
+                let a = me
+                    .up
+                    .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
+                (a, b)
+            };
             match (a, b) {
                 (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
                     break 'end RelayEnd::Error(e)
@@ -350,6 +383,68 @@ mod tests {
         )
         .await;
         assert!(matches!(stats.end, RelayEnd::IdleTimeout));
+    }
+
+    /// Both directions saturated at once: neither starves the other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_directions_move_when_both_are_busy() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::net::{TcpListener, TcpStream};
+        async fn pair() -> (TcpStream, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (b, _) = l.accept().await.unwrap();
+            (a, b)
+        }
+        let (client, client_peer) = pair().await;
+        let (backend, backend_peer) = pair().await;
+        let stop = CancellationToken::new();
+        let relay_stop = stop.clone();
+        let relayed = tokio::spawn(async move {
+            relay(
+                client,
+                backend,
+                Duration::from_secs(60),
+                &relay_stop,
+                meter(),
+            )
+            .await
+        });
+        let (cr, mut cw) = client_peer.into_split();
+        let (br, mut bw) = backend_peer.into_split();
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let b = vec![1u8; 1 << 16];
+            while tokio::time::Instant::now() < deadline && cw.write_all(&b).await.is_ok() {}
+        });
+        tasks.spawn(async move {
+            let b = vec![2u8; 1 << 16];
+            while tokio::time::Instant::now() < deadline && bw.write_all(&b).await.is_ok() {}
+        });
+        for (mut r, n) in [(br, up.clone()), (cr, down.clone())] {
+            tasks.spawn(async move {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(Ok(k)) = tokio::time::timeout_at(deadline, r.read(&mut b)).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n.fetch_add(k as u64, Ordering::Relaxed);
+                }
+            });
+        }
+        tokio::time::sleep_until(deadline).await;
+        stop.cancel();
+        let _ = relayed.await;
+        tasks.abort_all();
+        let (up, down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
+        assert!(up > 0 && down > 0, "up {up} down {down}");
+        assert!(
+            up < 2 * down && down < 2 * up,
+            "one direction starved the other: up {up} bytes, down {down} bytes"
+        );
     }
 
     #[tokio::test]

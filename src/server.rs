@@ -190,7 +190,7 @@ impl Server {
         let challenges = Arc::new(Challenges::default());
         let metrics = Metrics::new();
         let notifier = Arc::new(ArcSwapOption::from(
-            notifier(config, None).map_err(|e| vec![BuildError::Notify(e)])?,
+            notifier(config, None, None).map_err(|e| vec![BuildError::Notify(e)])?,
         ));
 
         let v4_any = v4_any_ports(config.listeners.values());
@@ -277,7 +277,7 @@ impl Server {
         let mut server = Server::bind(&config)
             .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
         server.config_file = Some(path.to_path_buf());
-        let named = notifier(&config, Some(path)).map_err(|e| vec![e])?;
+        let named = notifier(&config, Some(path), None).map_err(|e| vec![e])?;
         server.notifier.store(named);
         server.reloads = reloads;
         server.watcher = watcher;
@@ -619,8 +619,12 @@ impl Running {
         let table = Arc::new(snapshot.table);
         let notifier = if config.notify != self.config.notify {
             Some(
-                notifier(&config, self.config_file.as_deref())
-                    .map_err(|e| BuildError::Notify(e).to_string())?,
+                notifier(
+                    &config,
+                    self.config_file.as_deref(),
+                    self.notifier.load().as_deref(),
+                )
+                .map_err(|e| BuildError::Notify(e).to_string())?,
             )
         } else {
             None
@@ -699,7 +703,15 @@ impl Running {
                 if let Some(b) = self.bound.get_mut(&BindKey::new(&l.name, *addr)) {
                     if let Some(ctx) = contexts.get(&l.name) {
                         b.ctx.store(ctx.clone());
-                        b.listener = l.name.clone();
+                        if b.listener != l.name {
+                            // The address moved to another listener: its
+                            // health and metrics go with it.
+                            if let Some(a) = b.local {
+                                self.metrics.forget_address(&b.listener, a);
+                                self.metrics.accepting(&l.name, a, true);
+                            }
+                            b.listener = l.name.clone();
+                        }
                     }
                 }
             }
@@ -723,14 +735,21 @@ impl Running {
 }
 
 /// The notifier for `config.notify`, if any; its emails name `file` in the
-/// commands they suggest.
-fn notifier(config: &Config, file: Option<&Path>) -> Result<Option<Arc<Notifier>>, String> {
+/// commands they suggest, and it remembers the warnings `old` sent.
+fn notifier(
+    config: &Config,
+    file: Option<&Path>,
+    old: Option<&Notifier>,
+) -> Result<Option<Arc<Notifier>>, String> {
     let Some(n) = &config.notify else {
         return Ok(None);
     };
     let mut notifier = Notifier::new(n, None)?;
     if let Some(file) = file {
         notifier = notifier.with_config_path(file);
+    }
+    if let Some(old) = old {
+        notifier = notifier.with_history_of(old);
     }
     Ok(Some(Arc::new(notifier)))
 }
@@ -795,7 +814,7 @@ fn listener_ctx(
             .unwrap_or(&config.default_host)
             .to_string(),
         challenges: challenges.clone(),
-        metrics: metrics.listener(&l.name, &backends),
+        metrics: Arc::new(metrics.listener(&l.name, &backends)),
     })
 }
 

@@ -270,6 +270,7 @@ hosts:
         ("unknown_sni", 1),
         ("alert", 0),
         ("timeout", 0),
+        ("client_left", 0),
     ] {
         expect(
             format!("portcullis_handshakes_total{{listener=\"imaps\",outcome=\"{outcome}\"}}"),
@@ -354,7 +355,7 @@ hosts:
     for (name, kind, samples) in [
         ("portcullis_connections_open", "gauge", 1),
         ("portcullis_connections", "counter", 1),
-        ("portcullis_handshakes", "counter", 5),
+        ("portcullis_handshakes", "counter", 6),
         ("portcullis_starttls_upgrades", "counter", 1),
         ("portcullis_sessions", "counter", 6),
         ("portcullis_relayed_bytes", "counter", 2),

@@ -581,3 +581,109 @@ hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
     let h = backend.next_header().await;
     assert_eq!((h.source, h.destination), (Some(me), Some(v4)));
 }
+
+/// A backend that greets, records what it reads and, with `reset_after`,
+/// answers LOGOUT and resets the connection (close with linger 0).
+async fn recording_backend(
+    reset_after: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(b"* OK hi\r\n").await;
+                let mut got = Vec::new();
+                let mut b = [0u8; 1024];
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                        Ok(Ok(n)) => {
+                            got.extend_from_slice(&b[..n]);
+                            if reset_after && got.ends_with(b"LOGOUT\r\n") {
+                                let _ = s.write_all(b"* BYE bye\r\na OK LOGOUT done\r\n").await;
+                                // linger 0: close sends a reset
+                                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = tx.send(got);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn plain_backend_yaml(backend: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+state_dir: state
+listeners:
+  imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }}
+backends:
+  imaps: {{ address: "{backend}", proxy_protocol: none }}
+hosts:
+  - names: [last.example.test]
+    certificate: self-signed
+"#
+    )
+}
+
+/// The last bytes before an unclean end are delivered: a client that sends
+/// its last command and closes TCP without close_notify (many do), and a
+/// backend that answers and then resets. Each of the 20 sessions must get
+/// its last words through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_words_before_an_unclean_close_are_delivered() {
+    // client side
+    let (addr, mut seen) = recording_backend(false).await;
+    let proxy = Proxy::start(&plain_backend_yaml(addr)).await;
+    for i in 0..20 {
+        let mut tls = tls_connect(proxy.addr("imaps"), Some("last.example.test"))
+            .await
+            .unwrap();
+        read_until(&mut tls, b"\r\n").await;
+        tls.write_all(b"a LOGOUT\r\n").await.unwrap();
+        tls.flush().await.unwrap();
+        let (mut tcp, _) = tls.into_inner();
+        let _ = tcp.shutdown().await; // FIN, no close_notify
+        drop(tcp);
+        let got = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got, b"a LOGOUT\r\n",
+            "session {i}: the last command was lost"
+        );
+    }
+    proxy.shutdown().await;
+
+    // backend side
+    let (addr, mut seen) = recording_backend(true).await;
+    let proxy = Proxy::start(&plain_backend_yaml(addr)).await;
+    for i in 0..20 {
+        let mut tls = tls_connect(proxy.addr("imaps"), Some("last.example.test"))
+            .await
+            .unwrap();
+        read_until(&mut tls, b"\r\n").await;
+        tls.write_all(b"a LOGOUT\r\n").await.unwrap();
+        tls.flush().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut reply)).await;
+        assert!(
+            reply.ends_with(b"a OK LOGOUT done\r\n"),
+            "session {i}: the backend's last reply was lost: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    proxy.shutdown().await;
+}
