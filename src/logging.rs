@@ -1,10 +1,15 @@
 //! Log output: human text or one JSON object per line, filtered by the config's
 //! `log.level` unless `RUST_LOG` is set. Under systemd, when stderr is the
-//! journal (`JOURNAL_STREAM` names it), lines carry no timestamp: the
-//! journal stamps every line itself.
+//! journal (`JOURNAL_STREAM` names it), lines carry no timestamp (the
+//! journal stamps every line itself) and start with their syslog priority
+//! (`<4>` for a warning), which journald takes as the line's priority:
+//! `journalctl -p warning -u portcullis` shows warnings and errors only.
 
 use std::io::IsTerminal;
 
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -22,10 +27,56 @@ pub fn init(format: LogFormat, level: &str) {
     let journal = stderr_is_journal();
     let _ = match (format, journal) {
         (LogFormat::Text, false) => builder.try_init(),
-        (LogFormat::Text, true) => builder.without_time().try_init(),
         (LogFormat::Json, false) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Json, true) => builder.json().flatten_event(true).without_time().try_init(),
+        // The priority prefix says the level: not written twice.
+        (LogFormat::Text, true) => builder
+            .event_format(Priority(
+                tracing_subscriber::fmt::format()
+                    .with_target(false)
+                    .with_level(false)
+                    .without_time(),
+            ))
+            .try_init(),
+        (LogFormat::Json, true) => builder
+            .event_format(Priority(
+                tracing_subscriber::fmt::format()
+                    .json()
+                    .flatten_event(true)
+                    .without_time(),
+            ))
+            .try_init(),
     };
+}
+
+/// Prefixes each line with its syslog priority, as journald reads it
+/// (`SyslogLevelPrefix=`, on by default): `<3>` error, `<4>` warning,
+/// `<6>` info, `<7>` debug and trace.
+struct Priority<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Priority<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+fn priority(level: &tracing::Level) -> u8 {
+    match *level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
 }
 
 /// True when `JOURNAL_STREAM` (`device:inode`, set by systemd) names the
@@ -50,6 +101,14 @@ fn parse_journal_stream(s: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_priorities_follow_syslog() {
+        assert_eq!(priority(&tracing::Level::ERROR), 3);
+        assert_eq!(priority(&tracing::Level::WARN), 4);
+        assert_eq!(priority(&tracing::Level::INFO), 6);
+        assert_eq!(priority(&tracing::Level::DEBUG), 7);
+    }
 
     #[test]
     fn journal_stream_is_device_and_inode() {
