@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use crate::control::{self, CertRow, View};
+use crate::http::{self, Head, Unread};
 use crate::metrics::Metrics;
 
 /// A certificate this close to expiry makes `/healthz` fail: a successful
@@ -61,19 +62,25 @@ async fn answer(
     metrics: &Metrics,
     views: &ArcSwap<Vec<View>>,
 ) -> io::Result<()> {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
+    let read = tokio::time::timeout(READ_TIMEOUT, http::read_head(&mut stream, HEAD_LIMIT))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timed out"))??;
-    let rows: Vec<CertRow> = views.load().iter().map(control::row).collect();
-    let (status, content_type, body) = match parse(&head) {
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timed out"))?;
+    let head = match read {
+        Ok((_, head)) => Some(head),
+        Err(Unread::Bad(_)) => None,
+        Err(Unread::Io(e)) => return Err(e),
+    };
+    // The certificate rows only for the two answers that use them.
+    let rows = || -> Vec<CertRow> { views.load().iter().map(control::row).collect() };
+    let (status, content_type, body) = match head.as_ref().map(route) {
         Some(("GET", "/metrics")) => (
             "200 OK",
             // What prometheus-client writes: OpenMetrics text (`# EOF`,
             // counters typed without their `_total`).
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(&rows),
+            metrics.encode(&rows()),
         ),
-        Some(("GET", "/healthz")) => match problems(metrics, &rows, SystemTime::now()) {
+        Some(("GET", "/healthz")) => match problems(metrics, &rows(), SystemTime::now()) {
             p if p.is_empty() => ("200 OK", "text/plain", "ok\n".to_string()),
             p => (
                 "503 Service Unavailable",
@@ -105,32 +112,10 @@ async fn answer(
     stream.shutdown().await
 }
 
-async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > HEAD_LIMIT {
-            break; // answered as malformed
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(buf)
-}
-
 /// Method and path (query string dropped).
-fn parse(head: &[u8]) -> Option<(&str, &str)> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return None,
-    }
-    let path = req.path?;
-    Some((req.method?, path.split('?').next().unwrap_or(path)))
+fn route(head: &Head) -> (&str, &str) {
+    let path = head.path.as_str();
+    (head.method.as_str(), path.split('?').next().unwrap_or(path))
 }
 
 /// Why `/healthz` fails; empty when healthy.
@@ -212,10 +197,9 @@ mod tests {
 
     #[test]
     fn requests_are_parsed() {
-        assert_eq!(
-            parse(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Some(("GET", "/metrics"))
-        );
-        assert_eq!(parse(b"garbage\r\n\r\n"), None);
+        let parse = |text: &[u8]| http::parse(text).ok().flatten();
+        let head = parse(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(head.as_ref().map(route), Some(("GET", "/metrics")));
+        assert_eq!(parse(b"garbage\r\n\r\n").as_ref().map(route), None);
     }
 }

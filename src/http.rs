@@ -152,7 +152,7 @@ pub(crate) async fn serve(
     session: &mut Session,
 ) -> Option<Ready> {
     tracing::Span::current().record("tls.version", "none");
-    let read = tokio::time::timeout(ctx.timeouts.handshake, read_head(&mut socket));
+    let read = tokio::time::timeout(ctx.timeouts.handshake, read_head(&mut socket, HEAD_LIMIT));
     let (buf, head) = tokio::select! {
         r = read => match r {
             Ok(Ok(got)) => got,
@@ -241,14 +241,18 @@ pub(crate) async fn serve(
 }
 
 /// Why no request head was read.
-enum Unread {
+pub(crate) enum Unread {
     Io(io::Error),
     /// Not a request we take: answered with a 400 saying this.
     Bad(&'static str),
 }
 
-/// Reads until a whole request head is in; returns everything read so far.
-async fn read_head(socket: &mut TcpStream) -> Result<(Vec<u8>, Head), Unread> {
+/// Reads until a whole request head is in (at most `limit` bytes); returns
+/// everything read so far.
+pub(crate) async fn read_head(
+    socket: &mut TcpStream,
+    limit: usize,
+) -> Result<(Vec<u8>, Head), Unread> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -262,7 +266,7 @@ async fn read_head(socket: &mut TcpStream) -> Result<(Vec<u8>, Head), Unread> {
         buf.extend_from_slice(&chunk[..n]);
         match parse(&buf) {
             Ok(Some(head)) => return Ok((buf, head)),
-            Ok(None) if buf.len() < HEAD_LIMIT => continue,
+            Ok(None) if buf.len() < limit => continue,
             Ok(None) => return Err(Unread::Bad("request head longer than 8 KiB")),
             Err(why) => return Err(Unread::Bad(why)),
         }
