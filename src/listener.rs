@@ -106,9 +106,10 @@ pub async fn accept_loop(
                 warn!(listener = %ctx.listener.name, error = %e, "accept failed");
                 // Out of descriptors or memory: the address is not serving.
                 // (A connection aborted before accept is not the listener's fault.)
+                use rustix::io::Errno;
                 let exhausted = matches!(
-                    e.raw_os_error(),
-                    Some(errno::EMFILE | errno::ENFILE | errno::ENOBUFS | errno::ENOMEM)
+                    Errno::from_io_error(&e),
+                    Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
                 );
                 if let (true, Ok(local)) = (exhausted, tcp.local_addr()) {
                     ctx.metrics
@@ -227,14 +228,6 @@ async fn answer_challenge(
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
     let mut stream = start.into_stream(Arc::new(config)).await?;
     stream.shutdown().await
-}
-
-/// errno values of accept(2) that mean the process is out of resources.
-mod errno {
-    pub const ENOMEM: i32 = 12;
-    pub const ENFILE: i32 = 23;
-    pub const EMFILE: i32 = 24;
-    pub const ENOBUFS: i32 = 105;
 }
 
 /// Resets, EOFs and timeouts are the network being the network: debug, not warn.

@@ -105,8 +105,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("portcullis");
-        let m = Metrics {
+        let mut m = Metrics {
             open: Family::default(),
             connections: Family::default(),
             handshakes: Family::default(),
@@ -121,64 +120,64 @@ impl Metrics {
             renewals: Family::default(),
             reloads: Family::default(),
             scrape: Mutex::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("portcullis"),
         };
-        registry.register(
+        m.registry.register(
             "connections_open",
             "Client connections open now",
             m.open.clone(),
         );
-        registry.register(
+        m.registry.register(
             "connections",
             "Client connections accepted",
             m.connections.clone(),
         );
-        registry.register(
+        m.registry.register(
             "handshakes",
             "TLS handshakes by outcome (ok, no_sni, unknown_sni, alert: failed, timeout, client_left: closed or reset mid-handshake)",
             m.handshakes.clone(),
         );
-        registry.register(
+        m.registry.register(
             "starttls_upgrades",
             "STARTTLS commands that led to a TLS handshake",
             m.starttls.clone(),
         );
-        registry.register(
+        m.registry.register(
             "sessions",
             "Connections ended, by outcome (as in the 'session closed' log line)",
             m.sessions.clone(),
         );
-        registry.register(
+        m.registry.register(
             "relayed_bytes",
             "Bytes relayed: up is client to backend, down is backend to client",
             m.bytes.clone(),
         );
-        registry.register(
+        m.registry.register(
             "backend_connect_failures",
             "Backend connections that failed (refused, timed out, no greeting)",
             m.backend_failures.clone(),
         );
-        registry.register(
+        m.registry.register(
             "listener_accepting",
             "1 while the address accepts connections, 0 while accept fails",
             m.accepting.clone(),
         );
-        registry.register(
+        m.registry.register(
             "certificate_not_after_seconds",
             "Expiry of the certificate served for each name (Unix time)",
             m.not_after.clone(),
         );
-        registry.register(
+        m.registry.register(
             "certificate_next_renewal_seconds",
             "When portcullis next tries to renew the host's certificate (Unix time)",
             m.next_renewal.clone(),
         );
-        registry.register(
+        m.registry.register(
             "certificate_renewals",
             "ACME issuance attempts by outcome (ok, failed)",
             m.renewals.clone(),
         );
-        registry.register(
+        m.registry.register(
             "config_reloads",
             "Configuration reloads by outcome (ok, failed)",
             m.reloads.clone(),
@@ -187,7 +186,7 @@ impl Metrics {
             drop(m.renewals.get_or_create(&Outcome { outcome }));
             drop(m.reloads.get_or_create(&Outcome { outcome }));
         }
-        Arc::new(Metrics { registry, ..m })
+        Arc::new(m)
     }
 
     /// The counters of one listener, looked up once; `backends` (the

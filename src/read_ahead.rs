@@ -32,10 +32,6 @@ impl ReadAhead {
             at: 0,
         }
     }
-
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.inner
-    }
 }
 
 impl AsyncRead for ReadAhead {

@@ -177,6 +177,12 @@ impl Server {
     /// Loads certificates and binds every listener address and the control
     /// socket. Must be called inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Server, Vec<BuildError>> {
+        Server::bind_from(config, None)
+    }
+
+    /// [`Server::bind`], for the config read from `file` when there is one
+    /// (notification emails name it in the commands they suggest).
+    fn bind_from(config: &Config, file: Option<&Path>) -> Result<Server, Vec<BuildError>> {
         let tls = TlsContext::new().map_err(|e| vec![e.into()])?;
         store::create_private_dir(&config.state_dir).map_err(|source| {
             vec![BuildError::StateDir {
@@ -190,7 +196,7 @@ impl Server {
         let challenges = Arc::new(Challenges::default());
         let metrics = Metrics::new();
         let notifier = Arc::new(ArcSwapOption::from(
-            notifier(config, None, None).map_err(|e| vec![BuildError::Notify(e)])?,
+            notifier(config, file, None).map_err(|e| vec![BuildError::Notify(e)])?,
         ));
 
         let v4_any = v4_any_ports(config.listeners.values());
@@ -235,7 +241,7 @@ impl Server {
         }
         Ok(Server {
             config: config.clone(),
-            config_file: None,
+            config_file: file.map(Path::to_path_buf),
             tls,
             table,
             challenges,
@@ -274,11 +280,8 @@ impl Server {
         if let Some(w) = watcher.as_mut() {
             w.watch(&reload::watched_files(path, &config));
         }
-        let mut server = Server::bind(&config)
+        let mut server = Server::bind_from(&config, Some(path))
             .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-        server.config_file = Some(path.to_path_buf());
-        let named = notifier(&config, Some(path), None).map_err(|e| vec![e])?;
-        server.notifier.store(named);
         server.reloads = reloads;
         server.watcher = watcher;
         Ok(server)
