@@ -440,6 +440,22 @@ for f in parse(sys.stdin.read()):
     parsed
 }
 
+/// A proxy with one self-signed host and the admin endpoint; its address.
+async fn minimal_with_admin() -> (Proxy, String) {
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let proxy = Proxy::start(&format!(
+        r#"
+state_dir: state
+admin: {{ bind: "{admin}" }}
+listeners: {{ imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }} }}
+backends: {{ imaps: "127.0.0.1:9" }}
+hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
+"#
+    ))
+    .await;
+    (proxy, admin)
+}
+
 /// Prometheus picks its parser by Content-Type: the body must be in the
 /// format the header names, or counters lose their type (the Prometheus
 /// text parser reads `# TYPE portcullis_connections counter` followed by
@@ -451,17 +467,7 @@ async fn metrics_content_type_names_the_format_of_the_body() {
     if !common::tool("curl", test) {
         return;
     }
-    let admin = format!("127.0.0.1:{}", common::free_port());
-    let _proxy = Proxy::start(&format!(
-        r#"
-state_dir: state
-admin: {{ bind: "{admin}" }}
-listeners: {{ imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }} }}
-backends: {{ imaps: "127.0.0.1:9" }}
-hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
-"#
-    ))
-    .await;
+    let (_proxy, admin) = minimal_with_admin().await;
     let answer = curl("GET", &admin, "/metrics").await;
     let Some(python) = python_with("prometheus_client", "python3-prometheus-client", test).await
     else {
@@ -618,17 +624,7 @@ async fn admin_refuses_other_paths_and_methods() {
     if !common::tool("curl", "admin_refuses_other_paths_and_methods") {
         return;
     }
-    let admin = format!("127.0.0.1:{}", common::free_port());
-    let proxy = Proxy::start(&format!(
-        r#"
-state_dir: state
-admin: {{ bind: "{admin}" }}
-listeners: {{ imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }} }}
-backends: {{ imaps: "127.0.0.1:9" }}
-hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
-"#
-    ))
-    .await;
+    let (proxy, admin) = minimal_with_admin().await;
     let cases = [
         ("GET", "/nope", 404, "try /metrics or /healthz\n"),
         ("GET", "/", 404, "try /metrics or /healthz\n"),

@@ -636,6 +636,17 @@ hosts:
     )
 }
 
+/// A session past the greeting that has just sent `a LOGOUT`.
+async fn logout(proxy: &Proxy) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut tls = tls_connect(proxy.addr("imaps"), Some("last.example.test"))
+        .await
+        .unwrap();
+    read_until(&mut tls, b"\r\n").await;
+    tls.write_all(b"a LOGOUT\r\n").await.unwrap();
+    tls.flush().await.unwrap();
+    tls
+}
+
 /// The last bytes before an unclean end are delivered: a client that sends
 /// its last command and closes TCP without close_notify (many do), and a
 /// backend that answers and then resets. Each of the 20 sessions must get
@@ -646,12 +657,7 @@ async fn last_words_before_an_unclean_close_are_delivered() {
     let (addr, mut seen) = recording_backend(false).await;
     let proxy = Proxy::start(&plain_backend_yaml(addr)).await;
     for i in 0..20 {
-        let mut tls = tls_connect(proxy.addr("imaps"), Some("last.example.test"))
-            .await
-            .unwrap();
-        read_until(&mut tls, b"\r\n").await;
-        tls.write_all(b"a LOGOUT\r\n").await.unwrap();
-        tls.flush().await.unwrap();
+        let tls = logout(&proxy).await;
         let (mut tcp, _) = tls.into_inner();
         let _ = tcp.shutdown().await; // FIN, no close_notify
         drop(tcp);
@@ -670,12 +676,7 @@ async fn last_words_before_an_unclean_close_are_delivered() {
     let (addr, mut seen) = recording_backend(true).await;
     let proxy = Proxy::start(&plain_backend_yaml(addr)).await;
     for i in 0..20 {
-        let mut tls = tls_connect(proxy.addr("imaps"), Some("last.example.test"))
-            .await
-            .unwrap();
-        read_until(&mut tls, b"\r\n").await;
-        tls.write_all(b"a LOGOUT\r\n").await.unwrap();
-        tls.flush().await.unwrap();
+        let mut tls = logout(&proxy).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
         let mut reply = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut reply)).await;
