@@ -4,6 +4,12 @@
 //! journal stamps every line itself) and start with their syslog priority
 //! (`<4>` for a warning), which journald takes as the line's priority:
 //! `journalctl -p warning -u portcullis` shows warnings and errors only.
+//!
+//! rustls's own messages pass only at `error` unless the filter names rustls
+//! (`debug,rustls=debug`): it warns about what a peer got wrong (an IP
+//! address sent as SNI, which isync does on every connection), which is the
+//! client's habit, not the operator's problem; the session's own line says
+//! what happened to it.
 
 use std::io::IsTerminal;
 
@@ -16,8 +22,12 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber; logs go to stderr. A second call is a no-op.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+    let wanted = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| level.to_string());
+    let filter = EnvFilter::try_new(directives(&wanted))
+        .or_else(|_| EnvFilter::try_new(directives(level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -46,6 +56,16 @@ pub fn init(format: LogFormat, level: &str) {
             ))
             .try_init(),
     };
+}
+
+/// `filter`, with rustls held to `error` unless it names rustls (or is off).
+fn directives(filter: &str) -> String {
+    let parts = || filter.split(',').map(str::trim);
+    if parts().any(|d| d.starts_with("rustls")) || parts().any(|d| d.eq_ignore_ascii_case("off")) {
+        filter.to_string()
+    } else {
+        format!("{filter},rustls=error")
+    }
 }
 
 /// Prefixes each line with its syslog priority, as journald reads it
@@ -108,6 +128,20 @@ mod tests {
         assert_eq!(priority(&tracing::Level::WARN), 4);
         assert_eq!(priority(&tracing::Level::INFO), 6);
         assert_eq!(priority(&tracing::Level::DEBUG), 7);
+    }
+
+    #[test]
+    fn rustls_speaks_only_of_errors_unless_named() {
+        assert_eq!(directives("info"), "info,rustls=error");
+        assert_eq!(
+            directives("warn,portcullis=debug"),
+            "warn,portcullis=debug,rustls=error"
+        );
+        assert_eq!(directives("debug,rustls=debug"), "debug,rustls=debug");
+        assert_eq!(directives("off"), "off");
+        // what the filter makes of it
+        let f = EnvFilter::try_new(directives("info")).unwrap();
+        assert_eq!(f.to_string(), "rustls=error,info");
     }
 
     #[test]

@@ -1258,3 +1258,66 @@ hosts: [ { names: [mail.example.test], certificate: self-signed } ]
         );
     }
 }
+
+/// isync (mbsync) sends the server's IP address as SNI on every connection.
+/// That is the client's habit, not a problem of the operator's: the session
+/// gets the default host's certificate and relays, and the log says no more
+/// than its `session closed` line, at INFO (rustls's own WARN about it is
+/// not passed on).
+#[test]
+fn an_ip_address_as_sni_is_served_without_a_warning() {
+    if !common::tool(
+        "openssl",
+        "an_ip_address_as_sni_is_served_without_a_warning",
+    ) {
+        return;
+    }
+    // A backend that takes the PROXY header and whatever follows, then closes.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in backend.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || std::io::copy(&mut s, &mut std::io::sink()));
+        }
+    });
+    let dir = common::scratch();
+    let port = common::free_port();
+    let config = dir.path().join("ip-sni.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+state_dir: state
+listeners: {{ imaps: {{ bind: "127.0.0.1:{port}", protocol: imap, tls: implicit }} }}
+backends: {{ imaps: "{backend_addr}" }}
+hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
+"#
+        ),
+    )
+    .unwrap();
+    let mut proxy = Running::start(&config, &[]);
+    proxy
+        .wait_log(&["listening", "listener=imaps"], QUICK)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "192.0.2.7"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("CN = mail.example.test"), "{shown}");
+    let closed = proxy
+        .wait_log(&["session closed"], QUICK)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(closed.contains(" INFO "), "{closed}");
+    assert!(closed.contains("outcome=closed"), "{closed}");
+    assert!(proxy.stop().success());
+    let warnings: Vec<String> = proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(str::to_string)
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}

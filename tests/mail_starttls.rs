@@ -275,3 +275,45 @@ async fn managesieve_over_starttls() {
         .await;
     proxy.shutdown().await;
 }
+
+/// sieve-connect, a real ManageSieve client, refuses a server whose
+/// capability list lacks `SIEVE` (RFC 5804 §1.7). Through portcullis it
+/// upgrades, logs in to Dovecot, uploads a script and lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sieve_connect_uploads_and_lists_through_portcullis() {
+    let test = "sieve_connect_uploads_and_lists_through_portcullis";
+    if !tools(test) || !managesieve(test) || !tool("sieve-connect", test) {
+        return;
+    }
+    let mail = MailStack::start().await;
+    let sieve_port = mail.sieve_port.expect("ManageSieve is installed");
+    let proxy = Proxy::start(&proxy_config(&[("sieve", SIEVE, loopback(sieve_port))])).await;
+    let script = proxy.dir.path().join("vacation.sieve");
+    std::fs::write(&script, "require \"fileinto\";\nkeep;\n").unwrap();
+    let port = proxy.addr("sieve").port().to_string();
+    let script = script.to_str().unwrap();
+    let upload = [
+        "--upload",
+        "--localsieve",
+        script,
+        "--remotesieve",
+        "portcullis-test",
+    ];
+    let (ok, out, err) = sieve_connect(&port, &upload).await;
+    assert!(ok, "sieve-connect --upload failed:\n{out}{err}");
+    let (ok, out, err) = sieve_connect(&port, &["--list"]).await;
+    assert!(ok, "sieve-connect --list failed:\n{out}{err}");
+    assert!(out.contains("portcullis-test"), "{out}{err}");
+    proxy.shutdown().await;
+}
+
+/// Runs sieve-connect as alice against 127.0.0.1:`port` (no SRV lookup, SNI
+/// set, the test certificate not verified), password on stdin.
+async fn sieve_connect(port: &str, action: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["--server", "127.0.0.1", "--port", port, "--nosrv"];
+    args.extend(["--user", ALICE, "--passwordfd", "0"]);
+    args.extend(["--notlsverify", "--tlshostname", SNI]);
+    args.extend(action);
+    let password = format!("{PASSWORD}\n");
+    run_cmd("sieve-connect", &args, password.as_bytes(), CLIENT_LIMIT).await
+}

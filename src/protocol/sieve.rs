@@ -3,6 +3,11 @@
 //! `NO (ENCRYPT-NEEDED)`. After the upgrade the backend's own capability
 //! greeting reaches the client, as §2.2 requires.
 //!
+//! The list always carries `SIEVE` (§1.7: "always present"; sieve-connect
+//! refuses a server without it). Which Sieve extensions the backend has is
+//! not known before TLS, so it is empty here: the client must discard this
+//! list after STARTTLS and read the backend's.
+//!
 //! ```text
 //! ExpectCommand ─STARTTLS─▶ StartTls      (CAPABILITY, NOOP: Reply; LOGOUT: Close)
 //! ```
@@ -19,8 +24,7 @@ pub struct SieveDialogue {
     errors: ErrorBudget,
 }
 
-const CAPABILITIES: &str =
-    "\"IMPLEMENTATION\" \"portcullis\"\r\n\"SASL\" \"\"\r\n\"STARTTLS\"\r\n\"VERSION\" \"1.0\"\r\n";
+const CAPABILITIES: &str = "\"IMPLEMENTATION\" \"portcullis\"\r\n\"SIEVE\" \"\"\r\n\"SASL\" \"\"\r\n\"STARTTLS\"\r\n\"VERSION\" \"1.0\"\r\n";
 
 impl SieveDialogue {
     pub fn new(_hostname: &str) -> SieveDialogue {
@@ -101,6 +105,12 @@ mod tests {
             g.contains("\"STARTTLS\"\r\n") && g.contains("\"SASL\" \"\"\r\n"),
             "{g}"
         );
+        // RFC 5804 §1.7: IMPLEMENTATION and SIEVE are always present.
+        assert!(
+            g.starts_with("\"IMPLEMENTATION\" \"portcullis\"\r\n"),
+            "{g}"
+        );
+        assert!(g.contains("\r\n\"SIEVE\" \"\"\r\n"), "{g}");
         assert!(g.ends_with("\r\nOK \"ManageSieve ready, STARTTLS first\"\r\n"));
     }
 
