@@ -353,6 +353,7 @@ impl Server {
             accepts: accepts.clone(),
             background: background.clone(),
             background_stop: background_stop.clone(),
+            orders: Arc::default(),
         };
         for (key, ctx, socket, name) in sockets {
             state.start_accepting(key, name, ctx, socket);
@@ -446,6 +447,8 @@ struct Running {
     accepts: TaskTracker,
     background: TaskTracker,
     background_stop: CancellationToken,
+    /// Every ACME runner's new orders, across reloads.
+    orders: Arc<acme::budget::OrderBudget>,
 }
 
 impl Running {
@@ -522,6 +525,7 @@ impl Running {
                 acme::Hooks {
                     metrics: self.metrics.clone(),
                     notifier: self.notifier.clone(),
+                    orders: self.orders.clone(),
                 },
             )
         });

@@ -8,26 +8,18 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use portcullis::control::{self, CertRow, RenewRow, Request, Response};
-use rustls::pki_types::pem::PemObject;
+use portcullis::control::CertRow;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::acme::{chains_to, free_port, https_get, tools, AriProxy, Pebble};
+use common::site::*;
 use common::{log_line, read_until, tls_connect, Backend, Proxy};
-
-/// Bound on an issuance (Pebble takes about 0.7 s).
-const ISSUE: Duration = Duration::from_secs(30);
-/// Bound on one control-socket request.
-const CONTROL: Duration = Duration::from_secs(120);
-const DAY: Duration = Duration::from_secs(86_400);
 
 // --- harness self-tests ---
 
@@ -81,233 +73,6 @@ async fn harness_ari_proxy_adds_renewal_info() {
     assert_eq!(w["suggestedWindow"]["end"], "2023-11-14T23:13:20Z");
     assert_eq!(ari.ari_requests(), ["x.y"]);
     assert!(ari.replaces_seen().is_empty());
-}
-
-// --- the site under test ---
-
-/// One portcullis site: a host `certificate: acme` with two names, and the
-/// listeners `imaps-TAG` (implicit TLS, IMAP; Pebble's tlsPort), `smtps-TAG`
-/// (implicit TLS, SMTP) and `http-TAG` (Pebble's httpPort), both mail
-/// listeners routed to one echo backend that expects a PROXY header. The
-/// state_dir (absolute) and the config file live in [`Site::dir`], which
-/// outlives every proxy started on it.
-struct Site {
-    tag: &'static str,
-    names: [String; 2],
-    /// Fixed before Pebble starts: its validator connects here.
-    http: u16,
-    imaps: u16,
-    dir: tempfile::TempDir,
-    backend: Backend,
-}
-
-impl Site {
-    async fn new(tag: &'static str) -> Site {
-        Site {
-            tag,
-            names: [format!("imap.{tag}.test"), format!("smtp.{tag}.test")],
-            http: free_port(),
-            imaps: free_port(),
-            dir: common::scratch(),
-            backend: Backend::start("* OK echo\r\n", true).await,
-        }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("portcullis.yaml")
-    }
-
-    /// `state_dir/certs/<first name>`.
-    fn host_dir(&self) -> PathBuf {
-        self.state_dir().join("certs").join(&self.names[0])
-    }
-
-    fn imaps(&self) -> String {
-        format!("imaps-{}", self.tag)
-    }
-
-    fn smtps(&self) -> String {
-        format!("smtps-{}", self.tag)
-    }
-
-    /// The ACME task's span, as the log prints it.
-    fn span(&self) -> String {
-        format!("acme{{host={}}}", self.names[0])
-    }
-
-    /// The `host=` field of start-up lines, as the log prints it.
-    fn host_field(&self) -> String {
-        format!("host={} ", self.names[0])
-    }
-
-    /// The config for `directory`, also written to [`Site::config_path`] for
-    /// the CLI. `challenges`: the YAML list's items.
-    fn config(&self, directory: &str, ca_roots: &Path, challenges: &str) -> String {
-        let (tag, [n0, n1]) = (self.tag, &self.names);
-        let yaml = format!(
-            r#"
-state_dir: {state}
-acme:
-  directory: {directory}
-  contact: ["mailto:postmaster@{n0}"]
-  terms_of_service_agreed: true
-  challenges: [{challenges}]
-  ca_roots: {ca_roots}
-listeners:
-  imaps-{tag}: {{ bind: "127.0.0.1:{imaps}", protocol: imap, tls: implicit }}
-  smtps-{tag}: {{ bind: "127.0.0.1:0", protocol: smtp, tls: implicit }}
-  http-{tag}: {{ bind: "127.0.0.1:{http}", protocol: http }}
-backends:
-  imaps-{tag}: "{backend}"
-  smtps-{tag}: "{backend}"
-hosts:
-  - names: [{n0}, {n1}]
-    certificate: acme
-"#,
-            state = self.state_dir().display(),
-            ca_roots = ca_roots.display(),
-            imaps = self.imaps,
-            http = self.http,
-            backend = self.backend.addr,
-        );
-        std::fs::write(self.config_path(), &yaml).expect("write config");
-        yaml
-    }
-}
-
-/// Polls `check` every 50 ms until it gives a value, for at most `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The chain a handshake with SNI `sni` is served, leaf first.
-async fn served_chain(addr: SocketAddr, sni: &str) -> std::io::Result<Vec<Vec<u8>>> {
-    let tls = tls_connect(addr, Some(sni)).await?;
-    let (_, conn) = tls.get_ref();
-    Ok(conn
-        .peer_certificates()
-        .unwrap_or_default()
-        .iter()
-        .map(|c| c.to_vec())
-        .collect())
-}
-
-/// Serial in upper-case hex, as portcullis logs and reports it.
-fn serial(der: &[u8]) -> String {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("certificate parses");
-    cert.tbs_certificate
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect()
-}
-
-fn is_placeholder(chain: &[Vec<u8>]) -> bool {
-    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).expect("certificate parses");
-    cert.issuer().to_string().contains("portcullis self-signed")
-}
-
-/// Handshakes until the certificate served is an issued one (not the
-/// placeholder) whose serial is not `old`; `None` after [`ISSUE`].
-async fn wait_issued(addr: SocketAddr, sni: &str, old: Option<&str>) -> Option<Vec<Vec<u8>>> {
-    eventually(ISSUE, || async move {
-        let chain = served_chain(addr, sni).await.ok()?;
-        let fresh = !is_placeholder(&chain) && Some(serial(&chain[0]).as_str()) != old;
-        fresh.then_some(chain)
-    })
-    .await
-}
-
-/// Renews the site's host through the control socket.
-async fn renew(site: &Site, force: bool) -> RenewRow {
-    let request = Request::Renew {
-        force,
-        name: Some(site.names[0].clone()),
-    };
-    match control::request(&site.state_dir(), &request, CONTROL).await {
-        Ok(Response::Renew(mut rows)) if rows.len() == 1 => rows.remove(0),
-        other => panic!("renew: {other:?}"),
-    }
-}
-
-/// The site's host in `certs`, through the control socket.
-async fn cert_row(site: &Site) -> CertRow {
-    match control::request(&site.state_dir(), &Request::Certs, CONTROL).await {
-        Ok(Response::Certs(rows)) => rows
-            .into_iter()
-            .find(|r| r.names == site.names)
-            .expect("the host is listed"),
-        other => panic!("certs: {other:?}"),
-    }
-}
-
-fn mode(p: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .permissions()
-        .mode()
-        & 0o777
-}
-
-/// The PEM chain in `fullchain.pem`, leaf first; panics if any block is broken.
-fn stored_chain(site: &Site) -> Vec<Vec<u8>> {
-    let path = site.host_dir().join("fullchain.pem");
-    CertificateDer::pem_file_iter(&path)
-        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
-        .map(|c| {
-            c.unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
-                .to_vec()
-        })
-        .collect()
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// Now, to the second (what the ARI proxy answers with).
-fn now_secs() -> SystemTime {
-    UNIX_EPOCH
-        + Duration::from_secs(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-        )
-}
-
-/// Starts Pebble (validating on the site's ports) and portcullis, and waits
-/// for the first certificate.
-async fn issued_site(
-    tag: &'static str,
-    challenges: &str,
-) -> (Site, Pebble, Proxy, String, Vec<Vec<u8>>) {
-    let site = Site::new(tag).await;
-    let pebble = Pebble::start(site.http, site.imaps).await;
-    let yaml = site.config(&pebble.directory, &pebble.ca_roots, challenges);
-    let proxy = Proxy::start(&yaml).await;
-    let chain = wait_issued(proxy.addr(&site.imaps()), &site.names[0], None)
-        .await
-        .unwrap_or_else(|| panic!("{tag}: no certificate within {ISSUE:?}\n{}", pebble.log()));
-    (site, pebble, proxy, yaml, chain)
 }
 
 // --- reload ---
@@ -663,9 +428,36 @@ async fn ari_window_triggers_a_renewal_that_replaces_the_old_certificate() {
     assert!(ari.ari_requests().contains(&id), "{:?}", ari.ari_requests());
     assert!(ari.replaces_seen().is_empty());
 
-    // The CA moves the window to now: renewed without being asked.
+    // The CA moves the window to now. Right after an issuance that is held
+    // off by the floor (an hour): a CA whose window is always over must not
+    // make portcullis order in a loop.
     let start = now_secs();
     ari.set_window(start, start + Duration::from_secs(2), 1);
+    log_line(&[
+        &site.span(),
+        "ARI renewal window",
+        &format!("start={}", rfc3339(start)),
+    ])
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        common::log_lines(&[&site.span(), "renewing"]).len(),
+        1,
+        "only the first order"
+    );
+    let next = cert_row(&site).await.next_renewal.expect("a next renewal");
+    let next = humantime::parse_rfc3339(&next).unwrap();
+    let floor = next.duration_since(start).unwrap_or_default();
+    assert!(
+        floor > Duration::from_secs(3500) && floor <= Duration::from_secs(3600),
+        "next renewal an hour after the issuance: {floor:?}"
+    );
+
+    // A restart serves the stored certificate and heeds the window at once:
+    // renewed without being asked.
+    proxy.shutdown().await;
+    let proxy = Proxy::start(&yaml).await;
+    let imaps = proxy.addr(&site.imaps());
     let renewed = wait_issued(imaps, &site.names[0], Some(&old)).await;
     // One window for every certificate: stop before it renews the new one too.
     ari.set_window(far, far + DAY, 3600);

@@ -24,6 +24,7 @@ use rustls_pki_types::CertificateDer;
 use std::sync::Arc;
 use tracing::{info, warn};
 
+use super::transport::CaClient;
 use crate::config::Acme;
 use crate::tls::store;
 
@@ -124,8 +125,17 @@ pub async fn open(
 }
 
 /// HTTPS to the CA: system roots plus `ca_roots`, HTTP/1.1, through a CONNECT
-/// proxy when the environment names one for the directory's host.
+/// proxy when the environment names one for the directory's host; wrapped
+/// in [`CaClient`] (errors that name the request, retries of what failed on
+/// the way).
 fn http_client(
+    config: &Acme,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Box<dyn HttpClient>, AccountError> {
+    Ok(Box::new(CaClient::new(hyper_client(config, provider)?)))
+}
+
+fn hyper_client(
     config: &Acme,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Box<dyn HttpClient>, AccountError> {

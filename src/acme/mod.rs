@@ -9,11 +9,19 @@
 //!
 //! A failure keeps the current certificate serving, is logged with the CA's
 //! problem document, and is retried after an exponential, jittered backoff.
+//! Inside an attempt, what fails on the way is tried again first (see
+//! [`transport`] and [`retry`]), and an account the CA has forgotten is
+//! registered anew. Whatever the clocks say, a host orders again no sooner
+//! than [`schedule::floor`] after an issuance, and the whole process no
+//! faster than its [`budget`] allows.
 
 pub mod account;
+pub mod budget;
 pub mod challenge;
+pub mod retry;
 pub mod schedule;
 pub mod store;
+pub mod transport;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,7 +42,9 @@ use crate::config::{self, Challenge, KeyType};
 use crate::hosts::{CertSlot, Served, Source};
 use crate::names::HostPattern;
 use crate::tls::certs::CertInfo;
+use budget::OrderBudget;
 use challenge::Challenges;
+use retry::retrying;
 use schedule::{Lifetime, Window};
 
 /// How long the CA may take to settle an order while we poll it.
@@ -71,12 +81,15 @@ struct Shared {
     hooks: Hooks,
 }
 
-/// Who else hears about issuance: metrics, notifications.
+/// What the ACME tasks take from the server, which outlives any one runner:
+/// who hears about issuance (metrics, notifications) and the order budget.
 #[derive(Clone, Debug)]
 pub struct Hooks {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Swapped when a reload changes `notify:`.
     pub notifier: Arc<arc_swap::ArcSwapOption<crate::notify::Notifier>>,
+    /// Process-wide: every new order, `portcullis renew` included, takes from it.
+    pub orders: Arc<OrderBudget>,
 }
 
 impl Hooks {
@@ -257,6 +270,10 @@ struct HostTask {
     ari_poll: SystemTime,
     failures: u32,
     retry_at: Option<SystemTime>,
+    /// No renewal of its own accord before this: set at each issuance to
+    /// [`schedule::floor`] later, so a clock or a CA that makes every new
+    /// certificate look due cannot make the host order in a loop.
+    earliest: Option<SystemTime>,
     /// Where in the renewal window this certificate renews (0..1).
     draw: f64,
     /// Challenge types in the order the next attempt tries them: rotated
@@ -280,15 +297,17 @@ impl HostTask {
             ari_poll: SystemTime::now(),
             failures: 0,
             retry_at: None,
+            earliest: None,
             draw: fastrand::f64(),
             challenges: shared.config.challenges.clone(),
             shared,
         }
     }
 
-    /// When the served certificate should be replaced.
+    /// When the served certificate should be replaced (never before
+    /// `earliest`; `portcullis renew --force` does not ask).
     fn renew_at(&self, now: SystemTime) -> SystemTime {
-        match (&self.current, &self.order_now) {
+        let at = match (&self.current, &self.order_now) {
             (Some(c), None) => schedule::renewal_time(
                 now,
                 c.life,
@@ -297,7 +316,8 @@ impl HostTask {
                 self.draw,
             ),
             _ => now,
-        }
+        };
+        at.max(self.earliest.unwrap_or(UNIX_EPOCH))
     }
 
     async fn run(mut self, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) {
@@ -439,7 +459,18 @@ impl HostTask {
             replaces = replaces.as_ref().map(|r| r.to_string()),
             "renewing"
         );
-        let work = self.shared.issue(&self.names, replaces, &self.challenges);
+        let (shared, names, challenges) = (&self.shared, &self.names, &self.challenges);
+        let work = async {
+            match shared.issue(names, replaces.clone(), challenges).await {
+                // Deactivated, or a CA that lost its database (a restarted
+                // test CA): register anew and order again, once, now.
+                Err(e) if e.is_unknown_account() => {
+                    shared.forget_account().await;
+                    shared.issue(names, replaces, challenges).await
+                }
+                other => other,
+            }
+        };
         let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
             Ok(r) => r,
             Err(_) => Err(IssueError::TimedOut(ATTEMPT_TIMEOUT)),
@@ -452,7 +483,10 @@ impl HostTask {
                 }
                 self.challenges.rotate_left(1);
                 self.failures += 1;
-                let wait = schedule::backoff(self.failures, fastrand::f64());
+                // The CA's own Retry-After, when it asked for a longer wait.
+                let asked = e.retry_after().map(|d| d.min(schedule::BACKOFF_MAX));
+                let wait = schedule::backoff(self.failures, fastrand::f64())
+                    .max(asked.unwrap_or_default());
                 let next = SystemTime::now() + wait;
                 self.retry_at = Some(next);
                 let message = causes(&e);
@@ -501,7 +535,15 @@ impl HostTask {
                 "the new certificate could not be stored: it is served now, but a restart will order again"
             );
         }
-        self.current = Some(current(&issued.cert.key.cert, &info));
+        let current = current(&issued.cert.key.cert, &info);
+        let now = SystemTime::now();
+        let skewed = schedule::skewed(now, current.life, self.shared.config.renew_before);
+        let earliest = now + schedule::floor(current.life, skewed);
+        if skewed {
+            warn_of_clock_skew(now, current.life, earliest);
+        }
+        self.earliest = Some(earliest);
+        self.current = Some(current);
         let renewal = self.slot.load().source == Source::Acme;
         let names = crate::names::to_strings(&self.names);
         self.shared.hooks.notify(crate::notify::Event::Issued {
@@ -532,6 +574,23 @@ impl HostTask {
             not_after: info.not_after,
         }
     }
+}
+
+/// Says that a certificate just issued does not fit this machine's clock
+/// ([`schedule::skewed`]): without the floor, a clock ahead was an order loop.
+fn warn_of_clock_skew(now: SystemTime, life: Lifetime, next: SystemTime) {
+    let why = if life.not_before > now {
+        "the certificate just issued is not valid yet by this machine's clock: is the clock behind?"
+    } else {
+        "the certificate just issued is already due for renewal by this machine's clock: is the clock ahead?"
+    };
+    warn!(
+        now = %humantime::format_rfc3339_seconds(now),
+        not_before = %humantime::format_rfc3339_seconds(life.not_before),
+        not_after = %humantime::format_rfc3339_seconds(life.not_after),
+        no_order_before = %humantime::format_rfc3339_seconds(next),
+        "{why}"
+    );
 }
 
 /// An error with every cause behind it: `client error (Connect)` alone does
@@ -597,10 +656,24 @@ struct Issued {
 
 impl IssueError {
     /// The CA does not know the stored account (deactivated, or a test CA
-    /// that restarted): the next attempt must register a new one.
+    /// that restarted): a new one must be registered.
     fn is_unknown_account(&self) -> bool {
         matches!(self, IssueError::Acme(instant_acme::Error::Api(p))
             if p.r#type.as_deref().is_some_and(|t| t.ends_with(":accountDoesNotExist")))
+    }
+
+    /// How long the CA asked us to wait (`Retry-After` on its error answer).
+    fn retry_after(&self) -> Option<Duration> {
+        let acme = match self {
+            IssueError::Acme(e) | IssueError::Account(account::AccountError::Acme(e)) => e,
+            _ => return None,
+        };
+        match acme {
+            instant_acme::Error::Other(inner) => inner
+                .downcast_ref::<transport::CaError>()
+                .and_then(|ca| ca.retry_after),
+            _ => None,
+        }
     }
 }
 
@@ -614,7 +687,7 @@ impl Shared {
         let aside = path.with_extension(format!("rejected-{}", crate::tls::certs::unix_now()));
         match std::fs::rename(&path, &aside) {
             Ok(()) => {
-                warn!(moved_to = %aside.display(), "the CA does not know the stored ACME account; registering a new one on the next attempt")
+                warn!(moved_to = %aside.display(), "the CA does not know the stored ACME account; registering a new one")
             }
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "the CA does not know the stored ACME account, and its credentials cannot be moved aside")
@@ -627,7 +700,14 @@ impl Shared {
         if let Some(a) = &*cached {
             return Ok(a.clone());
         }
-        let a = account::open(&self.config, &self.state_dir, &self.provider).await?;
+        let mut again = retry::Again::new("account");
+        let a = loop {
+            match account::open(&self.config, &self.state_dir, &self.provider).await {
+                Ok(a) => break a,
+                Err(account::AccountError::Acme(e)) => again.after(e).await?,
+                Err(e) => return Err(e),
+            }
+        };
         *cached = Some(a.clone());
         Ok(a)
     }
@@ -640,83 +720,12 @@ impl Shared {
         challenges: &[Challenge],
     ) -> Result<Issued, IssueError> {
         let account = self.account().await?;
-        let identifiers: Vec<Identifier> = names
-            .iter()
-            .map(|n| Identifier::Dns(n.to_string()))
-            .collect();
-        let new = || match &self.config.profile {
-            Some(p) => NewOrder::new(&identifiers).profile(p),
-            None => NewOrder::new(&identifiers),
-        };
-        let mut order = match replaces {
-            Some(id) => match account.new_order(&new().replaces(id)).await {
-                Ok(o) => o,
-                Err(instant_acme::Error::Api(problem)) => {
-                    // The CA may refuse (already replaced, say); an order
-                    // without `replaces` is still a good order.
-                    warn!(problem = %problem, "the CA refused the order with `replaces`; ordering without it");
-                    account.new_order(&new()).await?
-                }
-                Err(e) => return Err(e.into()),
-            },
-            None => account.new_order(&new()).await?,
-        };
-
-        let mut posted = Vec::new();
-        let mut authorizations = order.authorizations();
-        while let Some(authz) = authorizations.next().await {
-            let mut authz = authz?;
-            let name = authz.identifier().to_string();
-            match authz.status {
-                AuthorizationStatus::Pending => {}
-                AuthorizationStatus::Valid => continue,
-                other => {
-                    return Err(IssueError::Authorization {
-                        name,
-                        status: format!("{other:?}").to_lowercase(),
-                    })
-                }
-            }
-            let kind = challenges.iter().copied().find(|c| {
-                authz
-                    .challenges
-                    .iter()
-                    .any(|x| x.r#type == challenge_type(*c))
-            });
-            let Some(kind) = kind else {
-                let offered: Vec<String> = authz
-                    .challenges
-                    .iter()
-                    .map(|c| format!("{:?}", c.r#type))
-                    .collect();
-                return Err(IssueError::NoChallenge {
-                    name,
-                    offered: offered.join(", "),
-                });
-            };
-            let Some(mut ch) = authz.challenge(challenge_type(kind)) else {
-                continue; // just found above
-            };
-            let key_auth = ch.key_authorization();
-            posted.push(match kind {
-                Challenge::Http01 => self.challenges.post_http(&ch.token, key_auth.as_str()),
-                Challenge::TlsAlpn01 => {
-                    let cert = challenge::tls_alpn_cert(
-                        &name,
-                        key_auth.digest().as_ref(),
-                        &self.provider,
-                    )?;
-                    self.challenges.post_tls_alpn(&name, cert)
-                }
-            });
-            debug!(name = %name, challenge = kind.as_str(), "challenge ready");
-            ch.set_ready().await?;
-        }
-
+        let mut order = self.new_order(&account, names, replaces).await?;
+        let posted = self.authorize(&mut order, challenges).await?;
         let retry = RetryPolicy::new()
             .initial_delay(Duration::from_millis(250))
             .timeout(ORDER_TIMEOUT);
-        let status = order.poll_ready(&retry).await?;
+        let status = retrying!("order status", order.poll_ready(&retry))?;
         if status != OrderStatus::Ready {
             return Err(IssueError::Invalid(problems(&mut order).await));
         }
@@ -728,8 +737,8 @@ impl Shared {
             KeyType::Rsa2048 => rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?,
         };
         let csr = csr(names, &key)?;
-        order.finalize_csr(&csr).await?;
-        let chain = order.poll_certificate(&retry).await?;
+        retrying!("finalize", order.finalize_csr(&csr))?;
+        let chain = retrying!("certificate", order.poll_certificate(&retry))?;
         let key_pem = key.serialize_pem();
         let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
         let meta = store::Meta {
@@ -741,6 +750,120 @@ impl Shared {
         let write_error =
             store::write(&self.state_dir, names, &chain, &key_pem, &meta, serial).err();
         Ok(Issued { cert, write_error })
+    }
+
+    /// A new order for `names` (naming the certificate it `replaces`, where
+    /// the CA takes that), paid for from the order budget.
+    async fn new_order(
+        &self,
+        account: &Account,
+        names: &[HostPattern],
+        replaces: Option<CertificateIdentifier<'static>>,
+    ) -> Result<instant_acme::Order, IssueError> {
+        let identifiers: Vec<Identifier> = names
+            .iter()
+            .map(|n| Identifier::Dns(n.to_string()))
+            .collect();
+        let new = || match &self.config.profile {
+            Some(p) => NewOrder::new(&identifiers).profile(p),
+            None => NewOrder::new(&identifiers),
+        };
+        let orders = &self.hooks.orders;
+        let plain = || async {
+            orders.take().await;
+            account.new_order(&new()).await
+        };
+        let Some(id) = replaces else {
+            return Ok(retrying!("new order", plain())?);
+        };
+        let replacing = retrying!("new order", async {
+            orders.take().await;
+            account.new_order(&new().replaces(id.clone())).await
+        });
+        match replacing {
+            Ok(o) => Ok(o),
+            Err(instant_acme::Error::Api(problem)) => {
+                // The CA may refuse (already replaced, say); an order
+                // without `replaces` is still a good order.
+                warn!(problem = %problem, "the CA refused the order with `replaces`; ordering without it");
+                Ok(retrying!("new order", plain())?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Answers a challenge of each pending authorization of `order`, in the
+    /// order of preference `challenges`; the answers stay up as long as the
+    /// returned guards live. An authorization that could not be fetched is
+    /// fetched again (the ones already answered are not answered twice).
+    async fn authorize(
+        &self,
+        order: &mut instant_acme::Order,
+        challenges: &[Challenge],
+    ) -> Result<Vec<challenge::Posted>, IssueError> {
+        let mut posted = Vec::new();
+        let mut answered: Vec<String> = Vec::new();
+        let mut fetch = retry::Again::new("authorization");
+        'fetch: loop {
+            let mut authorizations = order.authorizations();
+            while let Some(authz) = authorizations.next().await {
+                let mut authz = match authz {
+                    Ok(a) => a,
+                    Err(e) => {
+                        fetch.after(e).await?;
+                        continue 'fetch;
+                    }
+                };
+                let name = authz.identifier().to_string();
+                if answered.contains(&name) {
+                    continue;
+                }
+                match authz.status {
+                    AuthorizationStatus::Pending => {}
+                    AuthorizationStatus::Valid => continue,
+                    other => {
+                        return Err(IssueError::Authorization {
+                            name,
+                            status: format!("{other:?}").to_lowercase(),
+                        })
+                    }
+                }
+                let kind = challenges.iter().copied().find(|c| {
+                    authz
+                        .challenges
+                        .iter()
+                        .any(|x| x.r#type == challenge_type(*c))
+                });
+                let Some(kind) = kind else {
+                    let offered: Vec<String> = authz
+                        .challenges
+                        .iter()
+                        .map(|c| format!("{:?}", c.r#type))
+                        .collect();
+                    return Err(IssueError::NoChallenge {
+                        name,
+                        offered: offered.join(", "),
+                    });
+                };
+                let Some(mut ch) = authz.challenge(challenge_type(kind)) else {
+                    continue; // just found above
+                };
+                let key_auth = ch.key_authorization();
+                posted.push(match kind {
+                    Challenge::Http01 => self.challenges.post_http(&ch.token, key_auth.as_str()),
+                    Challenge::TlsAlpn01 => {
+                        let digest = key_auth.digest();
+                        let cert =
+                            challenge::tls_alpn_cert(&name, digest.as_ref(), &self.provider)?;
+                        self.challenges.post_tls_alpn(&name, cert)
+                    }
+                });
+                debug!(name = %name, challenge = kind.as_str(), "challenge ready");
+                retrying!("challenge", ch.set_ready())?;
+                answered.push(name);
+            }
+            return Ok(posted);
+        }
     }
 }
 

@@ -455,7 +455,8 @@ pub async fn try_https_get(url: &str, ca: &Path) -> std::io::Result<HttpResponse
     })
 }
 
-/// An HTTPS reverse proxy in front of a Pebble that adds ARI (RFC 9773):
+/// An HTTPS reverse proxy in front of a Pebble that adds ARI (RFC 9773) and,
+/// when asked, faults ([`AriProxy::set_faults`]):
 /// `tests/fixtures/acme/ari_proxy.py`. Its directory is Pebble's plus
 /// `renewalInfo`; `GET /ari/<certid>` answers the window of
 /// [`AriProxy::set_window`]; a newOrder's `replaces` is reflected in the
@@ -530,12 +531,37 @@ impl AriProxy {
         let w = serde_json::json!({
             "start": secs(start), "end": secs(end), "retry_after": retry_after_secs,
         });
+        self.write_json("window", &w);
+    }
+
+    /// From now on, `percent` of all requests (0 to 100) get `status` and
+    /// `body` (HTML) instead of reaching Pebble; status 0 closes the
+    /// connection without an answer.
+    pub fn set_faults(&self, percent: u8, status: u16, body: &str) {
+        let spec = serde_json::json!({
+            "percent": percent, "status": status, "body": body, "content_type": "text/html",
+        });
+        self.write_json("faults", &spec);
+    }
+
+    /// No more faults.
+    pub fn clear_faults(&self) {
+        let _ = std::fs::remove_file(self.dir.path().join("faults.json"));
+    }
+
+    /// Requests answered with a fault so far.
+    pub fn faults_injected(&self) -> usize {
+        self.lines("faults.txt").len()
+    }
+
+    /// Writes `STATE/NAME.json` in one rename: the proxy never reads half.
+    fn write_json(&self, name: &str, value: &serde_json::Value) {
         let (tmp, path) = (
-            self.dir.path().join("window.tmp"),
-            self.dir.path().join("window.json"),
+            self.dir.path().join(format!("{name}.tmp")),
+            self.dir.path().join(format!("{name}.json")),
         );
-        std::fs::write(&tmp, w.to_string()).expect("write window");
-        std::fs::rename(&tmp, &path).expect("rename window");
+        std::fs::write(&tmp, value.to_string()).expect("write the proxy's file");
+        std::fs::rename(&tmp, &path).expect("rename the proxy's file");
     }
 
     /// Every `replaces` value of a newOrder so far, in order.

@@ -7,6 +7,8 @@
 #![allow(dead_code)]
 pub mod acme;
 pub mod mail;
+pub mod process;
+pub mod site;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
