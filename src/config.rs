@@ -10,10 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
@@ -34,6 +35,17 @@ pub mod defaults {
     /// Each proxied session costs two descriptors; 20,000 per process is common.
     pub const MAX_CONNECTIONS: usize = 9_000;
     pub const STATE_DIR: &str = "./state";
+    /// Per client address and listener: a large NAT (a campus, a carrier)
+    /// keeps far fewer mail sessions open to one server than this.
+    pub const CONNECTIONS_PER_IP: u32 = 200;
+    /// New connections (TLS handshakes) per second from one address,
+    /// sustained; a mail client opens a handful per minute.
+    pub const HANDSHAKES_PER_IP: u32 = 20;
+    /// New connections allowed at once above that rate (a client starting
+    /// up, a webmail after a restart).
+    pub const HANDSHAKE_BURST: u32 = 100;
+    /// Never limited: a webmail or load balancer on the same machine.
+    pub const EXEMPT: [&str; 2] = ["127.0.0.0/8", "::1/128"];
     pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
     pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 }
@@ -83,13 +95,45 @@ pub struct Listener {
     pub bind: Vec<SocketAddr>,
     pub protocol: Protocol,
     pub tls: TlsMode,
-    /// ALPN protocols offered, in preference order; empty = no ALPN (mail default).
+    /// ALPN IDs accepted and selected, in preference order: as written,
+    /// else the protocol's own ([`crate::protocol::alpn`]). A ClientHello
+    /// offering only others is refused; empty: any offer is accepted.
     pub alpn: Vec<Vec<u8>>,
     /// The name in STARTTLS greetings; `None` = `default_host`.
     pub hostname: Option<Hostname>,
     /// SMTP STARTTLS only: refuse everything but the upgrade before TLS
     /// (submission). `false` lets plaintext mail through (an MX on port 25).
     pub require_tls: bool,
+    /// Per client address: `limits:` with this listener's own overrides.
+    pub limits: Limits,
+}
+
+/// What one client address may do on one listener (IPv6 clients count per
+/// /64, IPv4-mapped IPv6 ones as IPv4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; the next one is refused.
+    pub connections_per_ip: u32,
+    /// New connections per second, sustained (a token bucket's refill rate).
+    pub handshakes_per_ip: u32,
+    /// New connections allowed at once above that rate (the bucket's size).
+    pub handshake_burst: u32,
+    /// Addresses never limited.
+    pub exempt: Vec<IpNet>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections_per_ip: defaults::CONNECTIONS_PER_IP,
+            handshakes_per_ip: defaults::HANDSHAKES_PER_IP,
+            handshake_burst: defaults::HANDSHAKE_BURST,
+            exempt: defaults::EXEMPT
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -408,10 +452,25 @@ const TOP_KEYS: &[&str] = &[
     "log",
     "admin",
     "notify",
+    "limits",
 ];
 const ADMIN_KEYS: &[&str] = &["bind"];
 const NOTIFY_KEYS: &[&str] = &["email", "from", "smtp", "webhook"];
-const LISTENER_KEYS: &[&str] = &["bind", "protocol", "tls", "alpn", "hostname", "require_tls"];
+const LISTENER_KEYS: &[&str] = &[
+    "bind",
+    "protocol",
+    "tls",
+    "alpn",
+    "hostname",
+    "require_tls",
+    "limits",
+];
+const LIMIT_KEYS: &[&str] = &[
+    "connections_per_ip",
+    "handshakes_per_ip",
+    "handshake_burst",
+    "exempt",
+];
 const BACKEND_KEYS: &[&str] = &["address", "proxy_protocol", "connect_timeout"];
 const ACME_KEYS: &[&str] = &[
     "directory",
@@ -438,6 +497,9 @@ const MAX_RENEW_BEFORE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// More sessions than any process can hold descriptors for.
 const MAX_CONNECTIONS_LIMIT: u64 = 1_000_000;
+
+/// The largest per-address limit: anything above is no limit at all.
+const MAX_PER_IP: u64 = 1_000_000;
 
 /// Listener name → the listener, or `None` where its definition has problems.
 type Listeners = BTreeMap<String, Option<Listener>>;
@@ -632,8 +694,12 @@ impl Walk<'_> {
         };
         let acme = field(m, "acme").and_then(|v| self.acme(v));
 
+        let limits = match field(m, "limits") {
+            Some(v) => self.limits(v, "limits", &Limits::default()),
+            None => Limits::default(),
+        };
         let listeners = match self.required(m, "", "listeners") {
-            Some(v) => self.listeners(v),
+            Some(v) => self.listeners(v, &limits),
             None => BTreeMap::new(),
         };
         let defaults = match field(m, "backends") {
@@ -810,7 +876,7 @@ impl Walk<'_> {
 
     /// Every listener name, with `None` where its body has problems: a broken
     /// listener still exists for the backends that name it.
-    fn listeners(&mut self, v: &Value) -> Listeners {
+    fn listeners(&mut self, v: &Value, limits: &Limits) -> Listeners {
         let mut out = BTreeMap::new();
         let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
         for (name, v) in self.named(v, "listeners") {
@@ -823,7 +889,7 @@ impl Walk<'_> {
                 self.err(&path, "listener names use letters, digits, '_' and '-'");
                 continue;
             }
-            let Some(l) = self.listener(&name, v, &path) else {
+            let Some(l) = self.listener(&name, v, &path, limits) else {
                 out.insert(name, None);
                 continue;
             };
@@ -840,7 +906,7 @@ impl Walk<'_> {
         out
     }
 
-    fn listener(&mut self, name: &str, v: &Value, path: &str) -> Option<Listener> {
+    fn listener(&mut self, name: &str, v: &Value, path: &str, limits: &Limits) -> Option<Listener> {
         let m = self.mapping(v, path, LISTENER_KEYS)?;
         let bind_path = join(path, "bind");
         let bind: Vec<SocketAddr> = match self.required(m, path, "bind") {
@@ -865,9 +931,10 @@ impl Walk<'_> {
                 None
             }
         };
-        let alpn: Vec<Vec<u8>> = match field(m, "alpn") {
-            Some(v) => self
-                .strings(v, &join(path, "alpn"))
+        // Written: exactly that list (`[]`: any offer accepted). Left out:
+        // the protocol's own IDs (see `protocol::alpn`), filled in below.
+        let alpn: Option<Vec<Vec<u8>>> = field(m, "alpn").map(|v| {
+            self.strings(v, &join(path, "alpn"))
                 .into_iter()
                 .filter_map(|(p, s)| {
                     if s.is_empty() || s.len() > 255 {
@@ -877,9 +944,8 @@ impl Walk<'_> {
                         Some(s.into_bytes())
                     }
                 })
-                .collect(),
-            None => Vec::new(),
-        };
+                .collect()
+        });
         let hostname = match field(m, "hostname") {
             Some(v) => self.string(v, &join(path, "hostname")).and_then(|s| {
                 Hostname::parse(&s)
@@ -891,6 +957,10 @@ impl Walk<'_> {
         let require_tls = match field(m, "require_tls") {
             Some(v) => self.de::<bool>(v, &join(path, "require_tls")),
             None => Some(true),
+        };
+        let limits = match field(m, "limits") {
+            Some(v) => self.limits(v, &join(path, "limits"), limits),
+            None => limits.clone(),
         };
         let (protocol, tls) = (protocol?, tls?);
         match (protocol, tls) {
@@ -920,9 +990,15 @@ impl Walk<'_> {
                 format!("{protocol:?} needs TLS: implicit or starttls").to_lowercase(),
             ),
         }
-        if !alpn.is_empty() && tls != TlsMode::Implicit {
-            self.err(&join(path, "alpn"), "ALPN only applies to tls: implicit");
+        if field(m, "alpn").is_some() && tls == TlsMode::None {
+            self.err(&join(path, "alpn"), "ALPN only applies to TLS listeners");
         }
+        let alpn = alpn.unwrap_or_else(|| {
+            crate::protocol::alpn(protocol)
+                .iter()
+                .map(|id| id.to_vec())
+                .collect()
+        });
         if field(m, "hostname").is_some() && tls != TlsMode::Starttls {
             self.err(
                 &join(path, "hostname"),
@@ -945,7 +1021,59 @@ impl Walk<'_> {
             alpn,
             hostname,
             require_tls: require_tls?,
+            limits,
         })
+    }
+
+    /// A `limits:` block at `path`; what it leaves out comes from `base`.
+    fn limits(&mut self, v: &Value, path: &str, base: &Limits) -> Limits {
+        let mut limits = base.clone();
+        let Some(m) = self.mapping(v, path, LIMIT_KEYS) else {
+            return limits;
+        };
+        for (key, slot) in [
+            ("connections_per_ip", &mut limits.connections_per_ip),
+            ("handshakes_per_ip", &mut limits.handshakes_per_ip),
+            ("handshake_burst", &mut limits.handshake_burst),
+        ] {
+            let Some(v) = field(m, key) else {
+                continue;
+            };
+            match v.as_u64().filter(|n| (1..=MAX_PER_IP).contains(n)) {
+                Some(n) => *slot = n as u32,
+                None => self.err(
+                    &join(path, key),
+                    format!(
+                        "expected a whole number from 1 to {MAX_PER_IP}, found {}",
+                        serde_yaml::to_string(v).unwrap_or_default().trim()
+                    ),
+                ),
+            }
+        }
+        if let Some(v) = field(m, "exempt") {
+            let path = join(path, "exempt");
+            limits.exempt = self
+                .strings(v, &path)
+                .into_iter()
+                .filter_map(|(p, s)| self.network(&s, &p))
+                .collect();
+        }
+        limits
+    }
+
+    /// `10.0.0.0/8`, `2001:db8::/32`, or one address; host bits are dropped.
+    fn network(&mut self, s: &str, path: &str) -> Option<IpNet> {
+        let net = s
+            .parse::<IpNet>()
+            .ok()
+            .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from));
+        if net.is_none() {
+            self.err(
+                path,
+                format!("invalid network {s:?} (expected an address or address/prefix, e.g. 10.0.0.0/8 or 2001:db8::/32)"),
+            );
+        }
+        net.map(|n| n.trunc())
     }
 
     fn backend(&mut self, v: &Value, path: &str) -> Option<RawBackend> {
@@ -1396,6 +1524,17 @@ mod tests {
             .map_err(|ps| ps.iter().map(|p| p.to_string()).collect())
     }
 
+    /// `errs` are exactly the problems `expect` starts, in any order.
+    fn assert_problems(errs: &[String], expect: &[&str]) {
+        for e in expect {
+            assert!(
+                errs.iter().any(|got| got.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
     const GOOD: &str = r#"
 state_dir: state
 listeners:
@@ -1553,13 +1692,7 @@ log: { level: infoo }
             "max_connections: expected a whole number from 1 to",
             "log.level: \"infoo\" is not a level",
         ];
-        for e in expect {
-            assert!(
-                errs.iter().any(|got| got.starts_with(e)),
-                "missing {e:?} in {errs:#?}"
-            );
-        }
-        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+        assert_problems(&errs, &expect);
     }
 
     #[test]
@@ -1685,6 +1818,102 @@ hosts:
         assert_eq!(
             parse(&text).unwrap().default_host.as_str(),
             "mail.example.test"
+        );
+    }
+
+    #[test]
+    fn limits_have_defaults_merge_per_listener_and_name_their_mistakes() {
+        let c = parse(GOOD).unwrap();
+        let l = &c.listeners["imaps"].limits;
+        assert_eq!(*l, Limits::default());
+        assert_eq!(
+            (l.connections_per_ip, l.handshakes_per_ip, l.handshake_burst),
+            (200, 20, 100)
+        );
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(l.exempt, [net("127.0.0.0/8"), net("::1/128")]);
+
+        let text = GOOD.replace(
+            "tls: implicit, alpn",
+            "tls: implicit, limits: { connections_per_ip: 5, exempt: [] }, alpn",
+        ) + "limits: { handshakes_per_ip: 7, exempt: [10.1.2.3/8, \"2001:db8::1\"] }\n";
+        let c = parse(&text).unwrap();
+        let imaps = &c.listeners["imaps"].limits;
+        assert_eq!(
+            (
+                imaps.connections_per_ip,
+                imaps.handshakes_per_ip,
+                imaps.handshake_burst
+            ),
+            (200, 7, 100),
+            "the global block over the defaults"
+        );
+        assert_eq!(imaps.exempt, [net("10.0.0.0/8"), net("2001:db8::1/128")]);
+        let https = &c.listeners["https"].limits;
+        assert_eq!(
+            (https.connections_per_ip, https.handshakes_per_ip),
+            (5, 7),
+            "the listener's block over the global one"
+        );
+        assert!(https.exempt.is_empty());
+
+        let text = GOOD.replace(
+            "tls: implicit, alpn",
+            "tls: implicit, limits: { connections_per_ip: 2000000 }, alpn",
+        ) + "limits: { connections_per_ip: 0, handshakes_per_ip: 2.5, handshake_burst: many, exempt: [10.0.0.0/33, example.org], colour: red }\n";
+        let errs = parse(&text).unwrap_err();
+        let expect = [
+            "limits.colour: unknown key",
+            "limits.connections_per_ip: expected a whole number from 1 to 1000000, found 0",
+            "limits.handshakes_per_ip: expected a whole number from 1 to 1000000, found 2.5",
+            "limits.handshake_burst: expected a whole number from 1 to 1000000, found many",
+            "limits.exempt[0]: invalid network \"10.0.0.0/33\"",
+            "limits.exempt[1]: invalid network \"example.org\"",
+            "listeners.https.limits.connections_per_ip: expected a whole number from 1 to 1000000, found 2000000",
+        ];
+        assert_problems(&errs, &expect);
+    }
+
+    #[test]
+    fn mail_listeners_speak_their_protocols_alpn_ids_unless_told_otherwise() {
+        let text = r#"
+listeners:
+  imaps: { bind: "127.0.0.1:1", protocol: imap, tls: implicit }
+  imap:  { bind: "127.0.0.1:2", protocol: imap, tls: starttls }
+  pop3s: { bind: "127.0.0.1:3", protocol: pop3, tls: implicit }
+  smtps: { bind: "127.0.0.1:4", protocol: smtp, tls: implicit }
+  smtp:  { bind: "127.0.0.1:5", protocol: smtp, tls: starttls, alpn: [smtp] }
+  sieve: { bind: "127.0.0.1:6", protocol: sieve, tls: starttls }
+  https: { bind: "127.0.0.1:7", protocol: tcp, tls: implicit, alpn: [http/1.1] }
+  tcp:   { bind: "127.0.0.1:8", protocol: tcp, tls: implicit }
+  open:  { bind: "127.0.0.1:9", protocol: imap, tls: implicit, alpn: [] }
+  http:  { bind: "127.0.0.1:10", protocol: http }
+hosts: [ { names: [mail.example.test], certificate: self-signed } ]
+"#;
+        let c = parse(text).unwrap();
+        let alpn = |name: &str| -> Vec<String> {
+            c.listeners[name]
+                .alpn
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        };
+        assert_eq!(alpn("imaps"), ["imap"]);
+        assert_eq!(alpn("imap"), ["imap"]);
+        assert_eq!(alpn("pop3s"), ["pop3"]);
+        assert_eq!(alpn("smtps"), ["smtp", "submission"]);
+        assert_eq!(alpn("smtp"), ["smtp"], "a written list is kept");
+        assert_eq!(alpn("sieve"), ["managesieve"]);
+        assert_eq!(alpn("https"), ["http/1.1"]);
+        assert!(alpn("tcp").is_empty(), "tcp without alpn accepts anything");
+        assert!(alpn("open").is_empty(), "alpn: [] turns the check off");
+        assert!(alpn("http").is_empty());
+
+        let errs =
+            parse(&text.replace("protocol: http }", "protocol: http, alpn: [h2] }")).unwrap_err();
+        assert_eq!(
+            errs,
+            ["listeners.http.alpn: ALPN only applies to TLS listeners"]
         );
     }
 

@@ -141,6 +141,16 @@ fn response(answer: &Answer, head_only: bool) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// `429 Too Many Requests` (RFC 6585 §4) for a client over its per-address
+/// limit, sent at accept before its request is read.
+pub fn too_many(phrase: &str, retry_after: u64) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: {retry_after}\r\nConnection: close\r\n\r\n{phrase}\n",
+        phrase.len() + 1
+    )
+    .into_bytes()
+}
+
 /// Serves one connection on an http listener: answers it, or returns the
 /// client and its backend (the request head already sent on) for the relay.
 pub(crate) async fn serve(

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod hosts;
 pub mod http;
+pub mod limiter;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

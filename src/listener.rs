@@ -13,7 +13,13 @@
 //! Every phase has a deadline; every connection has one tracing span with
 //! `listener`, `client.addr`, then `sni`, `tls.version` and `backend` as they
 //! become known. A connection holds a permit of the global connection limit
-//! for as long as it lives.
+//! and a slot of its address's limits ([`crate::limiter`]) for as long as it
+//! lives; an address over its limits is turned away at accept, before any
+//! task exists for it.
+//!
+//! Mail listeners refuse a ClientHello whose ALPN offers only protocols they
+//! do not speak (the ALPACA attack): a browser sent to a mail port must not
+//! get a TLS session with the mail server's certificate.
 
 use std::io;
 use std::net::SocketAddr;
@@ -35,6 +41,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::acme::challenge::{Challenges, ACME_TLS_ALPN};
 use crate::config::{Backend, Listener, Protocol, ProxyProtocol, Timeouts, TlsMode};
 use crate::hosts::{Host, HostTable, Matched};
+use crate::limiter::{ClientLimiter, Refusal, Slot};
 use crate::metrics::ListenerMetrics;
 use crate::protocol::BackendGreeting;
 use crate::proxy_header::{self, TlsFacts};
@@ -46,6 +53,10 @@ use crate::{protocol, tls};
 /// A TLS alert record: fatal `unrecognized_name` (RFC 6066 §3), sent when
 /// `unknown_sni: reject` refuses a name before any handshake state exists.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// A TLS alert record: fatal `no_application_protocol` (RFC 7301 §3.2), sent
+/// when a ClientHello offers ALPN and none of it is the listener's.
+const ALERT_NO_APPLICATION_PROTOCOL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x78];
 
 /// What every connection of one listener needs.
 #[derive(Debug)]
@@ -62,6 +73,9 @@ pub struct ListenerCtx {
     /// Open ACME challenges: http-01 tokens, tls-alpn-01 certificates.
     pub challenges: Arc<Challenges>,
     pub metrics: Arc<ListenerMetrics>,
+    /// Open connections and handshake buckets per client address: one per
+    /// listener name, handed on by reloads so the counts stay right.
+    pub limiter: Arc<ClientLimiter>,
 }
 
 /// Cancellation for the two stages of shutdown.
@@ -127,6 +141,13 @@ pub async fn accept_loop(
             }
             failing = false;
         }
+        let slot = match ctx.limiter.admit(peer.ip(), &ctx.listener.limits) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                turn_away(socket, &ctx, refusal);
+                continue; // the permit goes back with it
+            }
+        };
         ctx.metrics.connections.inc();
         let span = tracing::info_span!(
             "conn",
@@ -137,7 +158,43 @@ pub async fn accept_loop(
             backend = tracing::field::Empty,
         );
         let stop = stop.clone();
-        tracker.spawn(connection(socket, peer, ctx, stop, permit).instrument(span));
+        let held = Held {
+            _permit: permit,
+            _slot: slot,
+        };
+        tracker.spawn(connection(socket, peer, ctx, stop, held).instrument(span));
+    }
+}
+
+/// What a connection holds for as long as it lives: its share of
+/// `max_connections` and of its address's `connections_per_ip`.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    /// `None` for an exempt address.
+    _slot: Option<Slot>,
+}
+
+/// Turns away a client over its address's limits, without a task and
+/// without waiting for it: where the server speaks first, the protocol's
+/// "try later" goes into the socket's send buffer if it fits (a fresh
+/// socket's always does), then the socket closes. Implicit TLS: just the
+/// close, before any TLS.
+fn turn_away(socket: TcpStream, ctx: &ListenerCtx, refusal: Refusal) {
+    ctx.metrics.refused(refusal.reason);
+    let words = match (ctx.listener.protocol, ctx.listener.tls) {
+        (Protocol::Http, _) => Some(crate::http::too_many(
+            refusal.reason.phrase(),
+            refusal.reason.retry_after(),
+        )),
+        (protocol, TlsMode::Starttls) => {
+            protocol::too_many(protocol, &ctx.hostname, refusal.reason.phrase())
+        }
+        _ => None,
+    };
+    if let Some(words) = words {
+        // Never waits: an accepted stream starts out writable, and a short
+        // write just loses the words, not the close.
+        let _ = socket.try_write(&words);
     }
 }
 
@@ -150,6 +207,9 @@ enum Refused {
     Handshake(#[source] io::Error),
     #[error("unknown SNI refused")]
     UnknownSni,
+    /// The reason names what was offered and what the listener speaks.
+    #[error("ALPN refused: {0}")]
+    Alpn(String),
     #[error("shutting down")]
     Shutdown,
     /// An `acme-tls/1` handshake: answered (or not) and done.
@@ -183,6 +243,12 @@ async fn handshake(
             };
             return Err(Refused::Challenge(answer_challenge(start, cert, ctx).await));
         }
+        // ALPACA (RFC 9325 §3.8): refused before any certificate is chosen.
+        if let Some(why) = alpn_refusal(hello.alpn(), &ctx.listener.alpn) {
+            let mut socket = start.io;
+            let _ = socket.write_all(&ALERT_NO_APPLICATION_PROTOCOL).await;
+            return Err(Refused::Alpn(why));
+        }
         // One snapshot of the host table for both the certificate and the
         // route: a reload landing mid-handshake cannot pair them across two.
         let (host, matched) = ctx.table.lookup(sni.as_deref());
@@ -203,6 +269,45 @@ async fn handshake(
         Ok(r) => r,
         Err(_) => Err(Refused::HandshakeTimeout),
     }
+}
+
+/// Why a ClientHello's ALPN offer is refused, if it is: it offers
+/// protocols and none is one of `speaks`. A client that sends no ALPN (most
+/// mail clients) is never refused, nor anyone on a listener with an empty
+/// list (`tcp` without `alpn`, or `alpn: []`).
+fn alpn_refusal<'a>(
+    offered: Option<impl Iterator<Item = &'a [u8]>>,
+    speaks: &[Vec<u8>],
+) -> Option<String> {
+    if speaks.is_empty() {
+        return None;
+    }
+    let offered: Vec<&[u8]> = offered?.collect();
+    if offered.iter().any(|o| speaks.iter().any(|s| s == o)) {
+        return None;
+    }
+    Some(format!(
+        "client offered {}; this listener speaks {}",
+        alpn_names(offered.iter().copied()),
+        alpn_names(speaks.iter().map(Vec::as_slice)),
+    ))
+}
+
+/// ALPN IDs for a log line: escaped, and at most eight of them.
+fn alpn_names<'a>(ids: impl ExactSizeIterator<Item = &'a [u8]>) -> String {
+    const SHOWN: usize = 8;
+    let total = ids.len();
+    let mut out: Vec<String> = ids
+        .take(SHOWN)
+        .map(|id| id.escape_ascii().to_string())
+        .collect();
+    if total == 0 {
+        return "an empty list".to_string();
+    }
+    if total > SHOWN {
+        out.push(format!("and {} more", total - SHOWN));
+    }
+    out.join(", ")
 }
 
 fn only_acme_tls<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {
@@ -334,7 +439,7 @@ async fn connection(
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     stop: Stop,
-    _permit: OwnedSemaphorePermit,
+    _held: Held,
 ) {
     let open = Open::new(ctx.metrics.clone());
     let mut session = Session::new();
@@ -452,6 +557,7 @@ async fn prepare(
         Err(Refused::Handshake(_)) => Some("alert"),
         Err(Refused::HandshakeTimeout) => Some("timeout"),
         Err(Refused::UnknownSni) => Some("unknown_sni"),
+        Err(Refused::Alpn(_)) => Some("alpn_refused"),
         Err(_) => None, // ACME validators and shutdown: not client handshakes
     };
     if let Some(outcome) = handshake_outcome {
@@ -473,6 +579,10 @@ async fn prepare(
         }
         Err(Refused::UnknownSni) => {
             session.end("unknown_sni", None);
+            return None;
+        }
+        Err(Refused::Alpn(why)) => {
+            session.end("alpn_refused", why);
             return None;
         }
         Err(Refused::Challenge(Ok(()))) => {
@@ -748,4 +858,57 @@ pub(crate) async fn connect(
 async fn goodbye(client: &mut TlsStream<ReadAhead>, ctx: &ListenerCtx, hostname: &str) {
     let line = protocol::unavailable(ctx.listener.protocol, hostname).unwrap_or_default();
     starttls::close_with(client, &line).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(offered: Option<&[&str]>, speaks: &[&str]) -> Option<String> {
+        let speaks: Vec<Vec<u8>> = speaks.iter().map(|s| s.as_bytes().to_vec()).collect();
+        alpn_refusal(offered.map(|o| o.iter().map(|s| s.as_bytes())), &speaks)
+    }
+
+    #[test]
+    fn alpn_offers_are_refused_only_when_nothing_offered_is_spoken() {
+        // no ALPN at all: most mail clients
+        assert_eq!(refusal(None, &["imap"]), None);
+        // iOS Mail on 993; Delta Chat and Dovecot on SMTP ports
+        assert_eq!(refusal(Some(&["imap"]), &["imap"]), None);
+        assert_eq!(
+            refusal(Some(&["h2", "smtp"]), &["smtp", "submission"]),
+            None
+        );
+        // a browser sent to a mail port
+        assert_eq!(
+            refusal(Some(&["h2", "http/1.1"]), &["imap"]).as_deref(),
+            Some("client offered h2, http/1.1; this listener speaks imap")
+        );
+        assert_eq!(
+            refusal(Some(&["imap"]), &["smtp", "submission"]).as_deref(),
+            Some("client offered imap; this listener speaks smtp, submission")
+        );
+        // an empty list on the listener accepts anything (tcp without alpn)
+        assert_eq!(refusal(Some(&["h2"]), &[]), None);
+        // odd bytes are escaped, long offers cut short
+        let many: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let why = refusal(Some(&many), &["pop3"]).unwrap();
+        assert!(why.starts_with("client offered p0, p1,"), "{why}");
+        assert!(
+            why.contains("p7, and 12 more; this listener speaks pop3"),
+            "{why}"
+        );
+        let why =
+            alpn_refusal(Some([&b"\x00\n\xff"[..]].into_iter()), &[b"imap".to_vec()]).unwrap();
+        assert_eq!(
+            why,
+            "client offered \\x00\\n\\xff; this listener speaks imap"
+        );
+        let why = alpn_refusal(Some(std::iter::empty()), &[b"imap".to_vec()]).unwrap();
+        assert_eq!(
+            why,
+            "client offered an empty list; this listener speaks imap"
+        );
+    }
 }

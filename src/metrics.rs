@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::control::CertRow;
+use crate::limiter::Reason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabel {
@@ -32,6 +33,12 @@ struct AddressLabels {
 struct OutcomeLabels {
     listener: String,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,20 +81,25 @@ const SESSION_OUTCOMES_AT_ZERO: [&str; 5] = [
 ];
 
 /// Handshake outcomes, as the `outcome` label spells them.
-pub const HANDSHAKE_OUTCOMES: [&str; 6] = [
+pub const HANDSHAKE_OUTCOMES: [&str; 7] = [
     "ok",
     "no_sni",
     "unknown_sni",
+    "alpn_refused",
     "alert",
     "timeout",
     "client_left",
 ];
+
+/// Why connections are refused at accept, as the `reason` label spells them.
+const REFUSALS: [Reason; 2] = [Reason::Connections, Reason::Rate];
 
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     open: Family<ListenerLabel, Gauge>,
     connections: Family<ListenerLabel, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     handshakes: Family<OutcomeLabels, Counter>,
     starttls: Family<ListenerLabel, Counter>,
     sessions: Family<OutcomeLabels, Counter>,
@@ -108,6 +120,7 @@ impl Metrics {
         let mut m = Metrics {
             open: Family::default(),
             connections: Family::default(),
+            refused: Family::default(),
             handshakes: Family::default(),
             starttls: Family::default(),
             sessions: Family::default(),
@@ -129,12 +142,17 @@ impl Metrics {
         );
         m.registry.register(
             "connections",
-            "Client connections accepted",
+            "Client connections accepted (past the per-address limits)",
             m.connections.clone(),
         );
         m.registry.register(
+            "connections_refused",
+            "Client connections closed at accept by a per-address limit (per_ip_connections: too many open, per_ip_rate: too many new ones a second)",
+            m.refused.clone(),
+        );
+        m.registry.register(
             "handshakes",
-            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alert: failed, timeout, client_left: closed or reset mid-handshake)",
+            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alpn_refused: only protocols the listener does not speak offered, alert: failed, timeout, client_left: closed or reset mid-handshake)",
             m.handshakes.clone(),
         );
         m.registry.register(
@@ -222,10 +240,19 @@ impl Metrics {
                 })
                 .clone()
         };
+        let refused = |reason: Reason| {
+            self.refused
+                .get_or_create(&RefusedLabels {
+                    listener: name.to_string(),
+                    reason: reason.label(),
+                })
+                .clone()
+        };
         ListenerMetrics {
             name: name.to_string(),
             open: self.open.get_or_create(&l()).clone(),
             connections: self.connections.get_or_create(&l()).clone(),
+            refused: REFUSALS.map(refused),
             handshakes: HANDSHAKE_OUTCOMES.map(handshake),
             starttls: self.starttls.get_or_create(&l()).clone(),
             up: bytes("up"),
@@ -326,8 +353,10 @@ pub struct ListenerMetrics {
     name: String,
     pub open: Gauge,
     pub connections: Counter,
+    /// Indexed like [`REFUSALS`].
+    refused: [Counter; 2],
     /// Indexed like [`HANDSHAKE_OUTCOMES`].
-    handshakes: [Counter; 6],
+    handshakes: [Counter; 7],
     pub starttls: Counter,
     pub up: Counter,
     pub down: Counter,
@@ -337,6 +366,12 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn all(&self) -> &Arc<Metrics> {
         &self.all
+    }
+
+    pub fn refused(&self, reason: Reason) {
+        if let Some(i) = REFUSALS.iter().position(|r| *r == reason) {
+            self.refused[i].inc();
+        }
     }
 
     pub fn handshake(&self, outcome: &str) {
@@ -377,6 +412,7 @@ mod tests {
         l.open.inc();
         l.handshake("ok");
         l.handshake("unknown_sni");
+        l.refused(Reason::Rate);
         l.session("closed");
         l.up.inc_by(10);
         l.backend_failed("127.0.0.1:20143".parse().unwrap());
@@ -398,6 +434,9 @@ mod tests {
             "portcullis_handshakes_total{listener=\"imaps\",outcome=\"ok\"} 1",
             "portcullis_handshakes_total{listener=\"imaps\",outcome=\"unknown_sni\"} 1",
             "portcullis_handshakes_total{listener=\"imaps\",outcome=\"alert\"} 0",
+            "portcullis_handshakes_total{listener=\"imaps\",outcome=\"alpn_refused\"} 0",
+            "portcullis_connections_refused_total{listener=\"imaps\",reason=\"per_ip_connections\"} 0",
+            "portcullis_connections_refused_total{listener=\"imaps\",reason=\"per_ip_rate\"} 1",
             "portcullis_sessions_total{listener=\"imaps\",outcome=\"closed\"} 1",
             "portcullis_relayed_bytes_total{listener=\"imaps\",direction=\"up\"} 10",
             "portcullis_backend_connect_failures_total{backend=\"127.0.0.1:20143\"} 1",

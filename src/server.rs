@@ -26,6 +26,7 @@ use crate::acme::{self, Managed};
 use crate::config::{CertSource, Config, Listener};
 use crate::control::{self, Control, ControlError, View};
 use crate::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
+use crate::limiter::ClientLimiter;
 use crate::listener::{accept_loop, ListenerCtx, Stop};
 use crate::metrics::Metrics;
 use crate::names::HostPattern;
@@ -642,7 +643,7 @@ impl Running {
         let mut contexts = BTreeMap::new();
         let mut fresh = Vec::new();
         for l in config.listeners.values() {
-            let ctx = listener_ctx(
+            let mut ctx = listener_ctx(
                 &config,
                 l,
                 &self.tls,
@@ -651,6 +652,11 @@ impl Running {
                 &self.metrics,
             )
             .map_err(|e| e.to_string())?;
+            // Open connections go on counting against the limiter they
+            // were admitted by: the listener keeps it across the reload.
+            if let Some(b) = self.bound.values().find(|b| b.listener == l.name) {
+                ctx.limiter = b.ctx.load().limiter.clone();
+            }
             contexts.insert(l.name.clone(), Arc::new(ctx));
             for addr in &l.bind {
                 let key = BindKey::new(&l.name, *addr);
@@ -822,6 +828,7 @@ fn listener_ctx(
             .to_string(),
         challenges: challenges.clone(),
         metrics: Arc::new(metrics.listener(&l.name, &backends)),
+        limiter: ClientLimiter::new(&l.name),
     })
 }
 

@@ -268,6 +268,7 @@ hosts:
         ("ok", 3), // the two echo sessions and down.example.test
         ("no_sni", 1),
         ("unknown_sni", 1),
+        ("alpn_refused", 0),
         ("alert", 0),
         ("timeout", 0),
         ("client_left", 0),
@@ -355,7 +356,8 @@ hosts:
     for (name, kind, samples) in [
         ("portcullis_connections_open", "gauge", 1),
         ("portcullis_connections", "counter", 1),
-        ("portcullis_handshakes", "counter", 6),
+        ("portcullis_handshakes", "counter", 7),
+        ("portcullis_connections_refused", "counter", 2),
         ("portcullis_starttls_upgrades", "counter", 1),
         ("portcullis_sessions", "counter", 6),
         ("portcullis_relayed_bytes", "counter", 2),

@@ -309,8 +309,10 @@ async fn relay_is_byte_exact_and_keeps_half_close() {
     log_line(&["session closed", "bytes.up=2000000", "bytes.down=2000016"]).await;
 }
 
+/// A listener selects the first of its ALPN IDs the client offers; a mail
+/// listener refuses a browser's offer (tests/alpaca.rs has the rest).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alpn_is_offered_only_where_configured() {
+async fn alpn_is_selected_from_the_listeners_own_list() {
     let backend = Backend::start("HTTP/1.1 200 OK\r\n", true).await;
     let yaml = format!(
         r#"
@@ -329,14 +331,20 @@ hosts: [ {{ names: [www.example.test], certificate: self-signed }} ]
             .await
             .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let tls = common::tls_connect_with(proxy.addr("imaps"), Some("www.example.test"), offer)
+    let err = common::tls_connect_with(proxy.addr("imaps"), Some("www.example.test"), offer)
         .await
-        .unwrap();
-    assert_eq!(
-        tls.get_ref().1.alpn_protocol(),
-        None,
-        "mail listeners negotiate no ALPN"
+        .expect_err("a mail listener refuses h2 and http/1.1");
+    assert!(
+        format!("{err:?}").contains("NoApplicationProtocol"),
+        "{err:?}"
     );
+    for (offer, selected) in [(&[][..], None), (&["h2", "imap"][..], Some(&b"imap"[..]))] {
+        let config = common::client_config(offer);
+        let tls = common::tls_connect_with(proxy.addr("imaps"), Some("www.example.test"), config)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), selected, "{offer:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,11 @@ use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 pub const BYE_UNAVAILABLE: &[u8] =
     b"* BYE [UNAVAILABLE] Service temporarily unavailable, try again later\r\n";
 
+/// Untagged BYE for a client over its per-address limit (RFC 5530 code).
+pub fn too_many(phrase: &str) -> Vec<u8> {
+    format!("* BYE [UNAVAILABLE] {phrase}\r\n").into_bytes()
+}
+
 /// Command lines longer than this are refused (RFC 7162 §4 asks for at least 8000).
 pub const LINE_LIMIT: usize = 8 * 1024;
 

@@ -108,6 +108,36 @@ pub fn unavailable(protocol: Protocol, hostname: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// The ALPN IDs (RFC 7301) a listener of `protocol` speaks unless its
+/// config names others: IANA's `imap`, `pop3` and `managesieve`; for SMTP
+/// the unregistered `smtp` (Delta Chat sends it) and `submission` (Dovecot
+/// 2.4 knows it). A ClientHello that offers ALPN but none of these is
+/// refused: a browser lured to a mail port must not get a TLS session with
+/// the mail server's certificate (the ALPACA attack, RFC 9325 §3.8). `tcp`
+/// and `http` have none: nothing is refused.
+pub fn alpn(protocol: Protocol) -> &'static [&'static [u8]] {
+    match protocol {
+        Protocol::Imap => &[b"imap"],
+        Protocol::Pop3 => &[b"pop3"],
+        Protocol::Sieve => &[b"managesieve"],
+        Protocol::Smtp => &[b"smtp", b"submission"],
+        Protocol::Tcp | Protocol::Http => &[],
+    }
+}
+
+/// The line a client over its per-address limit hears before the close, on
+/// a listener where the server speaks first; `phrase` says which limit.
+/// `None` where the protocol has no words before TLS.
+pub fn too_many(protocol: Protocol, hostname: &str, phrase: &str) -> Option<Vec<u8>> {
+    match protocol {
+        Protocol::Imap => Some(imap::too_many(phrase)),
+        Protocol::Pop3 => Some(pop3::too_many(phrase)),
+        Protocol::Smtp => Some(smtp::too_many(hostname, phrase)),
+        Protocol::Sieve => Some(sieve::too_many(phrase)),
+        Protocol::Tcp | Protocol::Http => None,
+    }
+}
+
 /// Feeds `input` to a dialogue through the line framer the way the driver
 /// does, in the given pieces; returns every action up to the first that ends
 /// the dialogue, and a marker for an over-long line.

@@ -11,6 +11,11 @@ use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 pub const ERR_UNAVAILABLE: &[u8] =
     b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n";
 
+/// `-ERR [SYS/TEMP]` (RFC 3206) for a client over its per-address limit.
+pub fn too_many(phrase: &str) -> Vec<u8> {
+    format!("-ERR [SYS/TEMP] {phrase}\r\n").into_bytes()
+}
+
 /// RFC 2449 allows 255 octets; clients with long AUTH lines need more after TLS,
 /// not before. The listener limit is generous anyway.
 pub const LINE_LIMIT: usize = 8 * 1024;

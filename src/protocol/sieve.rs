@@ -17,6 +17,12 @@ use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 pub const BYE_UNAVAILABLE: &[u8] =
     b"BYE (TRYLATER) \"Service temporarily unavailable, try again later\"\r\n";
 
+/// `BYE (TRYLATER)` for a client over its per-address limit; `phrase` has
+/// no quote or backslash to escape.
+pub fn too_many(phrase: &str) -> Vec<u8> {
+    format!("BYE (TRYLATER) \"{phrase}\"\r\n").into_bytes()
+}
+
 pub const LINE_LIMIT: usize = 8 * 1024;
 
 #[derive(Debug)]

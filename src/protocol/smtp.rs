@@ -28,6 +28,12 @@ pub fn unavailable(hostname: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// `421 4.7.0` for a client over its per-address limit: 4.7.0 is "other
+/// security status" (RFC 3463), as Postfix's own connection limits say.
+pub fn too_many(hostname: &str, phrase: &str) -> Vec<u8> {
+    format!("421 4.7.0 {hostname} {phrase}\r\n").into_bytes()
+}
+
 #[derive(Debug)]
 pub struct SmtpDialogue {
     host: String,

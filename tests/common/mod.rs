@@ -325,15 +325,32 @@ pub async fn tls_connect_with(
     sni: Option<&str>,
     config: Arc<ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tls_over(tcp, sni, config).await
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (any of
+/// 127.0.0.0/8): a client other than 127.0.0.1 for the per-address limits.
+pub async fn connect_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.parse().expect("an IPv4 literal"), 0))?;
+    socket.connect(addr).await
+}
+
+/// A TLS client session over a connection already open (no SNI: `None`).
+pub async fn tls_over(
+    tcp: TcpStream,
+    sni: Option<&str>,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let mut config = (*config).clone();
     let name = match sni {
         Some(n) => ServerName::try_from(n.to_string()).unwrap(),
         None => {
             config.enable_sni = false;
-            ServerName::IpAddress(addr.ip().into())
+            ServerName::IpAddress(tcp.peer_addr()?.ip().into())
         }
     };
-    let tcp = TcpStream::connect(addr).await?;
     tokio::time::timeout(
         Duration::from_secs(10),
         TlsConnector::from(Arc::new(config)).connect(name, tcp),
@@ -545,6 +562,30 @@ pub async fn read_proxy_header(s: &mut TcpStream) -> Option<SeenHeader> {
         destination,
         tlvs,
     })
+}
+
+/// `GET /metrics` from an admin endpoint (`admin.bind`), the body.
+pub async fn scrape(admin: &str) -> String {
+    let mut s = TcpStream::connect(admin).await.expect("admin endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("/metrics answered within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match text.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => panic!("no HTTP answer from {admin}: {text:?}"),
+    }
+}
+
+/// One sample of a `/metrics` text, `name{labels}` exactly as exposed.
+pub fn sample<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
 }
 
 /// Runs a command with a deadline, returns (exit ok, stdout, stderr).
