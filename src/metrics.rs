@@ -112,6 +112,8 @@ pub struct Metrics {
     next_renewal: Family<HostLabel, Gauge>,
     renewals: Family<Outcome, Counter>,
     reloads: Family<Outcome, Counter>,
+    state_dir_writable: Gauge,
+    store_write_failures: Counter,
     scrape: Mutex<()>,
 }
 
@@ -132,6 +134,8 @@ impl Metrics {
             next_renewal: Family::default(),
             renewals: Family::default(),
             reloads: Family::default(),
+            state_dir_writable: Gauge::default(),
+            store_write_failures: Counter::default(),
             scrape: Mutex::default(),
             registry: Registry::with_prefix("portcullis"),
         };
@@ -199,6 +203,16 @@ impl Metrics {
             "config_reloads",
             "Configuration reloads by outcome (ok, failed)",
             m.reloads.clone(),
+        );
+        m.registry.register(
+            "state_dir_writable",
+            "1 while state_dir can be written, 0 while it cannot (new certificates are then served but not kept)",
+            m.state_dir_writable.clone(),
+        );
+        m.registry.register(
+            "store_write_failures",
+            "Issued certificates that could not be written to state_dir (served anyway)",
+            m.store_write_failures.clone(),
         );
         for outcome in ["ok", "failed"] {
             drop(m.renewals.get_or_create(&Outcome { outcome }));
@@ -303,6 +317,16 @@ impl Metrics {
     pub fn renewal(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "failed" };
         self.renewals.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    pub fn state_dir_writable(&self, yes: bool) {
+        self.state_dir_writable.set(i64::from(yes));
+    }
+
+    /// An issued certificate could not be stored: `state_dir` is not writable.
+    pub fn store_write_failed(&self) {
+        self.store_write_failures.inc();
+        self.state_dir_writable(false);
     }
 
     pub fn reload(&self, ok: bool) {

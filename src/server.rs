@@ -161,7 +161,8 @@ pub struct Server {
     pending_acme: Vec<Managed>,
     /// Bound at start, handed to their accept loops by `run`.
     sockets: Vec<(BindKey, Arc<ArcSwap<ListenerCtx>>, TcpListener, String)>,
-    control: Control,
+    /// `None` when `state_dir` cannot be written.
+    control: Option<Control>,
     reloads: (
         mpsc::Sender<reload::Request>,
         mpsc::Receiver<reload::Request>,
@@ -185,17 +186,34 @@ impl Server {
     /// (notification emails name it in the commands they suggest).
     fn bind_from(config: &Config, file: Option<&Path>) -> Result<Server, Vec<BuildError>> {
         let tls = TlsContext::new().map_err(|e| vec![e.into()])?;
-        store::create_private_dir(&config.state_dir).map_err(|source| {
+        let writable = store::open_state_dir(&config.state_dir).map_err(|source| {
             vec![BuildError::StateDir {
                 path: config.state_dir.clone(),
                 source,
             }]
         })?;
-        let control = Control::bind(&config.state_dir).map_err(|e| vec![e.into()])?;
+        let control = match (Control::bind(&config.state_dir), &writable) {
+            (Ok(c), _) => Some(c),
+            (Err(e @ ControlError::Running(_)), _) | (Err(e), Ok(())) => {
+                return Err(vec![e.into()])
+            }
+            (Err(e), Err(_)) => {
+                warn!(error = %e, "no control socket: portcullis certs, renew and reload cannot reach this instance (SIGHUP still reloads)");
+                None
+            }
+        };
+        let metrics = Metrics::new();
+        metrics.state_dir_writable(writable.is_ok());
+        if let Err(e) = &writable {
+            warn!(
+                state_dir = %config.state_dir.display(),
+                error = %e,
+                "state_dir is not writable: serving what is stored; certificates issued now are served but not kept across a restart, self-signed ones are made anew at each start"
+            );
+        }
         let snapshot = build(config, &tls, &[])?;
         let table = Arc::new(ArcSwap::from_pointee(snapshot.table));
         let challenges = Arc::new(Challenges::default());
-        let metrics = Metrics::new();
         let notifier = Arc::new(ArcSwapOption::from(
             notifier(config, file, None).map_err(|e| vec![BuildError::Notify(e)])?,
         ));
@@ -362,11 +380,13 @@ impl Server {
         state.sync_acme(pending_acme);
         state.publish_views();
         let reloader = Reloader(reload_tx);
-        background.spawn(control.serve(
-            state.views.clone(),
-            Some(reloader.clone()),
-            background_stop.clone(),
-        ));
+        if let Some(control) = control {
+            background.spawn(control.serve(
+                state.views.clone(),
+                Some(reloader.clone()),
+                background_stop.clone(),
+            ));
+        }
         drop(reloader);
         background.spawn(expiry_watch(
             notifier,

@@ -263,3 +263,201 @@ const QUICK_LOG: Duration = Duration::from_secs(10);
 fn proxy_addr(site: &Site) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], site.imaps))
 }
+
+// --- a state_dir that cannot be written ---
+
+/// Runs `portcullis run` in a mount namespace of its own, after `script`
+/// (sh, with `$STATE` the site's state_dir) has changed its view of the
+/// state_dir: what the test sees, and what stays on disk, is untouched.
+fn in_mount_namespace(script: &'static str) -> Vec<&'static str> {
+    let unshare = "unshare --mount --propagation private sh -c";
+    let mut words: Vec<&str> = unshare.split(' ').collect();
+    words.extend([script, "sh"]);
+    words
+}
+
+/// The state_dir on a read-only mount (`mount -o remount,ro`).
+const READ_ONLY: &str = r#"set -e
+mount --bind "$STATE" "$STATE"
+mount -o remount,bind,ro "$STATE"
+exec "$@""#;
+
+/// The state_dir's files copied (from `$COPY`) onto a tmpfs of 256 KiB,
+/// then filled to the last block.
+const FULL_DISK: &str = r#"set -e
+mount -t tmpfs -o size=256k,mode=0700 portcullis-test "$STATE"
+cp -a "$COPY/." "$STATE/"
+dd if=/dev/zero of="$STATE/.filler" bs=4k 2>/dev/null || true
+exec "$@""#;
+
+/// Whether this machine lets a test make mount namespaces (root, or
+/// CAP_SYS_ADMIN): missing, the test skips loudly (or fails under
+/// PORTCULLIS_REQUIRE_TOOLS=1).
+fn mount_namespaces(test: &str) -> bool {
+    if !tool("unshare", test) {
+        return false;
+    }
+    let ok = std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let msg = format!("SKIPPED {test}: cannot make a mount namespace (needs root)");
+        assert!(
+            std::env::var("PORTCULLIS_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{msg}, and PORTCULLIS_REQUIRE_TOOLS=1 forbids skipping"
+        );
+        common::say_skipped(&msg);
+    }
+    ok
+}
+
+/// The stored pair's bytes: `fullchain.pem`, `privkey.pem`.
+fn stored_files(host_dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+    let read = |name: &str| std::fs::read(host_dir.join(name)).unwrap();
+    (read("fullchain.pem"), read("privkey.pem"))
+}
+
+/// Asks the CA (through the ARI proxy) to have the certificate renewed now,
+/// and waits for the renewal and its store error; returns the new serial
+/// and the error line.
+fn renewal_that_cannot_be_stored(run: &mut Running, ari: &AriProxy) -> (String, String) {
+    let now = now_secs();
+    ari.set_window(now, now + Duration::from_secs(2), 1);
+    let issued = run
+        .wait_log(&["certificate issued"], ISSUE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", ari.log()));
+    ari.set_window(now + 365 * DAY, now + 366 * DAY, 3600);
+    let error = run
+        .wait_log(&["the new certificate could not be stored"], QUICK_LOG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serial = issued
+        .split("serial=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{issued}"))
+        .to_string();
+    (serial, error)
+}
+
+/// A state_dir on a read-only file system (a mistake in a container's
+/// mounts, a remount after disk errors). portcullis used to refuse to
+/// start ("cannot start error=state_dir …: Read-only file system") although
+/// a valid pair was stored. Now it serves the stored pair, says what it
+/// cannot do, serves a renewal it cannot store, and leaves the disk as it
+/// was: the next start (writable again) serves the stored pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_state_dir_serves_what_is_stored() {
+    let test = "a_read_only_state_dir_serves_what_is_stored";
+    if !tools(test) || !mount_namespaces(test) {
+        return;
+    }
+    let (site, _pebble, ari, proxy, chain) = site_behind_faults("cro", 0, 500).await;
+    proxy.shutdown().await;
+    let old = serial(&chain[0]);
+    let before = stored_files(&site.host_dir());
+
+    let state = site.state_dir().to_str().unwrap().to_string();
+    let mut run = Running::start_under(
+        &in_mount_namespace(READ_ONLY),
+        &site.config_path(),
+        &[("STATE", state)],
+    );
+    let warned = run
+        .wait_log(&["state_dir is not writable"], QUICK_LOG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(warned.contains("Read-only file system"), "{warned}");
+    assert!(warned.contains(" WARN "), "{warned}");
+    for line in [
+        "no control socket",
+        "serving the stored ACME certificate",
+        "listening",
+    ] {
+        run.wait_log(&[line], QUICK_LOG)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let served = served_chain(proxy_addr(&site), &site.names[0])
+        .await
+        .unwrap();
+    assert_eq!(serial(&served[0]), old, "the stored pair is served");
+
+    let (new, error) = renewal_that_cannot_be_stored(&mut run, &ari);
+    assert!(error.contains("Read-only file system"), "{error}");
+    let served = served_chain(proxy_addr(&site), &site.names[1])
+        .await
+        .unwrap();
+    assert_eq!(serial(&served[0]), new, "the renewal is served anyway");
+    assert!(run.stop().success(), "{}", run.log());
+    assert!(!run.log().contains("cannot start"), "{}", run.log());
+
+    assert_eq!(
+        stored_files(&site.host_dir()),
+        before,
+        "the disk is as it was"
+    );
+    let proxy = Proxy::start(&std::fs::read_to_string(site.config_path()).unwrap()).await;
+    let served = served_chain(proxy.addr(&site.imaps()), &site.names[0])
+        .await
+        .unwrap();
+    assert_eq!(serial(&served[0]), old, "writable again: the stored pair");
+}
+
+/// A state_dir whose file system is full when a renewal comes. The new
+/// certificate is served, the error says "No space left on device", and
+/// what is on disk is the old pair, whole: no half-written key, no stray
+/// temporary file or version directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_keeps_the_stored_pair_whole_and_serves_the_renewal() {
+    let test = "a_full_disk_keeps_the_stored_pair_whole_and_serves_the_renewal";
+    if !tools(test) || !mount_namespaces(test) {
+        return;
+    }
+    let (site, _pebble, ari, proxy, chain) = site_behind_faults("cfd", 0, 500).await;
+    proxy.shutdown().await;
+    let old = serial(&chain[0]);
+    let before = stored_files(&site.host_dir());
+    let copy = common::scratch();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", site.state_dir().display()))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+
+    let state = site.state_dir().to_str().unwrap().to_string();
+    let from = copy.path().to_str().unwrap().to_string();
+    let mut run = Running::start_under(
+        &in_mount_namespace(FULL_DISK),
+        &site.config_path(),
+        &[("STATE", state), ("COPY", from)],
+    );
+    let warned = run
+        .wait_log(&["state_dir is not writable"], QUICK_LOG)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(warned.contains("No space left on device"), "{warned}");
+    run.wait_log(&["serving the stored ACME certificate"], QUICK_LOG)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let (new, error) = renewal_that_cannot_be_stored(&mut run, &ari);
+    assert!(error.contains("No space left on device"), "{error}");
+    let served = served_chain(proxy_addr(&site), &site.names[0])
+        .await
+        .unwrap();
+    assert_eq!(serial(&served[0]), new);
+
+    // What portcullis sees on its (full) state_dir, through its own root.
+    let inside = std::path::PathBuf::from(format!("/proc/{}/root", run.pid()))
+        .join(site.host_dir().strip_prefix("/").unwrap());
+    assert_eq!(stored_files(&inside), before, "the old pair, whole");
+    let certs = inside.parent().unwrap();
+    let mut entries: Vec<String> = std::fs::read_dir(certs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    let mut want = vec![site.names[0].clone(), format!(".{}.{old}", site.names[0])];
+    want.sort();
+    assert_eq!(entries, want, "no half-written version or temporary file");
+    assert!(run.stop().success(), "{}", run.log());
+}

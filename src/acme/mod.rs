@@ -527,13 +527,17 @@ impl HostTask {
             took_ms = started.elapsed().as_millis() as u64,
             "certificate issued"
         );
-        if let Some(e) = &issued.write_error {
-            // Served anyway: throwing it away would order another one, and
-            // burn the CA's rate limit, on every retry.
-            error!(
-                error = %causes(e),
-                "the new certificate could not be stored: it is served now, but a restart will order again"
-            );
+        match &issued.write_error {
+            Some(e) => {
+                // Served anyway: throwing it away would order another one,
+                // and burn the CA's rate limit, on every retry.
+                error!(
+                    error = %causes(e),
+                    "the new certificate could not be stored: it is served now, but a restart will order again"
+                );
+                self.shared.hooks.metrics.store_write_failed();
+            }
+            None => self.shared.hooks.metrics.state_dir_writable(true),
         }
         let current = current(&issued.cert.key.cert, &info);
         let now = SystemTime::now();

@@ -122,15 +122,22 @@ pub fn write(
     };
     let version_name = format!(".{first}.{serial}");
     let version = certs.join(&version_name);
-    store::create_private_dir(&version).map_err(io(&version))?;
     let (chain, key, meta_path) = paths(&version);
     let meta_json = serde_json::to_vec_pretty(meta).map_err(|e| StoreError::Meta {
         path: meta_path.clone(),
         message: e.to_string(),
     })?;
-    store::write_atomic(&key, key_pem.as_bytes(), 0o600).map_err(io(&key))?;
-    store::write_atomic(&chain, chain_pem.as_bytes(), 0o644).map_err(io(&chain))?;
-    store::write_atomic(&meta_path, &meta_json, 0o644).map_err(io(&meta_path))?;
+    let written = store::create_private_dir(&version)
+        .map_err(io(&version))
+        .and_then(|()| store::write_atomic(&key, key_pem.as_bytes(), 0o600).map_err(io(&key)))
+        .and_then(|()| store::write_atomic(&chain, chain_pem.as_bytes(), 0o644).map_err(io(&chain)))
+        .and_then(|()| store::write_atomic(&meta_path, &meta_json, 0o644).map_err(io(&meta_path)));
+    if let Err(e) = written {
+        // A version the link never pointed at: nothing to keep (a full
+        // disk left it half written).
+        let _ = std::fs::remove_dir_all(&version);
+        return Err(e);
+    }
 
     let previous = std::fs::read_link(&link).ok();
     if std::fs::symlink_metadata(&link).is_ok_and(|m| m.is_dir()) {
@@ -278,6 +285,32 @@ mod tests {
         let (chain, key) = certs::generate_self_signed(&names()).unwrap();
         save(plain.path(), &names(), &chain, &key, meta(), &provider).unwrap();
         assert!(load(plain.path(), &names(), &provider).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_version_that_cannot_be_written_whole_leaves_nothing_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+        let first = save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
+        // The next version's directory is taken by a file: its files cannot
+        // be written (as a full disk would refuse them).
+        let (chain2, key2) = certs::generate_self_signed(&names()).unwrap();
+        let next = check(d.path(), &names(), &chain2, &key2, &provider).unwrap();
+        let version = d
+            .path()
+            .join("certs")
+            .join(format!(".mail.example.test.{}", next.info.serial));
+        std::fs::create_dir_all(&version).unwrap();
+        std::fs::create_dir(version.join("privkey.pem")).unwrap();
+        let serial = &next.info.serial;
+        assert!(write(d.path(), &names(), &chain2, &key2, &meta(), serial).is_err());
+        assert!(!version.exists(), "the half-written version is gone");
+        let back = load(d.path(), &names(), &provider).unwrap().unwrap();
+        assert_eq!(
+            back.cert.info.serial, first.cert.info.serial,
+            "the old pair serves"
+        );
     }
 
     #[test]

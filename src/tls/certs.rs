@@ -233,7 +233,9 @@ pub fn unix_now() -> i64 {
 }
 
 /// The host's self-signed certificate: the stored one while it still fits,
-/// otherwise a new one, stored before it is used.
+/// otherwise a new one, stored before it is used. When it cannot be stored
+/// (`state_dir` read-only or full) the new one is served from memory, and
+/// the next start makes another.
 pub fn self_signed(
     state_dir: &Path,
     names: &[HostPattern],
@@ -250,14 +252,21 @@ pub fn self_signed(
         }
     }
     let (cert_pem, key_pem) = generate_self_signed(names)?;
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CertError::Write { path, source }
-    };
-    store::create_private_dir(&dir).map_err(write_err(&dir))?;
-    store::write_atomic(&key_path, key_pem.as_bytes(), 0o600).map_err(write_err(&key_path))?;
-    store::write_atomic(&cert_path, cert_pem.as_bytes(), 0o644).map_err(write_err(&cert_path))?;
-    load_files(&cert_path, &key_path, names, provider)
+    let stored = store::create_private_dir(&dir)
+        .and_then(|()| store::write_atomic(&key_path, key_pem.as_bytes(), 0o600))
+        .and_then(|()| store::write_atomic(&cert_path, cert_pem.as_bytes(), 0o644));
+    match stored {
+        Ok(()) => load_files(&cert_path, &key_path, names, provider),
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot store the self-signed certificate: serving one made now, a new one at each start"
+            );
+            let (cert, key) = (cert_pem.as_bytes(), key_pem.as_bytes());
+            load_pem(cert, key, &cert_path, &key_path, names, provider)
+        }
+    }
 }
 
 /// A fresh ECDSA P-256 certificate for `names`, as (certificate PEM, key PEM).
@@ -366,6 +375,18 @@ mod tests {
         let pem = std::fs::read_to_string(&c).unwrap();
         std::fs::write(&garbage, &pem[..pem.len() / 2]).unwrap();
         assert!(load_files(&garbage, &k, &n, &provider()).is_err());
+    }
+
+    #[test]
+    fn a_self_signed_certificate_that_cannot_be_stored_is_served_from_memory() {
+        let d = tempfile::tempdir().unwrap();
+        // `self-signed` is a file here: nothing can be written below it.
+        std::fs::write(d.path().join("self-signed"), "in the way").unwrap();
+        let n = names(&["mail.example.test"]);
+        let first = self_signed(d.path(), &n, &provider()).unwrap();
+        assert_eq!(first.info.sans, ["mail.example.test"]);
+        let second = self_signed(d.path(), &n, &provider()).unwrap();
+        assert_ne!(first.key.cert, second.key.cert, "made anew each time");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! directory, fsync, rename, fsync of the directory), so a crash mid-write never
 //! leaves a half-written key where a working one was. Keys are 0600, store
 //! directories 0700.
+//!
+//! A `state_dir` that exists but cannot be written (a read-only mount, a
+//! full disk, wrong ownership) is not fatal: what is stored is served, and
+//! what would be written is kept in memory only ([`open_state_dir`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -15,6 +19,31 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Makes `state_dir` ready: created owner-only when missing (an error if
+/// that fails: most likely a typo), else kept as it is. The inner result
+/// says whether it can be written now: `Err` names why not (a read-only
+/// file system, no space, not the owner), and portcullis then runs on what
+/// is stored.
+pub fn open_state_dir(dir: &Path) -> io::Result<io::Result<()>> {
+    if !dir.is_dir() {
+        create_private_dir(dir)?;
+    }
+    Ok(probe_writable(dir))
+}
+
+/// Whether a file can be created, written and removed in `dir` (as root,
+/// permissions alone never say no: only trying does).
+fn probe_writable(dir: &Path) -> io::Result<()> {
+    let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    let probe = dir.join(format!(".write-test.{}", std::process::id()));
+    let written = write_atomic(&probe, b"portcullis\n", 0o600);
+    let _ = fs::remove_file(&probe);
+    written
 }
 
 /// Replaces `path` with `bytes` in one step; `mode` applies from the first byte.
@@ -52,6 +81,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_dir_is_created_private_and_probed() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        assert!(open_state_dir(&state).unwrap().is_ok());
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(fs::read_dir(&state).unwrap().count(), 0, "no probe left");
+        // Under a regular file it cannot exist: refused.
+        let file = d.path().join("file");
+        fs::write(&file, "x").unwrap();
+        assert!(open_state_dir(&file.join("state")).is_err());
+    }
 
     #[test]
     fn writes_replace_whole_files_with_the_given_mode() {

@@ -126,6 +126,11 @@ impl Running {
         }
     }
 
+    /// Its process id (a wrapper that `exec`s keeps it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
