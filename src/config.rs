@@ -35,9 +35,11 @@ pub mod defaults {
     /// Each proxied session costs two descriptors; 20,000 per process is common.
     pub const MAX_CONNECTIONS: usize = 9_000;
     pub const STATE_DIR: &str = "./state";
-    /// Per client address and listener: a large NAT (a campus, a carrier)
-    /// keeps far fewer mail sessions open to one server than this.
-    pub const CONNECTIONS_PER_IP: u32 = 200;
+    /// Per client address and listener: an office of a hundred behind one
+    /// NAT address (Thunderbird keeps up to five IMAP connections per
+    /// account, a phone two or three) stays below it; eight mail listeners
+    /// of one address still leave most of `max_connections` to others.
+    pub const CONNECTIONS_PER_IP: u32 = 500;
     /// New connections (TLS handshakes) per second from one address,
     /// sustained; a mail client opens a handful per minute.
     pub const HANDSHAKES_PER_IP: u32 = 20;
@@ -1828,7 +1830,7 @@ hosts:
         assert_eq!(*l, Limits::default());
         assert_eq!(
             (l.connections_per_ip, l.handshakes_per_ip, l.handshake_burst),
-            (200, 20, 100)
+            (500, 20, 100)
         );
         let net = |s: &str| s.parse::<IpNet>().unwrap();
         assert_eq!(l.exempt, [net("127.0.0.0/8"), net("::1/128")]);
@@ -1845,7 +1847,7 @@ hosts:
                 imaps.handshakes_per_ip,
                 imaps.handshake_burst
             ),
-            (200, 7, 100),
+            (500, 7, 100),
             "the global block over the defaults"
         );
         assert_eq!(imaps.exempt, [net("10.0.0.0/8"), net("2001:db8::1/128")]);

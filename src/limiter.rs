@@ -9,8 +9,11 @@
 //!                     └ otherwise ───────────▶ Refusal (per_ip_connections | per_ip_rate)
 //! ```
 //!
-//! IPv6 clients count per /64 (one customer's prefix), IPv4-mapped IPv6
-//! ones as the IPv4 address they are. One [`ClientLimiter`] per listener
+//! IPv6 clients count per /64 (one customer's prefix), and their /48 (one
+//! site, as tunnel brokers and many hosters hand out) may hold at most
+//! [`SITE_FACTOR`] times the cap of one: a /48 holds 65,536 /64s, each of
+//! which alone could otherwise take a full share. IPv4-mapped IPv6 clients
+//! count as the IPv4 address they are. One [`ClientLimiter`] per listener
 //! lives across reloads: a connection's [`Slot`] returns to the limiter it
 //! came from, whatever the configuration is by then. An address with
 //! nothing open and a full bucket has no entry; the map is swept every
@@ -39,12 +42,18 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// with no floating point.
 const TOKEN: u64 = 1_000_000;
 
-/// Whom a limit counts: an IPv4 address or an IPv6 /64.
+/// A /48 may hold this many times `connections_per_ip`, across its /64s.
+pub const SITE_FACTOR: u32 = 4;
+
+/// Whom a limit counts: an IPv4 address, an IPv6 /64, or (for the
+/// connection cap only) an IPv6 /48.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ClientKey {
     V4(Ipv4Addr),
     /// The upper 64 bits of the address.
     V6(u64),
+    /// The upper 48 bits of the address, shifted right by 16.
+    V6Site(u64),
 }
 
 impl ClientKey {
@@ -54,6 +63,14 @@ impl ClientKey {
             IpAddr::V6(v6) => ClientKey::V6((u128::from(v6) >> 64) as u64),
         }
     }
+
+    /// The /48 an IPv6 client's /64 is in; `None` for IPv4.
+    fn site(self) -> Option<ClientKey> {
+        match self {
+            ClientKey::V6(prefix) => Some(ClientKey::V6Site(prefix >> 16)),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for ClientKey {
@@ -61,6 +78,9 @@ impl fmt::Display for ClientKey {
         match self {
             ClientKey::V4(a) => write!(f, "{a}"),
             ClientKey::V6(prefix) => write!(f, "{}/64", Ipv6Addr::from(u128::from(*prefix) << 64)),
+            ClientKey::V6Site(prefix) => {
+                write!(f, "{}/48", Ipv6Addr::from(u128::from(*prefix) << 80))
+            }
         }
     }
 }
@@ -109,9 +129,13 @@ impl Reason {
         }
     }
 
-    /// The limit as configured, for the log.
-    fn limit(self, limits: &Limits) -> String {
+    /// The limit as configured, for the log (`key` says whether a /48's).
+    fn limit(self, limits: &Limits, key: ClientKey) -> String {
         match self {
+            Reason::Connections if matches!(key, ClientKey::V6Site(_)) => format!(
+                "connections_per_ip={} (x{SITE_FACTOR} for a /48)",
+                limits.connections_per_ip
+            ),
             Reason::Connections => format!("connections_per_ip={}", limits.connections_per_ip),
             Reason::Rate => format!(
                 "handshakes_per_ip={} handshake_burst={}",
@@ -212,7 +236,8 @@ pub struct ClientLimiter {
     state: Mutex<State>,
 }
 
-/// A connection's place in its address's count; dropping it frees the place.
+/// A connection's place in its address's count (and its /48's); dropping
+/// it frees the place.
 #[derive(Debug)]
 pub struct Slot {
     limiter: Arc<ClientLimiter>,
@@ -221,7 +246,7 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.limiter.release(self.key, Instant::now());
+        self.limiter.release_slot(self.key, Instant::now());
     }
 }
 
@@ -263,23 +288,45 @@ impl ClientLimiter {
             return Ok(None);
         }
         let key = ClientKey::of(ip);
+        let site = key.site();
         let (verdict, lines) = {
             let mut state = self.lock();
             let mut lines = state.sweep(now);
+            let site_cap = limits.connections_per_ip.saturating_mul(SITE_FACTOR);
+            let site_full = site
+                .and_then(|s| state.clients.get(&s))
+                .is_some_and(|c| c.open >= site_cap);
             let client = state
                 .clients
                 .entry(key)
                 .or_insert_with(|| Client::new(limits, now));
             let verdict = if client.open >= limits.connections_per_ip {
-                Err(Reason::Connections)
+                Err((Reason::Connections, key))
+            } else if site_full {
+                Err((Reason::Connections, site.unwrap_or(key)))
             } else if !client.take(limits, now) {
-                Err(Reason::Rate)
+                Err((Reason::Rate, key))
             } else {
                 client.open += 1;
                 Ok(())
             };
-            if let Err(reason) = verdict {
-                lines.push(refused(client, key, reason, limits, now));
+            match verdict {
+                Err((reason, whom)) => {
+                    let counted = state
+                        .clients
+                        .entry(whom)
+                        .or_insert_with(|| Client::new(limits, now));
+                    lines.push(refused(counted, whom, reason, limits, now));
+                }
+                Ok(()) => {
+                    if let Some(s) = site {
+                        let c = state
+                            .clients
+                            .entry(s)
+                            .or_insert_with(|| Client::new(limits, now));
+                        c.open += 1;
+                    }
+                }
             }
             (verdict, lines)
         };
@@ -289,10 +336,15 @@ impl ClientLimiter {
                 limiter: self.clone(),
                 key,
             })),
-            Err(reason) => Err(Refusal {
-                reason,
-                client: key,
-            }),
+            Err((reason, client)) => Err(Refusal { reason, client }),
+        }
+    }
+
+    /// Frees a connection's place: its address's, and its /48's.
+    fn release_slot(&self, key: ClientKey, now: Instant) {
+        self.release(key, now);
+        if let Some(site) = key.site() {
+            self.release(site, now);
         }
     }
 
@@ -355,7 +407,7 @@ impl ClientLimiter {
 /// Counts a refusal; a warning when none was given within the minute.
 fn refused(c: &mut Client, key: ClientKey, reason: Reason, limits: &Limits, now: Instant) -> Line {
     c.unreported += 1;
-    let limit = reason.limit(limits);
+    let limit = reason.limit(limits, key);
     let due = c
         .warned
         .is_none_or(|t| now.saturating_duration_since(t) >= WARN_EVERY);
@@ -462,6 +514,29 @@ mod tests {
     }
 
     #[test]
+    fn a_48_holds_at_most_a_few_times_the_cap_of_one_address() {
+        let l = ClientLimiter::new("imaps");
+        let lim = limits(2, 1000, 1000);
+        let now = Instant::now();
+        let mut held = Vec::new();
+        // 2 each from four /64s of one /48: 8, its share
+        for subnet in 0..SITE_FACTOR {
+            for host in 1..=2 {
+                let addr = format!("2001:db8:7:{subnet:x}::{host}");
+                held.push(l.admit_at(ip(&addr), &lim, now).unwrap());
+            }
+        }
+        let refused = l.admit_at(ip("2001:db8:7:ff::1"), &lim, now).unwrap_err();
+        assert_eq!(refused.reason, Reason::Connections);
+        assert_eq!(refused.client.to_string(), "2001:db8:7::/48");
+        // another /48 is not affected
+        assert!(l.admit_at(ip("2001:db8:8::1"), &lim, now).is_ok());
+        // one closes: a place in the /48 again
+        held.pop();
+        assert!(l.admit_at(ip("2001:db8:7:ff::1"), &lim, now).is_ok());
+    }
+
+    #[test]
     fn the_bucket_allows_a_burst_then_the_rate() {
         let l = ClientLimiter::new("imaps");
         let lim = limits(1000, 2, 3);
@@ -520,7 +595,7 @@ mod tests {
         let slot = l.admit_at(ip("192.0.2.1"), &lim, t0).unwrap().unwrap();
         assert_eq!(l.len(), 1);
         std::mem::forget(slot); // released by hand below, at a chosen time
-        l.release(ClientKey::of(ip("192.0.2.1")), t0 + Duration::from_secs(1));
+        l.release_slot(ClientKey::of(ip("192.0.2.1")), t0 + Duration::from_secs(1));
         assert_eq!(l.len(), 0);
         // short ones go at the next sweep
         for i in 0..50u8 {
@@ -529,7 +604,7 @@ mod tests {
                 .unwrap()
                 .unwrap();
             std::mem::forget(s);
-            l.release(ClientKey::of(IpAddr::from([192, 0, 2, i])), t0);
+            l.release_slot(ClientKey::of(IpAddr::from([192, 0, 2, i])), t0);
         }
         assert_eq!(l.len(), 50);
         let later = t0 + SWEEP_EVERY + Duration::from_secs(1);
@@ -550,7 +625,7 @@ mod tests {
             let t = t0 + Duration::from_secs(2) * (i as u32) / 1000;
             let s = l.admit_at(addr, &lim, t).unwrap().unwrap();
             std::mem::forget(s);
-            l.release(ClientKey::of(addr), t);
+            l.release_slot(ClientKey::of(addr), t);
             assert!(l.len() <= 2 * SWEEP_MIN_LEN + 1, "{} entries", l.len());
         }
     }

@@ -144,8 +144,8 @@ pub async fn accept_loop(
         let slot = match ctx.limiter.admit(peer.ip(), &ctx.listener.limits) {
             Ok(slot) => slot,
             Err(refusal) => {
-                turn_away(socket, &ctx, refusal);
-                continue; // the permit goes back with it
+                turn_away(socket, &ctx, refusal, permit, &tracker);
+                continue;
             }
         };
         ctx.metrics.connections.inc();
@@ -174,18 +174,29 @@ struct Held {
     _slot: Option<Slot>,
 }
 
-/// Turns away a client over its address's limits, without a task and
-/// without waiting for it: where the server speaks first, the protocol's
-/// "try later" goes into the socket's send buffer if it fits (a fresh
-/// socket's always does), then the socket closes. Implicit TLS: just the
-/// close, before any TLS.
-fn turn_away(socket: TcpStream, ctx: &ListenerCtx, refusal: Refusal) {
+/// Turns away a client over its address's limits, without waiting for it:
+/// where the server speaks first, the protocol's "try later" goes into the
+/// socket's send buffer if it fits (a fresh socket's always does), then the
+/// socket closes; implicit TLS just closes. Port 80 gets its 429 from a
+/// short-lived task (see [`linger`]).
+fn turn_away(
+    socket: TcpStream,
+    ctx: &ListenerCtx,
+    refusal: Refusal,
+    permit: OwnedSemaphorePermit,
+    tracker: &TaskTracker,
+) {
     ctx.metrics.refused(refusal.reason);
     let words = match (ctx.listener.protocol, ctx.listener.tls) {
-        (Protocol::Http, _) => Some(crate::http::too_many(
-            refusal.reason.phrase(),
-            refusal.reason.retry_after(),
-        )),
+        (Protocol::Http, _) => {
+            let answer =
+                crate::http::too_many(refusal.reason.phrase(), refusal.reason.retry_after());
+            // The client has sent its request already: closed unread, the
+            // kernel would answer with a reset, and the client might drop
+            // the 429 with it. A second at most, holding its permit.
+            tracker.spawn(linger(socket, answer, permit));
+            return;
+        }
         (protocol, TlsMode::Starttls) => {
             protocol::too_many(protocol, &ctx.hostname, refusal.reason.phrase())
         }
@@ -196,7 +207,31 @@ fn turn_away(socket: TcpStream, ctx: &ListenerCtx, refusal: Refusal) {
         // write just loses the words, not the close.
         let _ = socket.try_write(&words);
     }
+    drop(permit);
 }
+
+/// Writes `answer`, says it is done (FIN), and reads what the client sent
+/// until it closes too, for a second at most; then closes.
+async fn linger(mut socket: TcpStream, answer: Vec<u8>, _permit: OwnedSemaphorePermit) {
+    let _ = tokio::time::timeout(LINGER, async {
+        socket.write_all(&answer).await?;
+        socket.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut left = LINGER_READ;
+        while left > 0 {
+            match socket.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<(), io::Error>(())
+    })
+    .await;
+}
+
+/// How long, and how much, a turned-away port-80 client is read from.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_READ: usize = 16 * 1024;
 
 /// Why a connection ended before its relay began.
 #[derive(Debug, thiserror::Error)]

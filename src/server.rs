@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::acme::challenge::Challenges;
 use crate::acme::{self, Managed};
@@ -101,6 +101,10 @@ pub fn load_certificates(
     (loaded, errors)
 }
 
+/// How often an unwritable `state_dir` is tried again (and a writable one
+/// checked, for `portcullis_state_dir_writable`).
+const STATE_PROBE: Duration = Duration::from_secs(60);
+
 /// How long sessions get to close once the grace period is over.
 const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -163,6 +167,8 @@ pub struct Server {
     sockets: Vec<(BindKey, Arc<ArcSwap<ListenerCtx>>, TcpListener, String)>,
     /// `None` when `state_dir` cannot be written.
     control: Option<Control>,
+    /// Whether `state_dir` could be written at start.
+    writable: bool,
     reloads: (
         mpsc::Sender<reload::Request>,
         mpsc::Receiver<reload::Request>,
@@ -268,6 +274,7 @@ impl Server {
             pending_acme: snapshot.new_acme,
             sockets,
             control,
+            writable: writable.is_ok(),
             reloads: mpsc::channel(4),
             watcher: None,
             metrics,
@@ -339,6 +346,7 @@ impl Server {
             pending_acme,
             sockets,
             control,
+            writable,
             reloads: (reload_tx, mut reload_rx),
             watcher,
             metrics,
@@ -373,6 +381,9 @@ impl Server {
             background: background.clone(),
             background_stop: background_stop.clone(),
             orders: Arc::default(),
+            writable,
+            reloader: Reloader(reload_tx.clone()),
+            control_serving: control.is_some(),
         };
         for (key, ctx, socket, name) in sockets {
             state.start_accepting(key, name, ctx, socket);
@@ -403,13 +414,19 @@ impl Server {
         }
 
         tokio::pin!(shutdown);
+        let mut probe =
+            tokio::time::interval_at(tokio::time::Instant::now() + STATE_PROBE, STATE_PROBE);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 request = reload_rx.recv() => match request {
-                    Some(r) => state.reload(r).await,
+                    Some(r) => {
+                        state.reload(r).await;
+                        state.probe_state_dir();
+                    }
                     None => break,
                 },
+                _ = probe.tick() => state.probe_state_dir(),
             }
         }
 
@@ -470,9 +487,55 @@ struct Running {
     background_stop: CancellationToken,
     /// Every ACME runner's new orders, across reloads.
     orders: Arc<acme::budget::OrderBudget>,
+    /// Whether `state_dir` could be written when last tried.
+    writable: bool,
+    /// For a control socket bound late (`state_dir` writable again).
+    reloader: Reloader,
+    control_serving: bool,
 }
 
 impl Running {
+    /// Tries writing to `state_dir` again: says when that changes, and binds
+    /// the control socket once it can.
+    fn probe_state_dir(&mut self) {
+        let state_dir = self.config.state_dir.clone();
+        let now = store::probe_writable(&state_dir);
+        match (&now, self.writable) {
+            (Ok(()), false) => {
+                info!(state_dir = %state_dir.display(), "state_dir is writable again: new certificates are stored")
+            }
+            (Err(e), true) => {
+                warn!(state_dir = %state_dir.display(), error = %e, "state_dir is no longer writable: new certificates are served but not kept")
+            }
+            _ => {}
+        }
+        self.writable = now.is_ok();
+        self.metrics.state_dir_writable(self.writable);
+        if !self.writable {
+            return;
+        }
+        if let Some(acme) = &self.acme {
+            acme.store_pending();
+        }
+        if self.control_serving {
+            return;
+        }
+        match Control::bind(&state_dir) {
+            Ok(control) => {
+                info!(
+                    "control socket ready: portcullis certs, renew and reload reach this instance"
+                );
+                self.background.spawn(control.serve(
+                    self.views.clone(),
+                    Some(self.reloader.clone()),
+                    self.background_stop.clone(),
+                ));
+                self.control_serving = true;
+            }
+            Err(e) => debug!(error = %e, "control socket still unavailable"),
+        }
+    }
+
     fn start_accepting(
         &mut self,
         key: BindKey,
@@ -955,8 +1018,9 @@ fn build(
 /// What an ACME host serves at start-up, and why it needs an order now (if
 /// it does): the stored certificate while it is valid, else the certificate
 /// `files` the host served before it was switched to acme (while valid),
-/// else a self-signed placeholder. A stored pair that does not load is
-/// reported and never served.
+/// else the stored certificate if it has expired, else a self-signed
+/// placeholder. A stored pair that does not load is reported and never
+/// served.
 fn acme_start(
     state_dir: &std::path::Path,
     names: &[HostPattern],
@@ -987,7 +1051,31 @@ fn acme_start(
             };
             return Ok((served, reason.map(String::from)));
         }
-        Ok(Some(_)) => "the stored certificate has expired".to_string(),
+        Ok(Some(stored)) => {
+            // Expired by this clock: replaced at once, and served until
+            // then rather than a placeholder (with the clock ahead of the
+            // CA's it is valid for everyone else).
+            let reason = "the stored certificate has expired";
+            let valid_files = files
+                .is_some_and(|f| f.source == Source::Files && f.info.not_after > certs::unix_now());
+            if !valid_files {
+                warn!(
+                    host = %wanted[0],
+                    serial = %stored.cert.info.serial,
+                    not_after = %control::rfc3339(stored.cert.info.not_after),
+                    "the stored ACME certificate has expired by this machine's clock: serving it until its replacement is issued"
+                );
+                let served = Served {
+                    key: stored.cert.key,
+                    info: stored.cert.info,
+                    source: Source::Acme,
+                };
+                // Not "order now": it is simply due, and the floor after
+                // its issuance holds (see acme::schedule::floor).
+                return Ok((served, None));
+            }
+            reason.to_string()
+        }
         Ok(None) => "no certificate issued yet".to_string(),
         Err(e) => {
             error!(host = %wanted[0], error = %e, "stored ACME certificate unusable: not served, ordering a new one");

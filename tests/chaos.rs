@@ -94,6 +94,41 @@ async fn a_storm_of_5xx_answers_is_ridden_out_inside_each_attempt() {
     assert_eq!(cert_row(&site).await.last_error, None);
 }
 
+/// The CA acts on 30 % of all requests, but their answers are lost on the
+/// way back (a load balancer timing out). Made again blindly, a lost
+/// finalize would be refused ("orderNotReady") and the certificate the CA
+/// issued thrown away, a lost challenge answer refused as "not pending".
+/// portcullis looks at the order's state first: every renewal succeeds at
+/// once, and each costs the CA exactly one certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_lost_after_the_ca_acted_are_not_acted_on_twice() {
+    let test = "answers_lost_after_the_ca_acted_are_not_acted_on_twice";
+    if !tools(test) {
+        return;
+    }
+    let site = Site::new("clo").await;
+    let pebble = Pebble::start(site.http, site.imaps).await;
+    let ari = AriProxy::start(&pebble).await;
+    ari.set_lost_answers(30, 504);
+    let yaml = site.config(&ari.directory, &pebble.ca_roots, "http-01");
+    let proxy = Proxy::start(&yaml).await;
+    let chain = wait_issued(proxy.addr(&site.imaps()), &site.names[0], None)
+        .await
+        .unwrap_or_else(|| panic!("no certificate:\n{}\n{}", pebble.log(), ari.log()));
+    renew_all(&site, &chain[0], || {
+        format!("{}\n{}", pebble.log(), ari.log())
+    })
+    .await;
+    let lost = ari.faults_injected();
+    println!("{test}: {lost} answers lost");
+    assert!(lost >= 10, "answers were lost: {lost}");
+    assert_eq!(pebble.issued(), 1 + RENEWALS, "one certificate per renewal");
+    assert!(
+        log_lines(&[&site.span(), "certificate order failed"]).is_empty(),
+        "no attempt failed"
+    );
+}
+
 /// Pebble rejects half of all nonces with `badNonce` (as a CA under load
 /// may): instant-acme retries each POST three times, portcullis retries the
 /// operation on top. 1 of 8 renewals succeeded before.
@@ -131,17 +166,16 @@ async fn a_load_balancer_error_page_is_reported_with_its_request_and_status() {
     let site = Site::new("c52").await;
     let pebble = Pebble::start(site.http, site.imaps).await;
     let ari = AriProxy::start(&pebble).await;
-    ari.set_faults(
-        100,
-        502,
-        "<html><head><title>502 Bad Gateway</title></head></html>",
-    );
+    // "Come back in an hour": not waited for inside the attempt.
+    let page = "<html><head><title>502 Bad Gateway</title></head></html>";
+    ari.set_outage(502, page, 3600);
     let yaml = site.config(&ari.directory, &pebble.ca_roots, "http-01");
     let _proxy = Proxy::start(&yaml).await;
-    // Every request is tried four times, every operation four times: ~10 s.
-    let first = eventually(ISSUE, || async { cert_row(&site).await.last_error }).await;
-    assert!(first.is_some(), "no failure reported:\n{}", ari.log());
     let failed = log_line(&[&site.span(), "certificate order failed"]).await;
+    assert!(
+        failed.contains("retry_in=1h"),
+        "the CA's Retry-After: {failed}"
+    );
     let want = format!(
         "GET {}: HTTP 502 Bad Gateway: <html><head><title>502 Bad Gateway</title></head></html>",
         ari.directory
@@ -254,6 +288,26 @@ async fn a_clock_years_ahead_gets_one_certificate_and_a_warning_not_an_order_loo
         .unwrap();
     assert!(!is_placeholder(&chain), "the new certificate is served");
     assert!(run.stop().success());
+
+    // Restarts (a deploy, a crash) order no more either: the stored
+    // certificate, expired by this clock, is served until the floor.
+    let mut run = Running::start(&site.config_path(), &ahead);
+    run.wait_log(
+        &["has expired by this machine's clock: serving it"],
+        QUICK_LOG,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pebble.orders(), 1, "no order at restart:\n{}", run.log());
+    let again = served_chain(proxy_addr(&site), &site.names[0])
+        .await
+        .unwrap();
+    assert_eq!(
+        serial(&again[0]),
+        serial(&chain[0]),
+        "the stored certificate"
+    );
+    assert!(run.stop().success());
 }
 
 /// Bound on a log line that follows one already seen.
@@ -344,16 +398,18 @@ fn renewal_that_cannot_be_stored(run: &mut Running, ari: &AriProxy) -> (String, 
 /// mounts, a remount after disk errors). portcullis used to refuse to
 /// start ("cannot start error=state_dir …: Read-only file system") although
 /// a valid pair was stored. Now it serves the stored pair, says what it
-/// cannot do, serves a renewal it cannot store, and leaves the disk as it
-/// was: the next start (writable again) serves the stored pair.
+/// cannot do, serves a renewal it cannot store and leaves the disk as it
+/// was. Once the file system is writable again (and a reload, or a minute,
+/// has passed), the renewal is stored and the control socket answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_state_dir_serves_what_is_stored() {
     let test = "a_read_only_state_dir_serves_what_is_stored";
-    if !tools(test) || !mount_namespaces(test) {
+    if !tools(test) || !mount_namespaces(test) || !tool("nsenter", test) {
         return;
     }
     let (site, _pebble, ari, proxy, chain) = site_behind_faults("cro", 0, 500).await;
     proxy.shutdown().await;
+    site.age_stored_certificate(2 * HOUR);
     let old = serial(&chain[0]);
     let before = stored_files(&site.host_dir());
 
@@ -361,7 +417,7 @@ async fn a_read_only_state_dir_serves_what_is_stored() {
     let mut run = Running::start_under(
         &in_mount_namespace(READ_ONLY),
         &site.config_path(),
-        &[("STATE", state)],
+        &[("STATE", state.clone())],
     );
     let warned = run
         .wait_log(&["state_dir is not writable"], QUICK_LOG)
@@ -387,19 +443,49 @@ async fn a_read_only_state_dir_serves_what_is_stored() {
         .await
         .unwrap();
     assert_eq!(serial(&served[0]), new, "the renewal is served anyway");
-    assert!(run.stop().success(), "{}", run.log());
     assert!(!run.log().contains("cannot start"), "{}", run.log());
-
     assert_eq!(
         stored_files(&site.host_dir()),
         before,
         "the disk is as it was"
     );
-    let proxy = Proxy::start(&std::fs::read_to_string(site.config_path()).unwrap()).await;
-    let served = served_chain(proxy.addr(&site.imaps()), &site.names[0])
-        .await
+
+    // The operator fixes the mount, then reloads.
+    let pid = run.pid().to_string();
+    let remount = [
+        "--target",
+        &pid,
+        "--mount",
+        "mount",
+        "-o",
+        "remount,bind,rw",
+        &state,
+    ];
+    let fixed = std::process::Command::new("nsenter")
+        .args(remount)
+        .status()
         .unwrap();
-    assert_eq!(serial(&served[0]), old, "writable again: the stored pair");
+    assert!(fixed.success());
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    for line in [
+        "state_dir is writable again",
+        "control socket ready",
+        "the certificate that could not be stored is stored now",
+    ] {
+        run.wait_log(&[line], QUICK_LOG)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(serial(&stored_chain(&site)[0]), new, "stored now");
+    assert_eq!(
+        cert_row(&site).await.serial,
+        new,
+        "portcullis certs answers"
+    );
+    assert!(run.stop().success(), "{}", run.log());
 }
 
 /// A state_dir whose file system is full when a renewal comes. The new
@@ -414,6 +500,7 @@ async fn a_full_disk_keeps_the_stored_pair_whole_and_serves_the_renewal() {
     }
     let (site, _pebble, ari, proxy, chain) = site_behind_faults("cfd", 0, 500).await;
     proxy.shutdown().await;
+    site.age_stored_certificate(2 * HOUR);
     let old = serial(&chain[0]);
     let before = stored_files(&site.host_dir());
     let copy = common::scratch();

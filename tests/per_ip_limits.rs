@@ -9,7 +9,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
     client_config, connect_from, log_line, log_lines, read_until, sample, scrape, tls_over,
@@ -240,23 +240,20 @@ async fn a_burst_from_one_address_is_refused_by_rate_while_another_is_served() {
     .await;
     let addr = p.addr("imaps");
     // ten connections at once from one address; then a handshake on each
-    let started = Instant::now();
     let mut burst = Vec::new();
     for _ in 0..10 {
         burst.push(connect_from("127.0.0.6", addr).await.unwrap());
     }
-    let elapsed = started.elapsed();
     let mut served = Vec::new();
     for s in burst {
         served.push(tls_over(s, SNI, client_config(&[])).await.is_ok());
     }
     assert_eq!(served[..3], [true, true, true], "the burst: {served:?}");
     let ok = served.iter().filter(|s| **s).count();
-    // one token a second refills the bucket while the ten connect
-    let allowed = 3 + elapsed.as_secs_f64().ceil() as usize;
-    assert!(ok <= allowed, "{ok} served, at most {allowed} allowed");
     let refused = 10 - ok;
-    assert!(refused > 0, "{served:?}");
+    // One token a second refills the bucket: however slowly the ten were
+    // accepted on a busy machine, most of them come too fast.
+    assert!(refused >= 5, "{served:?}");
     // another address has its own bucket
     let other = connect_from("127.0.0.7", addr).await.unwrap();
     echo(other).await.expect("another address is served");

@@ -66,17 +66,24 @@ pub fn credentials_path(state_dir: &Path, directory: &str) -> PathBuf {
 }
 
 /// Loads the stored account for `config.directory`, or registers one and
-/// stores its credentials before using it.
+/// stores its credentials before using it. `stored: false` registers anew
+/// whatever is stored (the CA rejected it, and it could not be moved aside).
 pub async fn open(
     config: &Acme,
     state_dir: &Path,
     provider: &Arc<CryptoProvider>,
+    stored: bool,
 ) -> Result<Account, AccountError> {
     let path = credentials_path(state_dir, &config.directory);
     let builder = || -> Result<_, AccountError> {
         Ok(Account::builder_with_http(http_client(config, provider)?))
     };
-    match std::fs::read(&path) {
+    let read = if stored {
+        std::fs::read(&path)
+    } else {
+        Err(std::io::ErrorKind::NotFound.into())
+    };
+    match read {
         Ok(bytes) => {
             let credentials: AccountCredentials =
                 serde_json::from_slice(&bytes).map_err(|e| AccountError::Credentials {

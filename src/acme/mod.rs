@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use instant_acme::{
-    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
-    OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeStatus, ChallengeType,
+    Identifier, NewOrder, OrderStatus, RetryPolicy,
 };
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::CertificateDer;
@@ -77,8 +77,17 @@ struct Shared {
     provider: Arc<CryptoProvider>,
     challenges: Arc<Challenges>,
     /// Opened on first use, then reused by every host.
-    account: tokio::sync::Mutex<Option<Account>>,
+    account: tokio::sync::Mutex<AccountCache>,
     hooks: Hooks,
+}
+
+/// The account every host orders with.
+#[derive(Default)]
+struct AccountCache {
+    account: Option<Account>,
+    /// The stored credentials are of an account the CA no longer knows, and
+    /// could not be moved aside (a read-only state_dir): register anew.
+    stored_rejected: bool,
 }
 
 /// What the ACME tasks take from the server, which outlives any one runner:
@@ -107,6 +116,14 @@ struct Request {
     reply: oneshot::Sender<Outcome>,
 }
 
+/// What a host's task is asked: a renewal, or to store again what could not
+/// be stored (`state_dir` can be written again).
+#[derive(Debug)]
+enum Ask {
+    Renew(Request),
+    Store,
+}
+
 /// What a `portcullis renew` gets back for one host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -127,7 +144,7 @@ pub struct Status {
 #[derive(Clone, Debug)]
 pub struct HostHandle {
     pub names: Vec<String>,
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<Ask>,
     status: Arc<Mutex<Status>>,
 }
 
@@ -142,7 +159,8 @@ impl HostHandle {
     /// Renews now when due (or always, with `force`) and waits for the outcome.
     pub async fn renew(&self, force: bool) -> Outcome {
         let (reply, outcome) = oneshot::channel();
-        if self.requests.send(Request { force, reply }).await.is_err() {
+        let ask = Ask::Renew(Request { force, reply });
+        if self.requests.send(ask).await.is_err() {
             return Outcome::Failed("the ACME task has stopped".into());
         }
         outcome
@@ -177,7 +195,7 @@ impl Runner {
                 state_dir,
                 provider,
                 challenges,
-                account: tokio::sync::Mutex::new(None),
+                account: tokio::sync::Mutex::default(),
                 hooks,
             }),
             tasks: Vec::new(),
@@ -208,6 +226,15 @@ impl Runner {
         let span = tracing::info_span!("acme", host = %first);
         let task = HostTask::new(self.shared.clone(), host, status);
         self.tracker.spawn(task.run(rx, stop).instrument(span));
+    }
+
+    /// Asks every host to store what it could not store before (the server
+    /// found `state_dir` writable).
+    pub fn store_pending(&self) {
+        for (handle, _) in &self.tasks {
+            // A full queue has work for the task already; the next probe asks again.
+            let _ = handle.requests.try_send(Ask::Store);
+        }
     }
 
     /// Stops the tasks of hosts `keep` says no to.
@@ -279,6 +306,8 @@ struct HostTask {
     /// Challenge types in the order the next attempt tries them: rotated
     /// after a failure, so a port the CA cannot reach is not tried for ever.
     challenges: Vec<Challenge>,
+    /// The certificate being served, if it could not be stored yet.
+    unstored: Option<Unstored>,
 }
 
 impl HostTask {
@@ -286,6 +315,17 @@ impl HostTask {
         let served = host.slot.load();
         let current =
             (served.source == Source::Acme).then(|| current(&served.key.cert, &served.info));
+        // The floor after the served certificate's issuance holds across
+        // restarts: a clock ahead must not make every start order again.
+        // (A certificate for other names or from another CA is replaced at once.)
+        let issued = current
+            .as_ref()
+            .filter(|_| host.order_now.is_none())
+            .and_then(|_| store::issued_at(&shared.state_dir, &host.names, &served.info.serial));
+        let earliest = current.as_ref().zip(issued).map(|(c, at)| {
+            let skew = schedule::skew(at, c.life, shared.config.renew_before);
+            at + schedule::floor(c.life, skew)
+        });
         HostTask {
             names: host.names,
             slot: host.slot,
@@ -297,9 +337,10 @@ impl HostTask {
             ari_poll: SystemTime::now(),
             failures: 0,
             retry_at: None,
-            earliest: None,
+            earliest,
             draw: fastrand::f64(),
             challenges: shared.config.challenges.clone(),
+            unstored: None,
             shared,
         }
     }
@@ -320,7 +361,7 @@ impl HostTask {
         at.max(self.earliest.unwrap_or(UNIX_EPOCH))
     }
 
-    async fn run(mut self, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) {
+    async fn run(mut self, mut requests: mpsc::Receiver<Ask>, stop: CancellationToken) {
         if let Some(reason) = &self.order_now {
             info!(reason = %reason, "ordering a certificate");
         }
@@ -345,7 +386,11 @@ impl HostTask {
                 },
                 _ = stop.cancelled() => return,
             };
-            if let Some(request) = request {
+            if let Some(Ask::Store) = request {
+                self.store_again();
+                continue;
+            }
+            if let Some(Ask::Renew(request)) = request {
                 let outcome = if request.force || renew_at <= SystemTime::now() {
                     let why = if request.force {
                         "forced by portcullis renew"
@@ -383,6 +428,25 @@ impl HostTask {
                     _ = stop.cancelled() => return,
                 }
             }
+        }
+    }
+
+    /// Stores the served certificate that could not be stored when it was
+    /// issued, if there is one: a restart then serves it instead of
+    /// ordering again.
+    fn store_again(&mut self) {
+        let Some(u) = &self.unstored else {
+            return;
+        };
+        let (dir, names) = (&self.shared.state_dir, &self.names);
+        match store::write(dir, names, &u.chain_pem, &u.key_pem, &u.meta, &u.serial) {
+            Ok(()) => {
+                info!(serial = %u.serial, "the certificate that could not be stored is stored now");
+                self.unstored = None;
+                self.shared.hooks.metrics.state_dir_writable(true);
+                self.set_status(|s| s.last_error = None);
+            }
+            Err(e) => debug!(error = %causes(&e), "the certificate still cannot be stored"),
         }
     }
 
@@ -460,13 +524,25 @@ impl HostTask {
             "renewing"
         );
         let (shared, names, challenges) = (&self.shared, &self.names, &self.challenges);
+        // The order budget is waited for before the attempt's deadline starts.
+        shared.hooks.orders.take().await;
         let work = async {
-            match shared.issue(names, replaces.clone(), challenges).await {
+            let account = shared.account().await?;
+            match shared
+                .issue(&account, names, replaces.clone(), challenges)
+                .await
+            {
                 // Deactivated, or a CA that lost its database (a restarted
                 // test CA): register anew and order again, once, now.
                 Err(e) if e.is_unknown_account() => {
-                    shared.forget_account().await;
-                    shared.issue(names, replaces, challenges).await
+                    shared.forget_account(&account).await;
+                    let account = shared.account().await?;
+                    shared.hooks.orders.take().await;
+                    let again = shared.issue(&account, names, replaces, challenges).await;
+                    if again.as_ref().is_err_and(IssueError::is_unknown_account) {
+                        shared.forget_account(&account).await;
+                    }
+                    again
                 }
                 other => other,
             }
@@ -478,9 +554,6 @@ impl HostTask {
         let issued = match result {
             Ok(issued) => issued,
             Err(e) => {
-                if e.is_unknown_account() {
-                    self.shared.forget_account().await;
-                }
                 self.challenges.rotate_left(1);
                 self.failures += 1;
                 // The CA's own Retry-After, when it asked for a longer wait.
@@ -541,10 +614,10 @@ impl HostTask {
         }
         let current = current(&issued.cert.key.cert, &info);
         let now = SystemTime::now();
-        let skewed = schedule::skewed(now, current.life, self.shared.config.renew_before);
-        let earliest = now + schedule::floor(current.life, skewed);
-        if skewed {
-            warn_of_clock_skew(now, current.life, earliest);
+        let skew = schedule::skew(now, current.life, self.shared.config.renew_before);
+        let earliest = now + schedule::floor(current.life, skew);
+        if let Some(skew) = skew {
+            warn_of_clock_skew(skew, now, current.life, earliest);
         }
         self.earliest = Some(earliest);
         self.current = Some(current);
@@ -563,6 +636,7 @@ impl HostTask {
             info: info.clone(),
             source: Source::Acme,
         });
+        self.unstored = issued.unstored;
         self.order_now = None;
         self.failures = 0;
         self.retry_at = None;
@@ -580,13 +654,12 @@ impl HostTask {
     }
 }
 
-/// Says that a certificate just issued does not fit this machine's clock
-/// ([`schedule::skewed`]): without the floor, a clock ahead was an order loop.
-fn warn_of_clock_skew(now: SystemTime, life: Lifetime, next: SystemTime) {
-    let why = if life.not_before > now {
-        "the certificate just issued is not valid yet by this machine's clock: is the clock behind?"
-    } else {
-        "the certificate just issued is already due for renewal by this machine's clock: is the clock ahead?"
+/// Says that a certificate just issued does not fit this machine's clock:
+/// without the floor, a clock ahead was an order loop.
+fn warn_of_clock_skew(skew: schedule::Skew, now: SystemTime, life: Lifetime, next: SystemTime) {
+    let why = match skew {
+        schedule::Skew::Behind => "the certificate just issued is not valid yet by this machine's clock: is the clock behind?",
+        schedule::Skew::Ahead => "the certificate just issued is already due for renewal by this machine's clock: is the clock ahead?",
     };
     warn!(
         now = %humantime::format_rfc3339_seconds(now),
@@ -656,6 +729,17 @@ pub enum IssueError {
 struct Issued {
     cert: crate::tls::certs::LoadedCert,
     write_error: Option<store::StoreError>,
+    /// What to write when `state_dir` can be written again (with `write_error`).
+    unstored: Option<Unstored>,
+}
+
+/// A certificate served but not stored, kept to be stored later.
+#[derive(Debug)]
+struct Unstored {
+    chain_pem: String,
+    key_pem: String,
+    meta: store::Meta,
+    serial: String,
 }
 
 impl IssueError {
@@ -682,49 +766,70 @@ impl IssueError {
 }
 
 impl Shared {
-    /// Drops the cached account and moves its credentials aside (kept, not
-    /// deleted, in case an operator wants them back).
-    async fn forget_account(&self) {
-        let mut cached = self.account.lock().await;
-        *cached = None;
+    /// Drops `failed` (an account the CA no longer knows) and moves its
+    /// stored credentials aside (kept, not deleted, in case an operator
+    /// wants them back). Another host that failed with the same account a
+    /// moment later finds it gone already, and keeps the new one.
+    async fn forget_account(&self, failed: &Account) {
+        let mut cache = self.account.lock().await;
+        if cache.account.as_ref().is_none_or(|a| a.id() != failed.id()) {
+            return;
+        }
+        cache.account = None;
         let path = account::credentials_path(&self.state_dir, &self.config.directory);
-        let aside = path.with_extension(format!("rejected-{}", crate::tls::certs::unix_now()));
+        let suffix = format!(
+            "rejected-{}-{:08x}",
+            crate::tls::certs::unix_now(),
+            fastrand::u32(..)
+        );
+        let aside = path.with_extension(suffix);
         match std::fs::rename(&path, &aside) {
             Ok(()) => {
                 warn!(moved_to = %aside.display(), "the CA does not know the stored ACME account; registering a new one")
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                warn!("the CA does not know the ACME account; registering a new one")
+            }
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "the CA does not know the stored ACME account, and its credentials cannot be moved aside")
+                cache.stored_rejected = true;
+                warn!(path = %path.display(), error = %e, "the CA does not know the stored ACME account, and its credentials cannot be moved aside; registering a new one")
             }
         }
     }
 
     async fn account(&self) -> Result<Account, account::AccountError> {
-        let mut cached = self.account.lock().await;
-        if let Some(a) = &*cached {
+        let mut cache = self.account.lock().await;
+        if let Some(a) = &cache.account {
             return Ok(a.clone());
         }
+        let stored = !cache.stored_rejected;
         let mut again = retry::Again::new("account");
         let a = loop {
-            match account::open(&self.config, &self.state_dir, &self.provider).await {
+            let opened = account::open(&self.config, &self.state_dir, &self.provider, stored);
+            match opened.await {
                 Ok(a) => break a,
+                // A lost answer to a registration may leave an unused
+                // account at the CA: harmless, and rare.
                 Err(account::AccountError::Acme(e)) => again.after(e).await?,
                 Err(e) => return Err(e),
             }
         };
-        *cached = Some(a.clone());
+        if !stored {
+            cache.stored_rejected = false;
+        }
+        cache.account = Some(a.clone());
         Ok(a)
     }
 
-    /// Orders a certificate for `names` and stores it.
+    /// Orders a certificate for `names` with `account` and stores it.
     async fn issue(
         &self,
+        account: &Account,
         names: &[HostPattern],
         replaces: Option<CertificateIdentifier<'static>>,
         challenges: &[Challenge],
     ) -> Result<Issued, IssueError> {
-        let account = self.account().await?;
-        let mut order = self.new_order(&account, names, replaces).await?;
+        let mut order = self.new_order(account, names, replaces).await?;
         let posted = self.authorize(&mut order, challenges).await?;
         let retry = RetryPolicy::new()
             .initial_delay(Duration::from_millis(250))
@@ -741,7 +846,7 @@ impl Shared {
             KeyType::Rsa2048 => rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?,
         };
         let csr = csr(names, &key)?;
-        retrying!("finalize", order.finalize_csr(&csr))?;
+        finalize(&mut order, &csr).await?;
         let chain = retrying!("certificate", order.poll_certificate(&retry))?;
         let key_pem = key.serialize_pem();
         let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
@@ -750,14 +855,25 @@ impl Shared {
             directory: self.config.directory.clone(),
             issued_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
-        let serial = &cert.info.serial;
+        let serial = cert.info.serial.clone();
         let write_error =
-            store::write(&self.state_dir, names, &chain, &key_pem, &meta, serial).err();
-        Ok(Issued { cert, write_error })
+            store::write(&self.state_dir, names, &chain, &key_pem, &meta, &serial).err();
+        let unstored = write_error.as_ref().map(|_| Unstored {
+            chain_pem: chain,
+            key_pem,
+            meta,
+            serial,
+        });
+        Ok(Issued {
+            cert,
+            write_error,
+            unstored,
+        })
     }
 
     /// A new order for `names` (naming the certificate it `replaces`, where
-    /// the CA takes that), paid for from the order budget.
+    /// the CA takes that; a second order without it, paid for from the
+    /// order budget, where it does not).
     async fn new_order(
         &self,
         account: &Account,
@@ -772,25 +888,18 @@ impl Shared {
             Some(p) => NewOrder::new(&identifiers).profile(p),
             None => NewOrder::new(&identifiers),
         };
-        let orders = &self.hooks.orders;
-        let plain = || async {
-            orders.take().await;
-            account.new_order(&new()).await
-        };
         let Some(id) = replaces else {
-            return Ok(retrying!("new order", plain())?);
+            return Ok(retrying!("new order", account.new_order(&new()))?);
         };
-        let replacing = retrying!("new order", async {
-            orders.take().await;
-            account.new_order(&new().replaces(id.clone())).await
-        });
+        let replacing = retrying!("new order", account.new_order(&new().replaces(id.clone())));
         match replacing {
             Ok(o) => Ok(o),
             Err(instant_acme::Error::Api(problem)) => {
                 // The CA may refuse (already replaced, say); an order
                 // without `replaces` is still a good order.
                 warn!(problem = %problem, "the CA refused the order with `replaces`; ordering without it");
-                Ok(retrying!("new order", plain())?)
+                self.hooks.orders.take().await;
+                Ok(retrying!("new order", account.new_order(&new()))?)
             }
             Err(e) => Err(e.into()),
         }
@@ -798,16 +907,21 @@ impl Shared {
 
     /// Answers a challenge of each pending authorization of `order`, in the
     /// order of preference `challenges`; the answers stay up as long as the
-    /// returned guards live. An authorization that could not be fetched is
-    /// fetched again (the ones already answered are not answered twice).
+    /// returned guards live. A fetch that failed on the way is made again;
+    /// so is a challenge whose "ready" got no answer, unless the CA's state
+    /// shows it was taken (made twice, the CA would refuse it).
     async fn authorize(
         &self,
         order: &mut instant_acme::Order,
         challenges: &[Challenge],
     ) -> Result<Vec<challenge::Posted>, IssueError> {
         let mut posted = Vec::new();
-        let mut answered: Vec<String> = Vec::new();
+        // Names whose challenge is answered and set ready.
+        let mut ready: Vec<String> = Vec::new();
+        // Names whose "ready" got no answer: look before sending it again.
+        let mut unsure: Vec<String> = Vec::new();
         let mut fetch = retry::Again::new("authorization");
+        let mut set = retry::Again::new("challenge");
         'fetch: loop {
             let mut authorizations = order.authorizations();
             while let Some(authz) = authorizations.next().await {
@@ -819,8 +933,23 @@ impl Shared {
                     }
                 };
                 let name = authz.identifier().to_string();
-                if answered.contains(&name) {
+                if ready.contains(&name) {
                     continue;
+                }
+                let kind = pick(&authz, challenges).map_err(|offered| IssueError::NoChallenge {
+                    name: name.clone(),
+                    offered,
+                })?;
+                if unsure.contains(&name) {
+                    retrying!("authorization", authz.refresh())?;
+                    let taken = authz.challenges.iter().any(|c| {
+                        c.r#type == challenge_type(kind) && c.status != ChallengeStatus::Pending
+                    });
+                    unsure.retain(|n| *n != name);
+                    if taken {
+                        ready.push(name);
+                        continue;
+                    }
                 }
                 match authz.status {
                     AuthorizationStatus::Pending => {}
@@ -832,25 +961,8 @@ impl Shared {
                         })
                     }
                 }
-                let kind = challenges.iter().copied().find(|c| {
-                    authz
-                        .challenges
-                        .iter()
-                        .any(|x| x.r#type == challenge_type(*c))
-                });
-                let Some(kind) = kind else {
-                    let offered: Vec<String> = authz
-                        .challenges
-                        .iter()
-                        .map(|c| format!("{:?}", c.r#type))
-                        .collect();
-                    return Err(IssueError::NoChallenge {
-                        name,
-                        offered: offered.join(", "),
-                    });
-                };
                 let Some(mut ch) = authz.challenge(challenge_type(kind)) else {
-                    continue; // just found above
+                    continue; // just picked
                 };
                 let key_auth = ch.key_authorization();
                 posted.push(match kind {
@@ -863,10 +975,59 @@ impl Shared {
                     }
                 });
                 debug!(name = %name, challenge = kind.as_str(), "challenge ready");
-                retrying!("challenge", ch.set_ready())?;
-                answered.push(name);
+                match ch.set_ready().await {
+                    Ok(()) => ready.push(name),
+                    Err(e) => {
+                        set.after(e).await?;
+                        unsure.push(name);
+                        continue 'fetch;
+                    }
+                }
             }
             return Ok(posted);
+        }
+    }
+}
+
+/// The first of `challenges` (in order of preference) the authorization
+/// offers; `Err` lists what it offers instead.
+fn pick(
+    authz: &instant_acme::AuthorizationHandle<'_>,
+    challenges: &[Challenge],
+) -> Result<Challenge, String> {
+    let offers = |c: &Challenge| {
+        authz
+            .challenges
+            .iter()
+            .any(|x| x.r#type == challenge_type(*c))
+    };
+    challenges.iter().copied().find(offers).ok_or_else(|| {
+        let offered: Vec<String> = authz
+            .challenges
+            .iter()
+            .map(|c| format!("{:?}", c.r#type))
+            .collect();
+        offered.join(", ")
+    })
+}
+
+/// Finalizes `order` with `csr`. When that got no answer (or a 5xx), the
+/// CA may have taken it: its order state says whether to send it again
+/// (`ready`) or go on to the certificate (`processing`, `valid`); sent
+/// twice, the CA would refuse the second and the certificate it issued for
+/// the first would be thrown away.
+async fn finalize(order: &mut instant_acme::Order, csr: &[u8]) -> Result<(), IssueError> {
+    let mut again = retry::Again::new("finalize");
+    loop {
+        let Err(e) = order.finalize_csr(csr).await else {
+            return Ok(());
+        };
+        again.after(e).await?;
+        let status = retrying!("order status", order.refresh())?.status;
+        match status {
+            OrderStatus::Ready => continue,
+            OrderStatus::Processing | OrderStatus::Valid => return Ok(()),
+            _ => return Err(IssueError::Invalid(problems(order).await)),
         }
     }
 }

@@ -1,42 +1,54 @@
-//! Retrying one ACME operation (an account, a new order, an authorization,
-//! a challenge, a poll, finalize, the certificate) inside an attempt, when it
-//! failed for a reason that says nothing about the request:
+//! Making one ACME operation again inside an attempt (an account, a new
+//! order, fetching an authorization, a challenge, a poll, finalize, the
+//! certificate) when it failed for a reason that says nothing about the
+//! request:
 //!
 //! - `badNonce` that outlived instant-acme's own three tries (a CA under load
-//!   rejects nonces at random): called again at once, signed with the fresh
-//!   nonce the refusal carried (RFC 8555 §6.5);
-//! - a 5xx answer that outlived [`super::transport`]'s retries: called again
-//!   after a short jittered wait, or the answer's short `Retry-After`.
+//!   rejects nonces at random): made again at once, signed with the fresh
+//!   nonce the refusal carried (RFC 8555 §6.5), up to [`NONCE_RETRIES`] times;
+//! - a request that got a 5xx, or no answer once sent (for a GET or HEAD,
+//!   after [`super::transport`]'s own tries): made again after short
+//!   jittered waits (or the answer's short `Retry-After`) for up to
+//!   [`RETRY_FOR`]. The CA may have carried it out before the answer was
+//!   lost: the callers of operations that change something (a challenge,
+//!   finalize) look at the CA's state first (see `authorize` and `finalize`
+//!   in [`super`]); a new order made twice leaves an unused order behind,
+//!   which is harmless.
 //!
-//! Calling the operation again (rather than resending bytes) signs it anew.
-//! Anything else goes up at once: the attempt fails and the host's backoff
-//! takes over. No connection at all is not retried here: the transport has
-//! tried four times already, and a CA that is down should fail fast.
+//! A request that never left (the connection refused) was tried four times
+//! by [`super::transport`] already: a CA that cannot be reached at all fails
+//! the attempt at once. Anything else is the CA's answer to the request and
+//! goes up: the attempt fails and the host's backoff takes over.
 
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::info;
 
 use super::transport::{self, CaError};
 
 /// Retries after `badNonce`.
 const NONCE_RETRIES: u32 = 5;
-/// Retries after a transient CA error.
-const CA_RETRIES: u32 = 3;
-/// The first wait after a CA error; doubled per retry, spread ±50 %.
-const FIRST_WAIT: Duration = Duration::from_millis(500);
+/// How long an operation is made again after failures on the way: at 30 %
+/// of all answers lost, about one in a hundred thousand operations still
+/// fails.
+pub const RETRY_FOR: Duration = Duration::from_secs(30);
+/// The first wait after a failure on the way; doubled per retry up to
+/// [`LONGEST_WAIT`], spread ±50 %.
+const FIRST_WAIT: Duration = Duration::from_millis(250);
+const LONGEST_WAIT: Duration = Duration::from_secs(4);
 
-/// Why an operation failed, for deciding whether to call it again.
+/// Why an operation failed, for deciding whether to make it again.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Failure {
     Nonce,
-    /// A 5xx, with the answer's `Retry-After`.
-    Ca(Option<Duration>),
+    /// Lost on the way: a 5xx (with its `Retry-After`), or no answer once sent.
+    OnTheWay(Option<Duration>),
     /// About the request itself, or no way to the CA at all.
     Final,
 }
 
-/// What `e` says about trying again.
+/// What `e` says about making the operation again.
 pub fn failure(e: &instant_acme::Error) -> Failure {
     match e {
         instant_acme::Error::Api(p)
@@ -47,7 +59,7 @@ pub fn failure(e: &instant_acme::Error) -> Failure {
             Failure::Nonce
         }
         instant_acme::Error::Other(inner) => match inner.downcast_ref::<CaError>() {
-            Some(ca) if ca.status.is_some() && ca.is_transient() => Failure::Ca(ca.retry_after),
+            Some(ca) if ca.sent && ca.is_transient() => Failure::OnTheWay(ca.retry_after),
             _ => Failure::Final,
         },
         _ => Failure::Final,
@@ -58,16 +70,19 @@ pub fn failure(e: &instant_acme::Error) -> Failure {
 #[derive(Debug)]
 pub struct Again {
     what: &'static str,
-    nonce: u32,
-    ca: u32,
+    nonces: u32,
+    /// When the first failure on the way happened.
+    since: Option<Instant>,
+    waits: u32,
 }
 
 impl Again {
     pub fn new(what: &'static str) -> Again {
         Again {
             what,
-            nonce: 0,
-            ca: 0,
+            nonces: 0,
+            since: None,
+            waits: 0,
         }
     }
 
@@ -75,14 +90,20 @@ impl Again {
     /// `e` is final or the retries are spent.
     pub async fn after(&mut self, e: instant_acme::Error) -> Result<(), instant_acme::Error> {
         let wait = match failure(&e) {
-            Failure::Nonce if self.nonce < NONCE_RETRIES => {
-                self.nonce += 1;
+            Failure::Nonce if self.nonces < NONCE_RETRIES => {
+                self.nonces += 1;
                 Duration::ZERO
             }
-            Failure::Ca(retry_after) if self.ca < CA_RETRIES => {
-                self.ca += 1;
-                retry_after
-                    .unwrap_or_else(|| transport::backoff(FIRST_WAIT, self.ca, fastrand::f64()))
+            Failure::OnTheWay(retry_after) => {
+                let since = *self.since.get_or_insert_with(Instant::now);
+                self.waits += 1;
+                let wait = retry_after.unwrap_or_else(|| {
+                    transport::backoff(FIRST_WAIT, self.waits, fastrand::f64()).min(LONGEST_WAIT)
+                });
+                if since.elapsed() + wait > RETRY_FOR {
+                    return Err(e);
+                }
+                wait
             }
             _ => return Err(e),
         };
@@ -90,7 +111,7 @@ impl Again {
             operation = self.what,
             error = %super::causes(&e),
             retry_in_ms = wait.as_millis() as u64,
-            "ACME request failed on the way; trying it again"
+            "ACME request failed on the way; making it again"
         );
         tokio::time::sleep(wait).await;
         Ok(())
@@ -126,13 +147,19 @@ mod tests {
         instant_acme::Error::Api(serde_json::from_str(&json).unwrap())
     }
 
-    fn ca(status: Option<u16>, retry_after: Option<u64>) -> instant_acme::Error {
+    fn ca(
+        method: &str,
+        status: Option<u16>,
+        retry_after: Option<u64>,
+        sent: bool,
+    ) -> instant_acme::Error {
         instant_acme::Error::Other(Box::new(CaError {
-            method: http::Method::POST,
+            method: method.parse().unwrap(),
             url: "https://ca.test/x".into(),
             status: status.map(|s| http::StatusCode::from_u16(s).unwrap()),
             detail: String::new(),
             retry_after: retry_after.map(Duration::from_secs),
+            sent,
             source: None,
         }))
     }
@@ -142,19 +169,47 @@ mod tests {
         assert_eq!(failure(&problem("badNonce")), Failure::Nonce);
         assert_eq!(failure(&problem("rateLimited")), Failure::Final);
         assert_eq!(failure(&problem("unauthorized")), Failure::Final);
-        assert_eq!(failure(&ca(Some(500), None)), Failure::Ca(None));
         assert_eq!(
-            failure(&ca(Some(503), Some(2))),
-            Failure::Ca(Some(Duration::from_secs(2)))
+            failure(&ca("POST", Some(500), None, true)),
+            Failure::OnTheWay(None)
         );
-        assert_eq!(failure(&ca(Some(503), Some(3600))), Failure::Final);
-        assert_eq!(failure(&ca(Some(404), None)), Failure::Final);
-        assert_eq!(failure(&ca(None, None)), Failure::Final, "no connection");
+        assert_eq!(
+            failure(&ca("POST", Some(503), Some(2), true)),
+            Failure::OnTheWay(Some(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            failure(&ca("POST", None, None, true)),
+            Failure::OnTheWay(None),
+            "no answer once sent"
+        );
+        assert_eq!(
+            failure(&ca("POST", Some(503), Some(3600), true)),
+            Failure::Final
+        );
+        assert_eq!(failure(&ca("POST", Some(404), None, true)), Failure::Final);
+        assert_eq!(
+            failure(&ca("POST", Some(429), Some(60), true)),
+            Failure::Final
+        );
+        assert_eq!(
+            failure(&ca("POST", None, None, false)),
+            Failure::Final,
+            "the CA is unreachable"
+        );
+        assert_eq!(
+            failure(&ca("GET", Some(500), None, true)),
+            Failure::OnTheWay(None)
+        );
+        assert_eq!(
+            failure(&ca("GET", None, None, false)),
+            Failure::Final,
+            "the CA is unreachable"
+        );
         assert_eq!(failure(&instant_acme::Error::Crypto), Failure::Final);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn retries_are_bounded_per_kind() {
+    async fn retries_are_bounded_by_count_for_nonces_and_by_time_on_the_way() {
         let mut calls = 0;
         let start = tokio::time::Instant::now();
         let result: Result<(), _> = retrying!("test", async {
@@ -166,18 +221,20 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO, "no wait after badNonce");
 
         let mut calls = 0;
+        let start = tokio::time::Instant::now();
         let result: Result<(), _> = retrying!("test", async {
             calls += 1;
-            Err(ca(Some(502), None))
+            Err(ca("POST", Some(502), None, true))
         });
         assert!(result.is_err());
-        assert_eq!(calls, 1 + CA_RETRIES);
+        assert!(start.elapsed() <= RETRY_FOR, "{:?}", start.elapsed());
+        assert!(calls >= 8, "about ten calls in {RETRY_FOR:?}: {calls}");
 
         let mut calls = 0;
         let result = retrying!("test", async {
             calls += 1;
             match calls {
-                1 => Err(ca(Some(500), None)),
+                1 => Err(ca("POST", Some(500), None, true)),
                 2 => Err(problem("badNonce")),
                 _ => Ok(calls),
             }

@@ -58,23 +58,37 @@ pub fn renewal_time(
     at.max(now)
 }
 
-/// Whether a certificate issued at `issued` (by this machine's clock) does
-/// not fit this clock: due for renewal at once (the clock is ahead of the
-/// CA's), or not valid for another hour (behind).
-pub fn skewed(issued: SystemTime, life: Lifetime, renew_before: Option<Duration>) -> bool {
-    renewal_time(issued, life, None, renew_before, 0.0) <= issued
-        || life.not_before > issued + FLOOR_MIN
+/// How this machine's clock disagrees with a certificate issued at
+/// `issued` (by this clock), if it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skew {
+    /// Due for renewal the moment it was issued: the clock is ahead of the
+    /// CA's, and every new certificate will look due.
+    Ahead,
+    /// Not valid for another hour: the clock is behind (harmless to the
+    /// schedule, worth saying).
+    Behind,
+}
+
+pub fn skew(issued: SystemTime, life: Lifetime, renew_before: Option<Duration>) -> Option<Skew> {
+    if renewal_time(issued, life, None, renew_before, 0.0) <= issued {
+        Some(Skew::Ahead)
+    } else if life.not_before > issued + FLOOR_MIN {
+        Some(Skew::Behind)
+    } else {
+        None
+    }
 }
 
 /// The least time between an issuance and the next order a host places of
 /// its own accord. An hour: a CA whose renewal window (ARI) for a brand-new
 /// certificate is already over cannot make it order in a loop, and a CA that
-/// really wants a certificate replaced gets it within the hour. When the
-/// clock is `skewed` every new certificate looks due, so the wait is a tenth
-/// of the lifetime (nine days for 90-day certificates, 16 hours for
+/// really wants a certificate replaced gets it within the hour. With the
+/// clock [`Skew::Ahead`] every new certificate looks due, so the wait is a
+/// tenth of the lifetime (nine days for 90-day certificates, 16 hours for
 /// 160-hour ones) until the clock is fixed.
-pub fn floor(life: Lifetime, skewed: bool) -> Duration {
-    if !skewed {
+pub fn floor(life: Lifetime, skew: Option<Skew>) -> Duration {
+    if skew != Some(Skew::Ahead) {
         return FLOOR_MIN;
     }
     let lifetime = life
@@ -248,47 +262,46 @@ mod tests {
     #[test]
     fn after_an_issuance_the_next_order_waits_at_least_the_floor() {
         let hours = |d: Duration| d.as_secs_f64() / 3600.0;
+        let ahead = Some(Skew::Ahead);
         let life = ninety_days_from(0.0);
-        assert_eq!(hours(floor(life, false)), 1.0);
-        assert_eq!(hours(floor(life, true)), 9.0 * 24.0, "a tenth of 90 days");
+        assert_eq!(hours(floor(life, None)), 1.0);
+        assert_eq!(hours(floor(life, Some(Skew::Behind))), 1.0);
+        assert_eq!(hours(floor(life, ahead)), 9.0 * 24.0, "a tenth of 90 days");
         let short = Lifetime {
             not_before: t(0.0),
             not_after: t(0.0) + 160 * HOUR,
         };
-        assert_eq!(hours(floor(short, true)), 16.0);
+        assert_eq!(hours(floor(short, ahead)), 16.0);
         let tiny = Lifetime {
             not_before: t(0.0),
             not_after: t(0.0) + 5 * HOUR,
         };
-        assert_eq!(hours(floor(tiny, true)), 1.0, "at least an hour");
+        assert_eq!(hours(floor(tiny, ahead)), 1.0, "at least an hour");
         let upside_down = Lifetime {
             not_before: t(1.0),
             not_after: t(0.0),
         };
-        assert_eq!(hours(floor(upside_down, true)), 1.0);
+        assert_eq!(hours(floor(upside_down, ahead)), 1.0);
     }
 
     #[test]
     fn a_clock_the_certificate_does_not_fit_is_skewed() {
         let life = ninety_days_from(2.0);
-        // (issued at, by this clock, skewed)
+        // (issued at day, by this clock; skew)
         for (issued, want) in [
-            (2.0, false),
-            (3.0, false),
-            (1.98, false), // the CA backdates not_before: fine
-            (61.0, false),
-            (62.0, true), // the clock ahead: due at once
-            (1102.0, true),
-            (1.0, true), // a day behind: not valid yet
+            (2.0, None),
+            (3.0, None),
+            (1.98, None), // the CA backdates not_before: fine
+            (61.0, None),
+            (62.0, Some(Skew::Ahead)), // due at once
+            (1102.0, Some(Skew::Ahead)),
+            (1.0, Some(Skew::Behind)), // not valid for a day yet
         ] {
-            assert_eq!(
-                skewed(t(issued), life, None),
-                want,
-                "issued at day {issued}"
-            );
+            assert_eq!(skew(t(issued), life, None), want, "issued at day {issued}");
         }
-        assert!(
-            skewed(t(48.0), life, Some(60 * DAY)),
+        assert_eq!(
+            skew(t(48.0), life, Some(60 * DAY)),
+            Some(Skew::Ahead),
             "renew_before counts (up to half)"
         );
     }

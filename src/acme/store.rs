@@ -83,6 +83,24 @@ pub fn load(
     Ok(Some(Stored { cert, meta }))
 }
 
+/// When the stored certificate with `serial` was issued (by this machine's
+/// clock), if it is the one stored for `names`.
+pub fn issued_at(
+    state_dir: &Path,
+    names: &[HostPattern],
+    serial: &str,
+) -> Option<std::time::SystemTime> {
+    let link = host_dir(state_dir, names);
+    let version = std::fs::read_link(&link).ok()?;
+    let name = version.file_name()?.to_str()?;
+    if !name.ends_with(&format!(".{serial}")) {
+        return None;
+    }
+    let text = std::fs::read_to_string(paths(&link).2).ok()?;
+    let meta: Meta = serde_json::from_str(&text).ok()?;
+    humantime::parse_rfc3339(&meta.issued_at).ok()
+}
+
 /// Checks a newly issued pair in memory: it parses, the key matches, the
 /// names are covered.
 pub fn check(
@@ -235,6 +253,13 @@ mod tests {
         save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
         let back = load(d.path(), &names(), &provider).unwrap().unwrap();
         assert_eq!(back.meta, meta());
+        let serial = &back.cert.info.serial;
+        let at = issued_at(d.path(), &names(), serial).unwrap();
+        assert_eq!(
+            at,
+            humantime::parse_rfc3339("2026-11-22T10:00:00Z").unwrap()
+        );
+        assert_eq!(issued_at(d.path(), &names(), "00"), None, "another serial");
         assert_eq!(
             back.cert.info.sans,
             ["mail.example.test", "imap.example.test"]

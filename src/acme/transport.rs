@@ -1,21 +1,24 @@
 //! Every request to the CA goes through [`CaClient`], which wraps the HTTPS
-//! client instant-acme is given. It does two things instant-acme does not:
+//! client instant-acme is given. It does what instant-acme does not:
 //!
 //! - **Names the request in errors.** An answer that is not a success and
 //!   not an ACME problem document (a proxy's HTML error page, a load
-//!   balancer's 502) becomes [`CaError`]: `GET https://…/directory: HTTP 502
-//!   Bad Gateway: <body>`, where instant-acme alone would report a JSON
-//!   error. A 5xx with a problem document is reported the same way, with the
-//!   problem's type and detail.
-//! - **Rides out what fails on the way.** No connection, or a 5xx answer, is
-//!   tried again [`RETRIES`] times with short jittered waits, or after the
-//!   answer's `Retry-After` when that is short. Sending the same request
-//!   twice is safe in ACME: every POST is signed over a one-time nonce, so a
-//!   copy the CA has already seen is refused with `badNonce`, which
-//!   instant-acme answers by signing anew.
+//!   balancer's 502), any 5xx, and a 429 become [`CaError`]: `GET
+//!   https://…/directory: HTTP 502 Bad Gateway: <body>`, where instant-acme
+//!   alone would report a JSON error or lose the `Retry-After`.
+//! - **Bounds each try** ([`TRY_TIMEOUT`]): a CA, or a load balancer in front
+//!   of one, that takes the connection and never answers.
+//! - **Sends again only what is safe to send again.** A GET or HEAD (the
+//!   directory, a nonce, a renewal window) that got no answer or a 5xx, and a
+//!   POST whose connection was never made, are tried again [`RETRIES`] times
+//!   with short jittered waits, or after the answer's short `Retry-After`.
+//!   Any other POST is not: the CA may have carried it out before the answer
+//!   was lost, and instant-acme would sign and send it as new (two orders,
+//!   or a certificate finalized twice). Whether to make such an ACME
+//!   operation again is [`super::retry`]'s call, which knows what it does.
 //!
-//! What a request's own content is refused for (4xx problems, rate limits)
-//! passes through untouched: retrying it would only fail again.
+//! What the CA says of a request itself (4xx problems but 429) passes
+//! through untouched: instant-acme reads it (`badNonce` among them).
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -30,29 +33,34 @@ use http_body_util::BodyExt;
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 use tracing::debug;
 
-/// Retries after the first try, for a failed connection or a 5xx answer.
+/// Retries after the first try, for what is safe to send again.
 pub const RETRIES: u32 = 3;
 /// The first wait; doubled for each retry, then spread ±50 %.
 const FIRST_WAIT: Duration = Duration::from_millis(250);
 /// A `Retry-After` longer than this is not waited for inside an order: the
-/// error goes up, and the order's own backoff takes over.
+/// error goes up, and the host's backoff takes over.
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
+/// One try, from sending the request to the end of the answer.
+pub const TRY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of an error body goes into a message.
 const BODY_SHOWN: usize = 200;
 
 /// A request to the CA that failed: what was asked, and what came back (an
-/// HTTP status and what the body said), or the transport error.
+/// HTTP status and what the body said), or why nothing came back.
 #[derive(Debug)]
 pub struct CaError {
     pub method: Method,
     pub url: String,
-    /// `None`: no answer at all (connection refused, TLS, timeout).
+    /// `None`: no answer at all (connection refused, TLS, timeout, reset).
     pub status: Option<StatusCode>,
     /// What the body said: a problem document's type and detail, or the
     /// start of the text.
     pub detail: String,
     /// The answer's `Retry-After`, as a wait from when it came.
     pub retry_after: Option<Duration>,
+    /// Whether the CA may have received the request: false only when the
+    /// connection was never made.
+    pub sent: bool,
     pub(crate) source: Option<Box<dyn StdError + Send + Sync>>,
 }
 
@@ -78,12 +86,65 @@ impl StdError for CaError {
 }
 
 impl CaError {
-    /// Worth trying again soon: the CA or the way to it failed, and said
-    /// nothing about the request itself.
+    /// The CA or the way to it failed, and said nothing about the request
+    /// itself: worth trying again soon (if it is safe to).
     pub fn is_transient(&self) -> bool {
         self.status.is_none_or(|s| s.is_server_error())
             && self.retry_after.is_none_or(|d| d <= RETRY_AFTER_CAP)
     }
+
+    /// A GET or HEAD: reading, never changing anything at the CA.
+    fn is_read(&self) -> bool {
+        self.method == Method::GET || self.method == Method::HEAD
+    }
+
+    /// Whether this client may send the same request again.
+    fn may_resend(&self) -> bool {
+        self.is_transient() && (self.is_read() || !self.sent)
+    }
+
+    /// No answer to a request: `source` says why.
+    fn unanswered(
+        method: &Method,
+        uri: &Uri,
+        sent: bool,
+        source: Box<dyn StdError + Send + Sync>,
+    ) -> CaError {
+        CaError {
+            method: method.clone(),
+            url: uri.to_string(),
+            status: None,
+            detail: String::new(),
+            retry_after: None,
+            sent,
+            source: Some(source),
+        }
+    }
+}
+
+/// Whether the connection for a request was never made, so the request
+/// never left: hyper says so of a connect error, and a refused connection
+/// says so itself.
+fn never_sent(e: &instant_acme::Error) -> bool {
+    let mut next: Option<&(dyn StdError + 'static)> = match e {
+        // `Other` is transparent: its own source() skips the inner error.
+        instant_acme::Error::Other(inner) => Some(inner.as_ref()),
+        other => Some(other),
+    };
+    while let Some(err) = next {
+        if let Some(h) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if h.is_connect() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// The CA's HTTPS client, with errors named and transient failures retried.
@@ -126,21 +187,31 @@ impl HttpClient for CaClient {
                 } else {
                     BodyWrapper::from(body.to_vec())
                 })?;
-                let error = match inner.request(copy).await {
-                    Ok(answer) => match inspect(&parts.method, &parts.uri, answer).await {
-                        Ok(answer) => return Ok(answer),
-                        Err(e) => e,
-                    },
-                    Err(e) => CaError {
-                        method: parts.method.clone(),
-                        url: parts.uri.to_string(),
-                        status: None,
-                        detail: String::new(),
-                        retry_after: None,
-                        source: Some(Box::new(e)),
-                    },
+                let (method, uri) = (&parts.method, &parts.uri);
+                let tried = tokio::time::timeout(TRY_TIMEOUT, async {
+                    match inner.request(copy).await {
+                        Ok(answer) => inspect(method, uri, answer).await,
+                        Err(e) => Err(CaError::unanswered(
+                            method,
+                            uri,
+                            !never_sent(&e),
+                            Box::new(e),
+                        )),
+                    }
+                })
+                .await;
+                let error = match tried {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(e)) => e,
+                    Err(_) => {
+                        let late = format!(
+                            "no answer within {}",
+                            humantime::format_duration(TRY_TIMEOUT)
+                        );
+                        CaError::unanswered(method, uri, true, late.into())
+                    }
                 };
-                if retries >= RETRIES || !error.is_transient() {
+                if retries >= RETRIES || !error.may_resend() {
                     return Err(instant_acme::Error::Other(Box::new(error)));
                 }
                 retries += 1;
@@ -176,6 +247,7 @@ async fn inspect(
         status: Some(status),
         detail,
         retry_after: retry_after(&answer.parts.headers, SystemTime::now()),
+        sent: true,
         source,
     };
     let body = match answer.body.into_bytes().await {
@@ -185,11 +257,14 @@ async fn inspect(
     let problem = serde_json::from_slice::<instant_acme::Problem>(&body).ok();
     match problem {
         // A 4xx problem document is the CA's answer to this request:
-        // instant-acme reads it (badNonce among them).
-        Some(_) if !status.is_server_error() => Ok(BytesResponse {
-            parts: answer.parts,
-            body: Box::new(body),
-        }),
+        // instant-acme reads it (badNonce among them). But a 429's
+        // Retry-After (a rate limit) must not be lost on the way.
+        Some(_) if !status.is_server_error() && status != StatusCode::TOO_MANY_REQUESTS => {
+            Ok(BytesResponse {
+                parts: answer.parts,
+                body: Box::new(body),
+            })
+        }
         Some(p) => {
             let detail = match (p.r#type, p.detail) {
                 (Some(t), Some(d)) => format!("{t}: {d}"),
@@ -327,34 +402,77 @@ mod tests {
     async fn a_proxy_error_page_names_the_request_and_the_status() {
         let page = "<html>\n<body>502 Bad Gateway</body>\n</html>\n";
         let (client, seen) = ca(&[Some((502, HTML, page)); 4]);
-        let text = failure(client.request(post("{}")).await);
+        let text = failure(client.request(get("https://ca.test/dir")).await);
         assert_eq!(
             text,
-            "POST https://ca.test/acme/new-order: HTTP 502 Bad Gateway: <html> <body>502 Bad Gateway</body> </html>"
+            "GET https://ca.test/dir: HTTP 502 Bad Gateway: <html> <body>502 Bad Gateway</body> </html>"
         );
         assert_eq!(seen.lock().unwrap().len(), 4, "three retries");
     }
 
+    fn get(url: &str) -> Request<BodyWrapper<Bytes>> {
+        Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .body(BodyWrapper::default())
+            .unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_passing_5xx_is_retried_with_the_same_request() {
+    async fn a_read_that_failed_on_the_way_is_sent_again() {
         let (client, seen) = ca(&[
             Some((500, HTML, "oops")),
             None,
-            Some((201, NONE, "{\"status\":\"pending\"}")),
+            Some((200, NONE, "{\"newNonce\":\"x\"}")),
         ]);
         let started = tokio::time::Instant::now();
-        let mut answer = client.request(post("{\"payload\":\"x\"}")).await.unwrap();
-        assert_eq!(answer.parts.status, 201);
+        let mut answer = client.request(get("https://ca.test/dir")).await.unwrap();
+        assert_eq!(answer.parts.status, 200);
         let body = answer.body.into_bytes().await.unwrap();
-        assert_eq!(&body[..], b"{\"status\":\"pending\"}");
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 3);
-        assert!(seen
-            .iter()
-            .all(|(m, b)| *m == Method::POST && &b[..] == b"{\"payload\":\"x\"}"));
+        assert_eq!(&body[..], b"{\"newNonce\":\"x\"}");
+        assert_eq!(seen.lock().unwrap().len(), 3);
         // two waits: 250 ms then 500 ms, each spread ±50 %
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(375) && waited <= Duration::from_millis(1125));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_post_is_sent_again_only_if_it_never_left() {
+        // The connection refused twice: the POST never left, so again.
+        let (client, seen) = ca(&[None, None, Some((201, NONE, "{}"))]);
+        let answer = client.request(post("{\"payload\":\"x\"}")).await.unwrap();
+        assert_eq!(answer.parts.status, 201);
+        let seen_posts = seen.lock().unwrap().clone();
+        assert_eq!(seen_posts.len(), 3);
+        for (m, b) in seen_posts {
+            assert_eq!((m, &b[..]), (Method::POST, &b"{\"payload\":\"x\"}"[..]));
+        }
+        // A 5xx: the CA may have carried it out. Not sent again here.
+        let (client, seen) = ca(&[Some((502, HTML, "bad gateway")), Some((201, NONE, "{}"))]);
+        let text = failure(client.request(post("{}")).await);
+        assert_eq!(
+            text,
+            "POST https://ca.test/acme/new-order: HTTP 502 Bad Gateway: bad gateway"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_keeps_its_problem_and_retry_after() {
+        let limited = "{\"type\":\"urn:ietf:params:acme:error:rateLimited\",\"detail\":\"too many certificates (5) already issued\"}";
+        let (client, seen) = ca(&[Some((429, &[("retry-after", "86400")], limited))]);
+        let r = client.request(post("{}")).await;
+        let Err(instant_acme::Error::Other(e)) = r else {
+            panic!("not an error")
+        };
+        let error = e.downcast_ref::<CaError>().unwrap();
+        assert_eq!(
+            error.to_string(),
+            "POST https://ca.test/acme/new-order: HTTP 429 Too Many Requests: urn:ietf:params:acme:error:rateLimited: too many certificates (5) already issued"
+        );
+        assert_eq!(error.retry_after, Some(Duration::from_secs(86400)));
+        assert!(!error.is_transient());
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -397,19 +515,14 @@ mod tests {
             Some((200, NONE, "{}")),
         ]);
         let started = tokio::time::Instant::now();
-        client.request(post("{}")).await.unwrap();
+        client.request(get("https://ca.test/dir")).await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_connection_is_retried_then_says_why() {
         let (client, seen) = ca(&[None, None, None, None]);
-        let get = Request::builder()
-            .method(Method::GET)
-            .uri("https://127.0.0.1:9/dir")
-            .body(BodyWrapper::default())
-            .unwrap();
-        let text = failure(client.request(get).await);
+        let text = failure(client.request(get("https://127.0.0.1:9/dir")).await);
         assert_eq!(
             text,
             "GET https://127.0.0.1:9/dir: Connection refused (os error 111)"

@@ -6,10 +6,10 @@
 //! `state_dir/self-signed/<first name>/` and are reused across restarts as long
 //! as they still name the same hosts and are not close to expiry.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
@@ -234,8 +234,9 @@ pub fn unix_now() -> i64 {
 
 /// The host's self-signed certificate: the stored one while it still fits,
 /// otherwise a new one, stored before it is used. When it cannot be stored
-/// (`state_dir` read-only or full) the new one is served from memory, and
-/// the next start makes another.
+/// (`state_dir` read-only or full) the new one is kept in memory for as long
+/// as the process runs (reloads serve the same one), and the next start
+/// makes another.
 pub fn self_signed(
     state_dir: &Path,
     names: &[HostPattern],
@@ -243,12 +244,29 @@ pub fn self_signed(
 ) -> Result<LoadedCert, CertError> {
     let dir = self_signed_dir(state_dir, names);
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    if let Ok(stored) = load_files(&cert_path, &key_path, names, provider) {
+    let fits = |c: &LoadedCert| {
         let wanted: BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
-        let have: BTreeSet<String> = stored.info.sans.iter().cloned().collect();
-        let fresh = stored.info.not_after > unix_now() + SELF_SIGNED_RENEW_BEFORE.as_secs() as i64;
-        if wanted == have && fresh {
+        let have: BTreeSet<String> = c.info.sans.iter().cloned().collect();
+        let fresh = c.info.not_after > unix_now() + SELF_SIGNED_RENEW_BEFORE.as_secs() as i64;
+        wanted == have && fresh
+    };
+    if let Ok(stored) = load_files(&cert_path, &key_path, names, provider) {
+        if fits(&stored) {
             return Ok(stored);
+        }
+    }
+    let mut unstored = UNSTORED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((cert, key)) = unstored.get(&dir) {
+        let kept = load_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            &cert_path,
+            &key_path,
+            names,
+            provider,
+        );
+        if let Some(kept) = kept.ok().filter(fits) {
+            return Ok(kept);
         }
     }
     let (cert_pem, key_pem) = generate_self_signed(names)?;
@@ -256,7 +274,10 @@ pub fn self_signed(
         .and_then(|()| store::write_atomic(&key_path, key_pem.as_bytes(), 0o600))
         .and_then(|()| store::write_atomic(&cert_path, cert_pem.as_bytes(), 0o644));
     match stored {
-        Ok(()) => load_files(&cert_path, &key_path, names, provider),
+        Ok(()) => {
+            unstored.remove(&dir);
+            load_files(&cert_path, &key_path, names, provider)
+        }
         Err(e) => {
             tracing::warn!(
                 dir = %dir.display(),
@@ -264,10 +285,16 @@ pub fn self_signed(
                 "cannot store the self-signed certificate: serving one made now, a new one at each start"
             );
             let (cert, key) = (cert_pem.as_bytes(), key_pem.as_bytes());
-            load_pem(cert, key, &cert_path, &key_path, names, provider)
+            let made = load_pem(cert, key, &cert_path, &key_path, names, provider)?;
+            unstored.insert(dir, (cert_pem, key_pem));
+            Ok(made)
         }
     }
 }
+
+/// Self-signed certificates that could not be stored, by the directory
+/// they belong in: (certificate PEM, key PEM).
+static UNSTORED: Mutex<BTreeMap<PathBuf, (String, String)>> = Mutex::new(BTreeMap::new());
 
 /// A fresh ECDSA P-256 certificate for `names`, as (certificate PEM, key PEM).
 pub fn generate_self_signed(names: &[HostPattern]) -> Result<(String, String), rcgen::Error> {
@@ -385,8 +412,14 @@ mod tests {
         let n = names(&["mail.example.test"]);
         let first = self_signed(d.path(), &n, &provider()).unwrap();
         assert_eq!(first.info.sans, ["mail.example.test"]);
-        let second = self_signed(d.path(), &n, &provider()).unwrap();
-        assert_ne!(first.key.cert, second.key.cert, "made anew each time");
+        let again = self_signed(d.path(), &n, &provider()).unwrap();
+        assert_eq!(
+            first.key.cert, again.key.cert,
+            "the same one while the process runs"
+        );
+        let more = names(&["mail.example.test", "imap.example.test"]);
+        let other = self_signed(d.path(), &more, &provider()).unwrap();
+        assert_ne!(first.key.cert, other.key.cert, "other names, another one");
     }
 
     #[test]

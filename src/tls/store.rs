@@ -22,24 +22,24 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Makes `state_dir` ready: created owner-only when missing (an error if
-/// that fails: most likely a typo), else kept as it is. The inner result
-/// says whether it can be written now: `Err` names why not (a read-only
-/// file system, no space, not the owner), and portcullis then runs on what
-/// is stored.
+/// that fails: most likely a typo), else made owner-only if it is not (a
+/// warning if that fails). The inner result says whether it can be written
+/// now: `Err` names why not (a read-only file system, no space, not the
+/// owner), and portcullis then runs on what is stored.
 pub fn open_state_dir(dir: &Path) -> io::Result<io::Result<()>> {
     if !dir.is_dir() {
         create_private_dir(dir)?;
+    } else if fs::metadata(dir)?.permissions().mode() & 0o777 != 0o700 {
+        if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(state_dir = %dir.display(), error = %e, "cannot make state_dir owner-only (0700): keys in it may be readable by others");
+        }
     }
     Ok(probe_writable(dir))
 }
 
 /// Whether a file can be created, written and removed in `dir` (as root,
 /// permissions alone never say no: only trying does).
-fn probe_writable(dir: &Path) -> io::Result<()> {
-    let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode != 0o700 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    }
+pub fn probe_writable(dir: &Path) -> io::Result<()> {
     let probe = dir.join(format!(".write-test.{}", std::process::id()));
     let written = write_atomic(&probe, b"portcullis\n", 0o600);
     let _ = fs::remove_file(&probe);

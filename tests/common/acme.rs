@@ -544,6 +544,27 @@ impl AriProxy {
         self.write_json("faults", &spec);
     }
 
+    /// [`AriProxy::set_faults`] for every request, with a `Retry-After` of
+    /// `secs` (a load balancer that says when to come back).
+    pub fn set_outage(&self, status: u16, body: &str, secs: u64) {
+        let spec = serde_json::json!({
+            "percent": 100, "status": status, "body": body, "content_type": "text/html",
+            "retry_after": secs,
+        });
+        self.write_json("faults", &spec);
+    }
+
+    /// From now on, `percent` of all requests reach Pebble, but Pebble's
+    /// answer is replaced by `status` (a load balancer that timed out while
+    /// the CA acted).
+    pub fn set_lost_answers(&self, percent: u8, status: u16) {
+        let spec = serde_json::json!({
+            "percent": percent, "status": status, "lost": true,
+            "body": "<html><body>Gateway Timeout</body></html>", "content_type": "text/html",
+        });
+        self.write_json("faults", &spec);
+    }
+
     /// No more faults.
     pub fn clear_faults(&self) {
         let _ = std::fs::remove_file(self.dir.path().join("faults.json"));

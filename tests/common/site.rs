@@ -20,6 +20,7 @@ pub const ISSUE: Duration = Duration::from_secs(30);
 /// Bound on one control-socket request.
 pub const CONTROL: Duration = Duration::from_secs(120);
 pub const DAY: Duration = Duration::from_secs(86_400);
+pub const HOUR: Duration = Duration::from_secs(3600);
 
 /// One portcullis site: a host `certificate: acme` with two names, and the
 /// listeners `imaps-TAG` (implicit TLS, IMAP; Pebble's tlsPort), `smtps-TAG`
@@ -68,6 +69,17 @@ impl Site {
 
     pub fn smtps(&self) -> String {
         format!("smtps-{}", self.tag)
+    }
+
+    /// Moves the stored certificate's issuance time `ago` into the past, as
+    /// if it had been issued then: a restart does not hold a renewal back
+    /// for the hour after an issuance.
+    pub fn age_stored_certificate(&self, ago: Duration) {
+        let path = self.host_dir().join("meta.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+        meta["issued_at"] = rfc3339(SystemTime::now() - ago).into();
+        std::fs::write(&path, meta.to_string()).unwrap();
     }
 
     /// The ACME task's span, as the log prints it.
