@@ -1029,52 +1029,40 @@ fn acme_start(
     files: Option<&Served>,
 ) -> Result<(Served, Option<String>), CertError> {
     let wanted = crate::names::to_strings(names);
+    let valid_files =
+        files.filter(|f| f.source == Source::Files && f.info.not_after > certs::unix_now());
     let reason = match acme::store::load(state_dir, names, provider) {
-        Ok(Some(stored)) if stored.cert.info.not_after > certs::unix_now() => {
-            let reason = if stored.meta.names != wanted {
+        Ok(Some(stored)) => {
+            let expired = stored.cert.info.not_after <= certs::unix_now();
+            let order_now = if expired {
+                // Due, not "order now": the floor after its issuance holds
+                // (acme::schedule::floor). With the clock ahead of the CA's
+                // it is still valid for everyone else: better than a
+                // placeholder until it is replaced.
+                None
+            } else if stored.meta.names != wanted {
                 Some("the host's names changed since the stored certificate was issued")
             } else if Some(stored.meta.directory.as_str()) != directory {
                 Some("the stored certificate is from another ACME directory")
             } else {
                 None
             };
-            info!(
-                host = %wanted[0],
-                serial = %stored.cert.info.serial,
-                not_after = %control::rfc3339(stored.cert.info.not_after),
-                "serving the stored ACME certificate"
-            );
-            let served = Served {
-                key: stored.cert.key,
-                info: stored.cert.info,
-                source: Source::Acme,
-            };
-            return Ok((served, reason.map(String::from)));
-        }
-        Ok(Some(stored)) => {
-            // Expired by this clock: replaced at once, and served until
-            // then rather than a placeholder (with the clock ahead of the
-            // CA's it is valid for everyone else).
-            let reason = "the stored certificate has expired";
-            let valid_files = files
-                .is_some_and(|f| f.source == Source::Files && f.info.not_after > certs::unix_now());
-            if !valid_files {
-                warn!(
-                    host = %wanted[0],
-                    serial = %stored.cert.info.serial,
-                    not_after = %control::rfc3339(stored.cert.info.not_after),
-                    "the stored ACME certificate has expired by this machine's clock: serving it until its replacement is issued"
-                );
+            let (serial, not_after) = (&stored.cert.info.serial, stored.cert.info.not_after);
+            let not_after = control::rfc3339(not_after);
+            if !expired {
+                info!(host = %wanted[0], serial = %serial, not_after = %not_after, "serving the stored ACME certificate");
+            } else if valid_files.is_none() {
+                warn!(host = %wanted[0], serial = %serial, not_after = %not_after, "the stored ACME certificate has expired by this machine's clock: serving it until its replacement is issued");
+            }
+            if !expired || valid_files.is_none() {
                 let served = Served {
                     key: stored.cert.key,
                     info: stored.cert.info,
                     source: Source::Acme,
                 };
-                // Not "order now": it is simply due, and the floor after
-                // its issuance holds (see acme::schedule::floor).
-                return Ok((served, None));
+                return Ok((served, order_now.map(String::from)));
             }
-            reason.to_string()
+            "the stored certificate has expired".to_string()
         }
         Ok(None) => "no certificate issued yet".to_string(),
         Err(e) => {
@@ -1082,9 +1070,7 @@ fn acme_start(
             "the stored certificate is unusable".to_string()
         }
     };
-    if let Some(f) =
-        files.filter(|f| f.source == Source::Files && f.info.not_after > certs::unix_now())
-    {
+    if let Some(f) = valid_files {
         info!(host = %wanted[0], reason = %reason, not_after = %control::rfc3339(f.info.not_after), "serving the previous certificate files until the ACME certificate is issued");
         return Ok((
             Served {
