@@ -4,7 +4,7 @@
 # crashes, hangs or runs out of memory; the input that did it is kept in
 # fuzz/artifacts/<target>/. The seed corpus in the repo is never written to.
 #
-#   bash fuzz/ci.sh                 # every target, FUZZ_SECONDS (10) each
+#   bash fuzz/ci.sh                 # every target, FUZZ_SECONDS (5) each
 #   bash fuzz/ci.sh http_head       # only these targets
 #   FUZZ_SECONDS=60 bash fuzz/ci.sh
 #
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-seconds=${FUZZ_SECONDS:-10}
+seconds=${FUZZ_SECONDS:-5}
 runs=${FUZZ_RUNS:-5000000}
 
 # What `cargo fuzz build -s none` passes, minus its `-Ccodegen-units=1`
