@@ -72,15 +72,15 @@ async fn answer(
     };
     // The certificate rows only for the two answers that use them.
     let rows = || -> Vec<CertRow> { views.load().iter().map(control::row).collect() };
-    let (status, content_type, body) = match head.as_ref().map(route) {
-        Some(("GET", "/metrics")) => (
+    let (status, content_type, body) = match page(head.as_ref()) {
+        Page::Metrics => (
             "200 OK",
             // What prometheus-client writes: OpenMetrics text (`# EOF`,
             // counters typed without their `_total`).
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(&rows()),
         ),
-        Some(("GET", "/healthz")) => match problems(metrics, &rows(), SystemTime::now()) {
+        Page::Health => match problems(metrics, &rows(), SystemTime::now()) {
             p if p.is_empty() => ("200 OK", "text/plain", "ok\n".to_string()),
             p => (
                 "503 Service Unavailable",
@@ -88,17 +88,17 @@ async fn answer(
                 format!("{}\n", p.join("\n")),
             ),
         },
-        Some((_, "/metrics" | "/healthz")) => (
+        Page::MethodNotAllowed => (
             "405 Method Not Allowed",
             "text/plain",
             "GET only\n".to_string(),
         ),
-        Some(_) => (
+        Page::NotFound => (
             "404 Not Found",
             "text/plain",
             "try /metrics or /healthz\n".into(),
         ),
-        None => (
+        Page::BadRequest => (
             "400 Bad Request",
             "text/plain",
             "malformed request\n".into(),
@@ -110,6 +110,28 @@ async fn answer(
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// What an admin request gets; `None`: no request head could be read from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    Metrics,
+    Health,
+    /// `/metrics` or `/healthz` with a method other than GET.
+    MethodNotAllowed,
+    NotFound,
+    BadRequest,
+}
+
+/// Routes a request head (pure, so the fuzz target reaches it).
+pub fn page(head: Option<&Head>) -> Page {
+    match head.map(route) {
+        Some(("GET", "/metrics")) => Page::Metrics,
+        Some(("GET", "/healthz")) => Page::Health,
+        Some((_, "/metrics" | "/healthz")) => Page::MethodNotAllowed,
+        Some(_) => Page::NotFound,
+        None => Page::BadRequest,
+    }
 }
 
 /// Method and path (query string dropped).
@@ -201,5 +223,20 @@ mod tests {
         let head = parse(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(head.as_ref().map(route), Some(("GET", "/metrics")));
         assert_eq!(parse(b"garbage\r\n\r\n").as_ref().map(route), None);
+    }
+
+    #[test]
+    fn requests_are_routed() {
+        let page_of = |text: &[u8]| page(http::parse(text).ok().flatten().as_ref());
+        for (text, want) in [
+            (&b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"[..], Page::Metrics),
+            (b"GET /healthz HTTP/1.0\r\n\r\n", Page::Health),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", Page::MethodNotAllowed),
+            (b"HEAD /healthz HTTP/1.1\r\n\r\n", Page::MethodNotAllowed),
+            (b"GET /metrics/ HTTP/1.1\r\n\r\n", Page::NotFound),
+            (b"garbage\r\n\r\n", Page::BadRequest),
+        ] {
+            assert_eq!(page_of(text), want, "{}", String::from_utf8_lossy(text));
+        }
     }
 }

@@ -73,6 +73,12 @@ impl Dialogue for SmtpDialogue {
     }
 
     fn line(&mut self, line: &[u8]) -> Action {
+        // The framer strips the CR of CRLF, so any CR left is bare. RFC 5321
+        // §2.3.8: a client MUST NOT send one, and we must not pass one on to
+        // the backend in the HELO/EHLO and MAIL lines we replay.
+        if line.contains(&b'\r') {
+            return self.error("500 5.5.2 Error: bare <CR> received");
+        }
         let (verb, arg) = verb(line);
         let arg_empty = arg.iter().all(|b| *b == b' ');
         match verb.as_str() {
@@ -260,6 +266,31 @@ mod tests {
             &[close(
                 "500 5.5.6 Line too long\r\n421 4.7.0 mx.example.test Closing connection\r\n",
             )],
+        );
+    }
+
+    /// Found by fuzz/fuzz_targets/smtp_dialogue.rs: a bare CR inside the
+    /// client's EHLO was replayed to the backend on pass-through.
+    #[test]
+    fn a_bare_cr_is_refused_and_never_replayed() {
+        const FUZZ_INPUT: &[u8] = b"EHLO split.test\r\xff\xff\xff\xff\r\nMAIL FROM:<x@y>\r\n";
+        const BARE_CR: &str = "500 5.5.2 Error: bare <CR> received\r\n";
+        assert_script(
+            &mx,
+            FUZZ_INPUT,
+            &[
+                reply(BARE_CR),
+                reply("503 5.5.1 Error: send HELO/EHLO first\r\n"),
+            ],
+        );
+        assert_script(
+            &mx,
+            b"EHLO a\r\nMAIL FROM:<x@y>\rRCPT TO:<z@w>\r\nSTARTTLS\r\n",
+            &[
+                reply(EHLO_REPLY),
+                reply(BARE_CR),
+                starttls("220 2.0.0 Ready to start TLS\r\n"),
+            ],
         );
     }
 
