@@ -4,6 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::config::Protocol;
+use portcullis::protocol::line::Literal;
 use portcullis::protocol::{dialogue, Action};
 use portcullis_fuzz::{check_dialogue, Segmented};
 
@@ -22,18 +23,6 @@ fn tag(line: &[u8]) -> Option<&[u8]> {
         && t.iter()
             .all(|&b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b));
     ok.then_some(t)
-}
-
-/// `{n}` or `{n+}` at the end of a line.
-fn announces_literal(line: &[u8]) -> bool {
-    let Some(body) = line.strip_suffix(b"}") else {
-        return false;
-    };
-    let body = body.strip_suffix(b"+").unwrap_or(body);
-    body.iter().rposition(|&b| b == b'{').is_some_and(|open| {
-        let digits = &body[open + 1..];
-        !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
-    })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -69,9 +58,17 @@ fuzz_target!(|data: &[u8]| {
             continue;
         };
         let status = &last[want.len() + 1..];
-        // A literal's payload would be read as commands: never accepted.
-        if announces_literal(line) {
-            assert!(status.starts_with(b"BAD"), "literal accepted: {line:?}");
+        // A literal's payload would be read as commands: never accepted,
+        // and one that is already on its way ends the session.
+        match portcullis::protocol::line::literal(line) {
+            Some(Literal::NonSynchronizing) => {
+                assert!(status.starts_with(b"BAD"), "literal accepted: {line:?}");
+                assert!(matches!(action, Action::Close(_)), "{line:?}");
+            }
+            Some(Literal::Synchronizing) => {
+                assert!(status.starts_with(b"BAD"), "literal accepted: {line:?}");
+            }
+            None => {}
         }
         if status.starts_with(b"OK") {
             let verb = line[want.len() + 1..]

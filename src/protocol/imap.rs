@@ -1,12 +1,15 @@
 //! IMAP (RFC 9051, RFC 3501) before STARTTLS, and the replies portcullis sends
 //! itself. LOGIN and AUTHENTICATE are refused with `[PRIVACYREQUIRED]`
 //! (RFC 5530); literals are refused outright, since their payload would be
-//! read as commands.
+//! read as commands: a synchronizing one (`{5}`) is never sent after the
+//! refusal, a non-synchronizing one (`{5+}`, LITERAL+) already is, and ends
+//! the session.
 //!
 //! ```text
 //! ExpectCommand ─STARTTLS─▶ StartTls      (CAPABILITY, NOOP: Reply; LOGOUT: Close)
 //! ```
 
+use super::line::Literal;
 use super::{Action, BackendGreeting, Dialogue, ErrorBudget};
 
 /// Untagged BYE with the RFC 5530 response code for a temporary failure.
@@ -41,21 +44,6 @@ fn tag(line: &[u8]) -> Option<&[u8]> {
     valid.then_some(tag)
 }
 
-/// A line that announces a literal (`{12}` or `{12+}` at its end).
-fn ends_with_literal(line: &[u8]) -> bool {
-    let Some(body) = line.strip_suffix(b"}") else {
-        return false;
-    };
-    let body = body.strip_suffix(b"+").unwrap_or(body);
-    match body.iter().rposition(|&b| b == b'{') {
-        Some(open) => {
-            let digits = &body[open + 1..];
-            !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
-        }
-        None => false,
-    }
-}
-
 impl ImapDialogue {
     pub fn new(hostname: &str) -> ImapDialogue {
         ImapDialogue {
@@ -82,8 +70,20 @@ impl Dialogue for ImapDialogue {
             return self.error("*", "BAD Invalid tag or command");
         };
         let tag = String::from_utf8_lossy(tag).into_owned();
-        if ends_with_literal(line) {
-            return self.error(&tag, "BAD Literals are not allowed before STARTTLS");
+        match super::line::literal(line) {
+            // Its bytes follow at once and would be read as commands: the
+            // two sides cannot agree on where commands start any more.
+            Some(Literal::NonSynchronizing) => {
+                return Action::Close(
+                    format!("{tag} BAD Literals are not allowed before STARTTLS\r\n* BYE Closing connection\r\n")
+                        .into_bytes(),
+                )
+            }
+            // The client waits for "+" before it sends the bytes: refused, it never does.
+            Some(Literal::Synchronizing) => {
+                return self.error(&tag, "BAD Literals are not allowed before STARTTLS")
+            }
+            None => {}
         }
         let rest = &line[tag.len() + 1..];
         let command = super::line::verb(rest).0;
@@ -169,16 +169,23 @@ mod tests {
     fn credentials_and_literals_are_refused_before_tls() {
         assert_script(
             &imap,
-            b"a1 LOGIN alice secret\r\na2 AUTHENTICATE PLAIN\r\na3 LOGIN {5}\r\na4 LOGIN {5+}\r\nnotag\r\na5 SELECT INBOX\r\na6 LOGOUT\r\n",
+            b"a1 LOGIN alice secret\r\na2 AUTHENTICATE PLAIN\r\na3 LOGIN {5}\r\nnotag\r\na5 SELECT INBOX\r\na6 LOGOUT\r\n",
             &[
                 reply("a1 NO [PRIVACYREQUIRED] Plaintext authentication is disallowed, use STARTTLS\r\n"),
                 reply("a2 NO [PRIVACYREQUIRED] Plaintext authentication is disallowed, use STARTTLS\r\n"),
                 reply("a3 BAD Literals are not allowed before STARTTLS\r\n"),
-                reply("a4 BAD Literals are not allowed before STARTTLS\r\n"),
                 reply("* BAD Invalid tag or command\r\n"),
                 reply("a5 BAD Command not permitted before STARTTLS\r\n"),
                 close("* BYE mail.example.test logging out\r\na6 OK LOGOUT completed\r\n"),
             ],
+        );
+        // A non-synchronizing literal's bytes are already on their way.
+        assert_script(
+            &imap,
+            b"a4 LOGIN {5+}\r\nalice a5 STARTTLS\r\n",
+            &[close(
+                "a4 BAD Literals are not allowed before STARTTLS\r\n* BYE Closing connection\r\n",
+            )],
         );
     }
 

@@ -54,6 +54,28 @@ impl LineBuf {
     }
 }
 
+/// A literal announced at the end of an IMAP or ManageSieve command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Literal {
+    /// `{12}`: the client waits for the server's `+` before sending it.
+    Synchronizing,
+    /// `{12+}` (LITERAL+, and every ManageSieve client literal): the bytes
+    /// follow at once, and cannot be told from commands.
+    NonSynchronizing,
+}
+
+/// The literal a line announces at its end, if it does.
+pub fn literal(line: &[u8]) -> Option<Literal> {
+    let body = line.strip_suffix(b"}")?;
+    let (body, kind) = match body.strip_suffix(b"+") {
+        Some(b) => (b, Literal::NonSynchronizing),
+        None => (body, Literal::Synchronizing),
+    };
+    let open = body.iter().rposition(|&b| b == b'{')?;
+    let digits = &body[open + 1..];
+    (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit)).then_some(kind)
+}
+
 /// The first word of a command line, uppercased, and the rest after one space.
 pub fn verb(line: &[u8]) -> (String, &[u8]) {
     let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
@@ -93,6 +115,25 @@ mod tests {
         assert_eq!(lb.next_line(), Some(Ok(b"123456".to_vec())));
         lb.push(b"1234567\r\n");
         assert_eq!(lb.next_line(), Some(Err(TooLong)));
+    }
+
+    #[test]
+    fn literals_are_told_by_their_closing_brace() {
+        assert_eq!(literal(b"a LOGIN {5}"), Some(Literal::Synchronizing));
+        assert_eq!(
+            literal(b"PUTSCRIPT \"a\" {10+}"),
+            Some(Literal::NonSynchronizing)
+        );
+        for not in [
+            &b"a NOOP"[..],
+            b"x {}",
+            b"x {+}",
+            b"x {1a}",
+            b"x \"}\"",
+            b"}",
+        ] {
+            assert_eq!(literal(not), None, "{:?}", String::from_utf8_lossy(not));
+        }
     }
 
     #[test]

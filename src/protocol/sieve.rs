@@ -53,8 +53,13 @@ impl Dialogue for SieveDialogue {
     }
 
     fn line(&mut self, line: &[u8]) -> Action {
-        if line.ends_with(b"}") {
-            return self.error("NO \"Literals are not allowed before STARTTLS\"");
+        // RFC 5804 clients send literals non-synchronizing (`{n+}`): the
+        // bytes follow at once and would be read as commands.
+        if super::line::literal(line).is_some() {
+            return Action::Close(
+                b"NO \"Literals are not allowed before STARTTLS\"\r\nBYE \"Closing connection\"\r\n"
+                    .to_vec(),
+            );
         }
         match super::line::verb(line).0.as_str() {
             "CAPABILITY" => {
@@ -124,13 +129,21 @@ mod tests {
     fn dialogue_table() {
         assert_script(
             &sieve,
-            b"AUTHENTICATE \"PLAIN\" \"AGFsaWNlAHNlY3JldA==\"\r\nPUTSCRIPT \"a\" {10+}\r\nNOOP\r\nSTARTTLS\r\n",
+            b"AUTHENTICATE \"PLAIN\" \"AGFsaWNlAHNlY3JldA==\"\r\nNOOP \"{tag}\"\r\nSTARTTLS\r\n",
             &[
                 reply("NO (ENCRYPT-NEEDED) \"Authentication requires STARTTLS\"\r\n"),
-                reply("NO \"Literals are not allowed before STARTTLS\"\r\n"),
                 reply("OK \"NOOP completed\"\r\n"),
                 starttls("OK \"Begin TLS negotiation now\"\r\n"),
             ],
+        );
+        // A literal's bytes follow its line at once: they would be read as
+        // commands (here, a STARTTLS), so the session ends.
+        assert_script(
+            &sieve,
+            b"AUTHENTICATE \"PLAIN\" {10+}\r\nSTARTTLS\r\n",
+            &[close(
+                "NO \"Literals are not allowed before STARTTLS\"\r\nBYE \"Closing connection\"\r\n",
+            )],
         );
         assert_script(
             &sieve,
