@@ -193,8 +193,14 @@ fn turn_away(
                 crate::http::too_many(refusal.reason.phrase(), refusal.reason.retry_after());
             // The client has sent its request already: closed unread, the
             // kernel would answer with a reset, and the client might drop
-            // the 429 with it. A second at most, holding its permit.
-            tracker.spawn(linger(socket, answer, permit));
+            // the 429 with it. A second at most, and only so many at once
+            // (none of them holds a share of max_connections).
+            drop(permit);
+            if let Ok(lingering) = LINGERING.try_acquire() {
+                tracker.spawn(linger(socket, answer, lingering));
+            } else {
+                let _ = socket.try_write(&answer);
+            }
             return;
         }
         (protocol, TlsMode::Starttls) => {
@@ -212,7 +218,11 @@ fn turn_away(
 
 /// Writes `answer`, says it is done (FIN), and reads what the client sent
 /// until it closes too, for a second at most; then closes.
-async fn linger(mut socket: TcpStream, answer: Vec<u8>, _permit: OwnedSemaphorePermit) {
+async fn linger(
+    mut socket: TcpStream,
+    answer: Vec<u8>,
+    _lingering: tokio::sync::SemaphorePermit<'static>,
+) {
     let _ = tokio::time::timeout(LINGER, async {
         socket.write_all(&answer).await?;
         socket.shutdown().await?;
@@ -228,6 +238,9 @@ async fn linger(mut socket: TcpStream, answer: Vec<u8>, _permit: OwnedSemaphoreP
     })
     .await;
 }
+
+/// Turned-away port-80 clients read from at once, at most.
+static LINGERING: Semaphore = Semaphore::const_new(64);
 
 /// How long, and how much, a turned-away port-80 client is read from.
 const LINGER: Duration = Duration::from_secs(1);

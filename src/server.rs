@@ -380,7 +380,12 @@ impl Server {
             accepts: accepts.clone(),
             background: background.clone(),
             background_stop: background_stop.clone(),
-            orders: Arc::default(),
+            acme_hooks: acme::Hooks {
+                metrics: metrics.clone(),
+                notifier: notifier.clone(),
+                orders: Arc::default(),
+                unstored: Arc::default(),
+            },
             writable,
             reloader: Reloader(reload_tx.clone()),
             control_serving: control.is_some(),
@@ -485,8 +490,9 @@ struct Running {
     accepts: TaskTracker,
     background: TaskTracker,
     background_stop: CancellationToken,
-    /// Every ACME runner's new orders, across reloads.
-    orders: Arc<acme::budget::OrderBudget>,
+    /// What every ACME runner shares, across reloads: metrics,
+    /// notifications, the order budget, certificates not stored yet.
+    acme_hooks: acme::Hooks,
     /// Whether `state_dir` could be written when last tried.
     writable: bool,
     /// For a control socket bound late (`state_dir` writable again).
@@ -606,11 +612,7 @@ impl Running {
                 self.challenges.clone(),
                 self.background.clone(),
                 self.background_stop.clone(),
-                acme::Hooks {
-                    metrics: self.metrics.clone(),
-                    notifier: self.notifier.clone(),
-                    orders: self.orders.clone(),
-                },
+                self.acme_hooks.clone(),
             )
         });
         runner.retain(|names| wanted.iter().any(|w| w == names));
@@ -1034,13 +1036,12 @@ fn acme_start(
     let reason = match acme::store::load(state_dir, names, provider) {
         Ok(Some(stored)) => {
             let expired = stored.cert.info.not_after <= certs::unix_now();
-            let order_now = if expired {
-                // Due, not "order now": the floor after its issuance holds
-                // (acme::schedule::floor). With the clock ahead of the CA's
-                // it is still valid for everyone else: better than a
-                // placeholder until it is replaced.
-                None
-            } else if stored.meta.names != wanted {
+            // An operator's change is ordered at once. An expired one is
+            // only due: the floor after its issuance holds
+            // (acme::schedule::floor), and with the clock ahead of the CA's
+            // it is still valid for everyone else, so it is served (not a
+            // placeholder) until it is replaced.
+            let order_now = if stored.meta.names != wanted {
                 Some("the host's names changed since the stored certificate was issued")
             } else if Some(stored.meta.directory.as_str()) != directory {
                 Some("the stored certificate is from another ACME directory")

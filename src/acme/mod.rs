@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod store;
 pub mod transport;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -91,7 +92,8 @@ struct AccountCache {
 }
 
 /// What the ACME tasks take from the server, which outlives any one runner:
-/// who hears about issuance (metrics, notifications) and the order budget.
+/// who hears about issuance (metrics, notifications), the order budget, and
+/// the certificates served but not stored yet.
 #[derive(Clone, Debug)]
 pub struct Hooks {
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -99,6 +101,8 @@ pub struct Hooks {
     pub notifier: Arc<arc_swap::ArcSwapOption<crate::notify::Notifier>>,
     /// Process-wide: every new order, `portcullis renew` included, takes from it.
     pub orders: Arc<OrderBudget>,
+    /// By the host's names: what to write once `state_dir` can be written.
+    pub unstored: Arc<Mutex<HashMap<Vec<String>, Unstored>>>,
 }
 
 impl Hooks {
@@ -106,6 +110,18 @@ impl Hooks {
         if let Some(n) = self.notifier.load_full() {
             n.send(event);
         }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Unstored>> {
+        self.unstored.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// When the served certificate `serial` of `names` was issued, if it is
+    /// waiting to be stored.
+    fn unstored_issued_at(&self, names: &[String], serial: &str) -> Option<SystemTime> {
+        let pending = self.pending();
+        let u = pending.get(names).filter(|u| u.serial == serial)?;
+        humantime::parse_rfc3339(&u.meta.issued_at).ok()
     }
 }
 
@@ -231,7 +247,12 @@ impl Runner {
     /// Asks every host to store what it could not store before (the server
     /// found `state_dir` writable).
     pub fn store_pending(&self) {
-        for (handle, _) in &self.tasks {
+        let pending = self.shared.hooks.pending();
+        for (handle, _) in self
+            .tasks
+            .iter()
+            .filter(|(h, _)| pending.contains_key(&h.names))
+        {
             // A full queue has work for the task already; the next probe asks again.
             let _ = handle.requests.try_send(Ask::Store);
         }
@@ -299,15 +320,14 @@ struct HostTask {
     retry_at: Option<SystemTime>,
     /// No renewal of its own accord before this: set at each issuance to
     /// [`schedule::floor`] later, so a clock or a CA that makes every new
-    /// certificate look due cannot make the host order in a loop.
-    earliest: Option<SystemTime>,
+    /// certificate look due cannot make the host order in a loop. Monotonic:
+    /// a clock stepped back (fixed) must not push it years away.
+    earliest: Option<std::time::Instant>,
     /// Where in the renewal window this certificate renews (0..1).
     draw: f64,
     /// Challenge types in the order the next attempt tries them: rotated
     /// after a failure, so a port the CA cannot reach is not tried for ever.
     challenges: Vec<Challenge>,
-    /// The certificate being served, if it could not be stored yet.
-    unstored: Option<Unstored>,
 }
 
 impl HostTask {
@@ -316,15 +336,28 @@ impl HostTask {
         let current =
             (served.source == Source::Acme).then(|| current(&served.key.cert, &served.info));
         // The floor after the served certificate's issuance holds across
-        // restarts: a clock ahead must not make every start order again.
-        // (A certificate for other names or from another CA is replaced at once.)
+        // restarts and runner restarts: a clock ahead must not make every
+        // start order again. (A certificate for other names or from another
+        // CA is replaced at once.) An issuance "in the future" means the
+        // clock was ahead and has been fixed since: no floor then.
+        let names = crate::names::to_strings(&host.names);
         let issued = current
             .as_ref()
             .filter(|_| host.order_now.is_none())
-            .and_then(|_| store::issued_at(&shared.state_dir, &host.names, &served.info.serial));
-        let earliest = current.as_ref().zip(issued).map(|(c, at)| {
+            .and_then(|_| {
+                shared
+                    .hooks
+                    .unstored_issued_at(&names, &served.info.serial)
+                    .or_else(|| {
+                        store::issued_at(&shared.state_dir, &host.names, &served.info.serial)
+                    })
+            });
+        let now = SystemTime::now();
+        let earliest = current.as_ref().zip(issued).and_then(|(c, at)| {
             let skew = schedule::skew(at, c.life, shared.config.renew_before);
-            at + schedule::floor(c.life, skew)
+            let until = at + schedule::floor(c.life, skew);
+            let left = until.duration_since(now).ok().filter(|_| at <= now)?;
+            Some(std::time::Instant::now() + left)
         });
         HostTask {
             names: host.names,
@@ -340,7 +373,6 @@ impl HostTask {
             earliest,
             draw: fastrand::f64(),
             challenges: shared.config.challenges.clone(),
-            unstored: None,
             shared,
         }
     }
@@ -358,7 +390,10 @@ impl HostTask {
             ),
             _ => now,
         };
-        at.max(self.earliest.unwrap_or(UNIX_EPOCH))
+        let floor = self
+            .earliest
+            .map(|e| now + e.saturating_duration_since(std::time::Instant::now()));
+        at.max(floor.unwrap_or(UNIX_EPOCH))
     }
 
     async fn run(mut self, mut requests: mpsc::Receiver<Ask>, stop: CancellationToken) {
@@ -435,16 +470,31 @@ impl HostTask {
     /// issued, if there is one: a restart then serves it instead of
     /// ordering again.
     fn store_again(&mut self) {
-        let Some(u) = &self.unstored else {
+        let names = crate::names::to_strings(&self.names);
+        let mut pending = self.shared.hooks.pending();
+        let Some(u) = pending.get(&names) else {
             return;
         };
-        let (dir, names) = (&self.shared.state_dir, &self.names);
-        match store::write(dir, names, &u.chain_pem, &u.key_pem, &u.meta, &u.serial) {
+        let dir = &self.shared.state_dir;
+        match store::write(
+            dir,
+            &self.names,
+            &u.chain_pem,
+            &u.key_pem,
+            &u.meta,
+            &u.serial,
+        ) {
             Ok(()) => {
                 info!(serial = %u.serial, "the certificate that could not be stored is stored now");
-                self.unstored = None;
+                pending.remove(&names);
+                drop(pending);
                 self.shared.hooks.metrics.state_dir_writable(true);
-                self.set_status(|s| s.last_error = None);
+                // Only the store's own error goes: a failed renewal since stays.
+                self.set_status(|s| {
+                    if s.failures == 0 {
+                        s.last_error = None;
+                    }
+                });
             }
             Err(e) => debug!(error = %causes(&e), "the certificate still cannot be stored"),
         }
@@ -460,10 +510,15 @@ impl HostTask {
             return;
         };
         let now = SystemTime::now();
-        let account = match self.shared.account().await {
-            Ok(a) => a,
-            Err(e) => {
+        let account = match tokio::time::timeout(ARI_TIMEOUT, self.shared.account()).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
                 debug!(error = %causes(&e), "ARI: no account yet");
+                self.ari_poll = now + ARI_RETRY;
+                return;
+            }
+            Err(_) => {
+                debug!("ARI: no account within the ARI timeout");
                 self.ari_poll = now + ARI_RETRY;
                 return;
             }
@@ -524,7 +579,9 @@ impl HostTask {
             "renewing"
         );
         let (shared, names, challenges) = (&self.shared, &self.names, &self.challenges);
-        // The order budget is waited for before the attempt's deadline starts.
+        // One order per attempt, paid for before its deadline starts. (An
+        // order made again because it was refused without becoming an order
+        // — a forgotten account, `replaces` — costs nothing more.)
         shared.hooks.orders.take().await;
         let work = async {
             let account = shared.account().await?;
@@ -537,7 +594,6 @@ impl HostTask {
                 Err(e) if e.is_unknown_account() => {
                     shared.forget_account(&account).await;
                     let account = shared.account().await?;
-                    shared.hooks.orders.take().await;
                     let again = shared.issue(&account, names, replaces, challenges).await;
                     if again.as_ref().is_err_and(IssueError::is_unknown_account) {
                         shared.forget_account(&account).await;
@@ -615,11 +671,11 @@ impl HostTask {
         let current = current(&issued.cert.key.cert, &info);
         let now = SystemTime::now();
         let skew = schedule::skew(now, current.life, self.shared.config.renew_before);
-        let earliest = now + schedule::floor(current.life, skew);
+        let floor = schedule::floor(current.life, skew);
         if let Some(skew) = skew {
-            warn_of_clock_skew(skew, now, current.life, earliest);
+            warn_of_clock_skew(skew, now, current.life, now + floor);
         }
-        self.earliest = Some(earliest);
+        self.earliest = Some(std::time::Instant::now() + floor);
         self.current = Some(current);
         let renewal = self.slot.load().source == Source::Acme;
         let names = crate::names::to_strings(&self.names);
@@ -636,7 +692,11 @@ impl HostTask {
             info: info.clone(),
             source: Source::Acme,
         });
-        self.unstored = issued.unstored;
+        let names = crate::names::to_strings(&self.names);
+        match issued.unstored {
+            Some(u) => self.shared.hooks.pending().insert(names, u),
+            None => self.shared.hooks.pending().remove(&names),
+        };
         self.order_now = None;
         self.failures = 0;
         self.retry_at = None;
@@ -735,7 +795,7 @@ struct Issued {
 
 /// A certificate served but not stored, kept to be stored later.
 #[derive(Debug)]
-struct Unstored {
+pub struct Unstored {
     chain_pem: String,
     key_pem: String,
     meta: store::Meta,
@@ -894,11 +954,14 @@ impl Shared {
         let replacing = retrying!("new order", account.new_order(&new().replaces(id.clone())));
         match replacing {
             Ok(o) => Ok(o),
-            Err(instant_acme::Error::Api(problem)) => {
-                // The CA may refuse (already replaced, say); an order
-                // without `replaces` is still a good order.
+            // The CA may refuse the `replaces` itself (already replaced, an
+            // id it does not know): an order without it is still a good one.
+            Err(instant_acme::Error::Api(problem))
+                if problem.r#type.as_deref().is_some_and(|t| {
+                    t.ends_with(":alreadyReplaced") || t.ends_with(":malformed")
+                }) =>
+            {
                 warn!(problem = %problem, "the CA refused the order with `replaces`; ordering without it");
-                self.hooks.orders.take().await;
                 Ok(retrying!("new order", account.new_order(&new()))?)
             }
             Err(e) => Err(e.into()),
@@ -916,10 +979,12 @@ impl Shared {
         challenges: &[Challenge],
     ) -> Result<Vec<challenge::Posted>, IssueError> {
         let mut posted = Vec::new();
-        // Names whose challenge is answered and set ready.
-        let mut ready: Vec<String> = Vec::new();
+        // Names whose challenge response is up, and those also set ready.
+        let (mut up, mut ready): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
         // Names whose "ready" got no answer: look before sending it again.
         let mut unsure: Vec<String> = Vec::new();
+        // Each fetch or challenge gets its own retries: a fresh state after
+        // every success.
         let mut fetch = retry::Again::new("authorization");
         let mut set = retry::Again::new("challenge");
         'fetch: loop {
@@ -932,28 +997,24 @@ impl Shared {
                         continue 'fetch;
                     }
                 };
+                fetch = retry::Again::new("authorization");
                 let name = authz.identifier().to_string();
                 if ready.contains(&name) {
                     continue;
                 }
-                let kind = pick(&authz, challenges).map_err(|offered| IssueError::NoChallenge {
-                    name: name.clone(),
-                    offered,
-                })?;
-                if unsure.contains(&name) {
+                let was_unsure = unsure.contains(&name);
+                if was_unsure {
                     retrying!("authorization", authz.refresh())?;
-                    let taken = authz.challenges.iter().any(|c| {
-                        c.r#type == challenge_type(kind) && c.status != ChallengeStatus::Pending
-                    });
                     unsure.retain(|n| *n != name);
-                    if taken {
-                        ready.push(name);
-                        continue;
-                    }
                 }
                 match authz.status {
                     AuthorizationStatus::Pending => {}
-                    AuthorizationStatus::Valid => continue,
+                    // Validated (maybe earlier, with another challenge type:
+                    // then it lists only that one, RFC 8555 §7.1.4).
+                    AuthorizationStatus::Valid => {
+                        ready.push(name);
+                        continue;
+                    }
                     other => {
                         return Err(IssueError::Authorization {
                             name,
@@ -961,22 +1022,44 @@ impl Shared {
                         })
                     }
                 }
+                let kind = pick(&authz, challenges).map_err(|offered| IssueError::NoChallenge {
+                    name: name.clone(),
+                    offered,
+                })?;
+                // The lost "ready" was taken when the CA is validating (or
+                // has validated) it. (Boulder keeps a challenge pending while
+                // it validates: sent again there, it just validates again.)
+                let taken = authz.challenges.iter().any(|c| {
+                    c.r#type == challenge_type(kind) && c.status != ChallengeStatus::Pending
+                });
+                if was_unsure && taken {
+                    ready.push(name);
+                    continue;
+                }
                 let Some(mut ch) = authz.challenge(challenge_type(kind)) else {
                     continue; // just picked
                 };
-                let key_auth = ch.key_authorization();
-                posted.push(match kind {
-                    Challenge::Http01 => self.challenges.post_http(&ch.token, key_auth.as_str()),
-                    Challenge::TlsAlpn01 => {
-                        let digest = key_auth.digest();
-                        let cert =
-                            challenge::tls_alpn_cert(&name, digest.as_ref(), &self.provider)?;
-                        self.challenges.post_tls_alpn(&name, cert)
-                    }
-                });
+                if !up.contains(&name) {
+                    let key_auth = ch.key_authorization();
+                    posted.push(match kind {
+                        Challenge::Http01 => {
+                            self.challenges.post_http(&ch.token, key_auth.as_str())
+                        }
+                        Challenge::TlsAlpn01 => {
+                            let digest = key_auth.digest();
+                            let cert =
+                                challenge::tls_alpn_cert(&name, digest.as_ref(), &self.provider)?;
+                            self.challenges.post_tls_alpn(&name, cert)
+                        }
+                    });
+                    up.push(name.clone());
+                }
                 debug!(name = %name, challenge = kind.as_str(), "challenge ready");
                 match ch.set_ready().await {
-                    Ok(()) => ready.push(name),
+                    Ok(()) => {
+                        ready.push(name);
+                        set = retry::Again::new("challenge");
+                    }
                     Err(e) => {
                         set.after(e).await?;
                         unsure.push(name);

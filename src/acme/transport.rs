@@ -229,30 +229,43 @@ impl HttpClient for CaClient {
     }
 }
 
-/// The answer as it came, or a [`CaError`] for one that is neither a
-/// success nor a problem document instant-acme can read (or is a 5xx).
+/// The answer, its body read whole (within the try's deadline), or a
+/// [`CaError`] for one that broke off, or is neither a success nor a problem
+/// document instant-acme can read (or is a 5xx).
 async fn inspect(
     method: &Method,
     uri: &Uri,
     mut answer: BytesResponse,
 ) -> Result<BytesResponse, CaError> {
     let status = answer.parts.status;
+    let body = match answer.body.into_bytes().await {
+        Ok(b) => b,
+        // Sent, and maybe carried out: lost on the way like no answer at all.
+        Err(e) => {
+            let broke = format!("the answer (HTTP {status}) broke off");
+            return Err(CaError::unanswered(
+                method,
+                uri,
+                true,
+                format!("{broke}: {e}").into(),
+            ));
+        }
+    };
     let fine = status.is_success() || status.is_redirection() || status.is_informational();
     if fine {
-        return Ok(answer);
+        return Ok(BytesResponse {
+            parts: answer.parts,
+            body: Box::new(body),
+        });
     }
-    let error = |detail: String, source: Option<Box<dyn StdError + Send + Sync>>| CaError {
+    let error = |detail: String| CaError {
         method: method.clone(),
         url: uri.to_string(),
         status: Some(status),
         detail,
         retry_after: retry_after(&answer.parts.headers, SystemTime::now()),
         sent: true,
-        source,
-    };
-    let body = match answer.body.into_bytes().await {
-        Ok(b) => b,
-        Err(e) => return Err(error("the answer broke off".into(), Some(e))),
+        source: None,
     };
     let problem = serde_json::from_slice::<instant_acme::Problem>(&body).ok();
     match problem {
@@ -272,9 +285,9 @@ async fn inspect(
                 (None, Some(d)) => d,
                 (None, None) => String::new(),
             };
-            Err(error(detail, None))
+            Err(error(detail))
         }
-        None => Err(error(shown(&body), None)),
+        None => Err(error(shown(&body))),
     }
 }
 
@@ -528,6 +541,75 @@ mod tests {
             "GET https://127.0.0.1:9/dir: Connection refused (os error 111)"
         );
         assert_eq!(seen.lock().unwrap().len(), 4);
+    }
+
+    /// A body that fails after its headers (`stall`: never ends instead).
+    struct BadBody {
+        stall: bool,
+    }
+
+    impl http_body::Body for BadBody {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            if self.stall {
+                return std::task::Poll::Pending;
+            }
+            let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+            std::task::Poll::Ready(Some(Err(reset)))
+        }
+    }
+
+    /// A CA whose 200 answers break off (or stall) in their bodies.
+    struct BadBodies {
+        stall: bool,
+        seen: Arc<Mutex<usize>>,
+    }
+
+    impl HttpClient for BadBodies {
+        fn request(
+            &self,
+            _: Request<BodyWrapper<Bytes>>,
+        ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>>
+        {
+            *self.seen.lock().unwrap() += 1;
+            let body = BadBody { stall: self.stall };
+            let rsp = http::Response::builder().status(200).body(body).unwrap();
+            Box::pin(async move { Ok(BytesResponse::from(rsp)) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_breaks_off_or_stalls_is_lost_on_the_way() {
+        for stall in [false, true] {
+            let seen = Arc::new(Mutex::new(0));
+            let client = CaClient::new(Box::new(BadBodies {
+                stall,
+                seen: seen.clone(),
+            }));
+            let started = tokio::time::Instant::now();
+            // A POST may have been carried out: not sent again here, and
+            // reported as sent without an answer (retry.rs makes it again).
+            let Err(instant_acme::Error::Other(e)) = client.request(post("{}")).await else {
+                panic!("no error")
+            };
+            let error = e.downcast_ref::<CaError>().unwrap();
+            assert_eq!((error.status, error.sent), (None, true), "{error}");
+            assert!(error.is_transient());
+            assert_eq!(*seen.lock().unwrap(), 1);
+            if stall {
+                assert_eq!(started.elapsed(), TRY_TIMEOUT, "bounded by the try");
+            } else {
+                let text = crate::acme::causes(error);
+                assert!(text.contains("(HTTP 200 OK) broke off: reset"), "{text}");
+            }
+            // A read is sent again.
+            assert!(client.request(get("https://ca.test/dir")).await.is_err());
+            assert_eq!(*seen.lock().unwrap(), 1 + 1 + RETRIES as usize);
+        }
     }
 
     #[test]

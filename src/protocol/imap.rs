@@ -66,25 +66,27 @@ impl Dialogue for ImapDialogue {
     }
 
     fn line(&mut self, line: &[u8]) -> Action {
-        let Some(tag) = tag(line) else {
-            return self.error("*", "BAD Invalid tag or command");
-        };
-        let tag = String::from_utf8_lossy(tag).into_owned();
+        // Before the tag: a line with no valid tag may announce one too.
+        let tag = tag(line).map(|t| String::from_utf8_lossy(t).into_owned());
+        let quoted = tag.as_deref().unwrap_or("*");
         match super::line::literal(line) {
             // Its bytes follow at once and would be read as commands: the
             // two sides cannot agree on where commands start any more.
             Some(Literal::NonSynchronizing) => {
                 return Action::Close(
-                    format!("{tag} BAD Literals are not allowed before STARTTLS\r\n* BYE Closing connection\r\n")
+                    format!("{quoted} BAD Literals are not allowed before STARTTLS\r\n* BYE Closing connection\r\n")
                         .into_bytes(),
                 )
             }
             // The client waits for "+" before it sends the bytes: refused, it never does.
             Some(Literal::Synchronizing) => {
-                return self.error(&tag, "BAD Literals are not allowed before STARTTLS")
+                return self.error(quoted, "BAD Literals are not allowed before STARTTLS")
             }
             None => {}
         }
+        let Some(tag) = tag else {
+            return self.error("*", "BAD Invalid tag or command");
+        };
         let rest = &line[tag.len() + 1..];
         let command = super::line::verb(rest).0;
         match command.as_str() {
@@ -185,6 +187,14 @@ mod tests {
             b"a4 LOGIN {5+}\r\nalice a5 STARTTLS\r\n",
             &[close(
                 "a4 BAD Literals are not allowed before STARTTLS\r\n* BYE Closing connection\r\n",
+            )],
+        );
+        // With no valid tag as well.
+        assert_script(
+            &imap,
+            b"a{ X {14+}\r\nx STARTTLS\r\n",
+            &[close(
+                "* BAD Literals are not allowed before STARTTLS\r\n* BYE Closing connection\r\n",
             )],
         );
     }

@@ -500,10 +500,11 @@ impl AriProxy {
             ),
             dir,
         };
-        // Until a test says otherwise: no renewal wanted for a year.
+        // Until a test says otherwise: no renewal wanted for a year. Asked
+        // again every second, so that a test's new window is seen at once.
         let now = SystemTime::now();
         let day = Duration::from_secs(86_400);
-        proxy.set_window(now + 365 * day, now + 366 * day, 3600);
+        proxy.set_window(now + 365 * day, now + 366 * day, 1);
 
         let deadline = Instant::now() + START;
         let port_file = proxy.dir.path().join("port");
@@ -554,15 +555,24 @@ impl AriProxy {
         self.write_json("faults", &spec);
     }
 
-    /// From now on, `percent` of all requests reach Pebble, but Pebble's
-    /// answer is replaced by `status` (a load balancer that timed out while
-    /// the CA acted).
-    pub fn set_lost_answers(&self, percent: u8, status: u16) {
-        let spec = serde_json::json!({
-            "percent": percent, "status": status, "lost": true,
-            "body": "<html><body>Gateway Timeout</body></html>", "content_type": "text/html",
-        });
-        self.write_json("faults", &spec);
+    /// From now on, every finalize's answer is lost on the way back (a load
+    /// balancer that timed out while the CA acted: the client gets a 504),
+    /// every challenge "ready" answer breaks off halfway, and of all other
+    /// requests `percent` lose their answer the same way as finalize.
+    pub fn set_lost_answers(&self, percent: u8) {
+        let lost = |paths: Option<&[&str]>, percent: u8| {
+            serde_json::json!({
+                "paths": paths, "percent": percent, "status": 504, "lost": true,
+                "body": "<html><body>Gateway Timeout</body></html>", "content_type": "text/html",
+            })
+        };
+        let cut = serde_json::json!({ "paths": ["/chalZ/"], "percent": 100, "cut": true });
+        let specs = serde_json::json!([
+            lost(Some(&["/finalize-order/"]), 100),
+            cut,
+            lost(None, percent)
+        ]);
+        self.write_json("faults", &specs);
     }
 
     /// No more faults.
