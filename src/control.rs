@@ -329,7 +329,7 @@ pub async fn request(
 pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> {
     let mut rows = Vec::new();
     for host in &config.hosts {
-        let names = crate::names::to_strings(&host.names);
+        let names = crate::config::names::to_strings(&host.names);
         let (source, loaded) = match &host.certificate {
             CertSource::Files { cert, key } => (
                 "files",

@@ -14,7 +14,6 @@ pub mod limiter;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
-pub mod names;
 pub mod notify;
 pub mod protocol;
 pub mod proxy_header;

@@ -39,11 +39,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::acme::challenge::{Challenges, ACME_TLS_ALPN};
-use crate::config::{Backend, Listener, Protocol, ProxyProtocol, Timeouts, TlsMode};
+use crate::config::{Backend, Listener, ProxyProtocol, Timeouts};
 use crate::hosts::{Host, HostTable, Matched};
 use crate::limiter::{ClientLimiter, Refusal, Slot};
 use crate::metrics::ListenerMetrics;
-use crate::protocol::BackendGreeting;
+use crate::protocol::{BackendGreeting, Protocol, TlsMode};
 use crate::proxy_header::{self, TlsFacts};
 use crate::read_ahead::ReadAhead;
 use crate::relay::{self, RelayEnd};

@@ -23,13 +23,13 @@ use tracing::{debug, error, info, warn};
 
 use crate::acme::challenge::Challenges;
 use crate::acme::{self, Managed};
-use crate::config::{CertSource, Config, Listener};
+use crate::config::names::HostPattern;
+use crate::config::{diff, CertSource, Config, Listener};
 use crate::control::{self, Control, ControlError, View};
 use crate::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
 use crate::limiter::ClientLimiter;
 use crate::listener::{accept_loop, ListenerCtx, Stop};
 use crate::metrics::Metrics;
-use crate::names::HostPattern;
 use crate::notify::Notifier;
 use crate::reload::{self, Reloader, Watcher};
 use crate::tls::certs::{self, CertError, LoadedCert};
@@ -304,7 +304,7 @@ impl Server {
         }
         let config = Config::load(path).map_err(|e| vec![e.to_string()])?;
         if let Some(w) = watcher.as_mut() {
-            w.watch(&reload::watched_files(path, &config));
+            w.watch(&diff::watched_files(path, &config));
         }
         let mut server = Server::bind_from(&config, Some(path))
             .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
@@ -589,7 +589,7 @@ impl Running {
             .slots
             .iter()
             .filter(|s| s.acme)
-            .map(|s| crate::names::to_strings(&s.names))
+            .map(|s| crate::config::names::to_strings(&s.names))
             .collect();
         let Some(config) = self.config.acme.clone().filter(|_| !wanted.is_empty()) else {
             self.acme = None;
@@ -636,7 +636,7 @@ impl Running {
             }
         }
         for m in new {
-            if !runner.has(&crate::names::to_strings(&m.names)) {
+            if !runner.has(&crate::config::names::to_strings(&m.names)) {
                 runner.add(m);
             }
         }
@@ -647,7 +647,7 @@ impl Running {
             .slots
             .iter()
             .map(|s| {
-                let names = crate::names::to_strings(&s.names);
+                let names = crate::config::names::to_strings(&s.names);
                 View {
                     acme: self.acme.as_ref().and_then(|r| r.handle(&names)),
                     names,
@@ -683,7 +683,7 @@ impl Running {
     }
 
     /// Read, parse, validate, build, bind what is new; only then swap.
-    fn try_reload(&mut self) -> Result<reload::Changes, String> {
+    fn try_reload(&mut self) -> Result<diff::Changes, String> {
         let Some(path) = self.config_file.clone() else {
             return Err("this server was not started from a config file".into());
         };
@@ -691,11 +691,11 @@ impl Running {
         // Watch the new files even if this reload fails: the operator may
         // be about to copy in the certificate it could not find.
         if let Some(w) = self.watcher.as_mut() {
-            let mut files = reload::watched_files(&path, &self.config);
-            files.extend(reload::watched_files(&path, &config));
+            let mut files = diff::watched_files(&path, &self.config);
+            files.extend(diff::watched_files(&path, &config));
             w.watch(&files);
         }
-        let changes = reload::diff(&self.config, &config);
+        let changes = diff::diff(&self.config, &config);
         // Read only at start: reported as needing a restart, not applied
         // (a new state_dir would split certificates from their ACME task).
         config.state_dir = self.config.state_dir.clone();
@@ -764,9 +764,7 @@ impl Running {
         for s in &snapshot.slots {
             let before = self.slots.iter().find(|o| o.names == s.names);
             if before.is_some_and(|o| o.slot.key().cert != s.slot.key().cert) {
-                changes
-                    .certificates_replaced
-                    .push(reload::host_key(&s.names));
+                changes.certificates_replaced.push(diff::host_key(&s.names));
             }
         }
         self.table.store(table);
@@ -826,7 +824,7 @@ impl Running {
         self.sync_acme(snapshot.new_acme);
         self.publish_views();
         if let (Some(w), Some(path)) = (self.watcher.as_mut(), &self.config_file) {
-            w.watch(&reload::watched_files(path, &self.config));
+            w.watch(&diff::watched_files(path, &self.config));
         }
         Ok(changes)
     }
@@ -1030,7 +1028,7 @@ fn acme_start(
     provider: &rustls::crypto::CryptoProvider,
     files: Option<&Served>,
 ) -> Result<(Served, Option<String>), CertError> {
-    let wanted = crate::names::to_strings(names);
+    let wanted = crate::config::names::to_strings(names);
     let valid_files =
         files.filter(|f| f.source == Source::Files && f.info.not_after > certs::unix_now());
     let reason = match acme::store::load(state_dir, names, provider) {

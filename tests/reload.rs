@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cert_files, log_line, log_lines, read_until, scratch, tls_connect, Backend, Proxy};
-use portcullis::names::HostPattern;
+use portcullis::config::names::HostPattern;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;

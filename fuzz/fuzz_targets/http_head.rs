@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::http::{answer, parse, Answer};
-use portcullis::names::Hostname;
+use portcullis::config::names::Hostname;
 
 /// `read_head`'s limit on port 80.
 const HEAD_LIMIT: usize = 8 * 1024;

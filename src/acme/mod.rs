@@ -39,9 +39,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::config::names::HostPattern;
 use crate::config::{self, Challenge, KeyType};
 use crate::hosts::{CertSlot, Served, Source};
-use crate::names::HostPattern;
 use crate::tls::certs::CertInfo;
 use budget::OrderBudget;
 use challenge::Challenges;
@@ -228,7 +228,7 @@ impl Runner {
     pub fn add(&mut self, host: Managed) {
         let (tx, rx) = mpsc::channel(8);
         let status = Arc::new(Mutex::new(Status::default()));
-        let names = crate::names::to_strings(&host.names);
+        let names = crate::config::names::to_strings(&host.names);
         let stop = self.stop.child_token();
         self.tasks.push((
             HostHandle {
@@ -340,7 +340,7 @@ impl HostTask {
         // start order again. (A certificate for other names or from another
         // CA is replaced at once.) An issuance "in the future" means the
         // clock was ahead and has been fixed since: no floor then.
-        let names = crate::names::to_strings(&host.names);
+        let names = crate::config::names::to_strings(&host.names);
         let issued = current
             .as_ref()
             .filter(|_| host.order_now.is_none())
@@ -470,7 +470,7 @@ impl HostTask {
     /// issued, if there is one: a restart then serves it instead of
     /// ordering again.
     fn store_again(&mut self) {
-        let names = crate::names::to_strings(&self.names);
+        let names = crate::config::names::to_strings(&self.names);
         let mut pending = self.shared.hooks.pending();
         let Some(u) = pending.get(&names) else {
             return;
@@ -632,7 +632,7 @@ impl HostTask {
                 });
                 self.shared.hooks.metrics.renewal(false);
                 let served = self.slot.load();
-                let names = crate::names::to_strings(&self.names);
+                let names = crate::config::names::to_strings(&self.names);
                 self.shared
                     .hooks
                     .notify(crate::notify::Event::RenewalFailed {
@@ -678,7 +678,7 @@ impl HostTask {
         self.earliest = Some(std::time::Instant::now() + floor);
         self.current = Some(current);
         let renewal = self.slot.load().source == Source::Acme;
-        let names = crate::names::to_strings(&self.names);
+        let names = crate::config::names::to_strings(&self.names);
         self.shared.hooks.notify(crate::notify::Event::Issued {
             host: names[0].clone(),
             names,
@@ -692,7 +692,7 @@ impl HostTask {
             info: info.clone(),
             source: Source::Acme,
         });
-        let names = crate::names::to_strings(&self.names);
+        let names = crate::config::names::to_strings(&self.names);
         match issued.unstored {
             Some(u) => self.shared.hooks.pending().insert(names, u),
             None => self.shared.hooks.pending().remove(&names),
@@ -911,7 +911,7 @@ impl Shared {
         let key_pem = key.serialize_pem();
         let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
         let meta = store::Meta {
-            names: crate::names::to_strings(names),
+            names: crate::config::names::to_strings(names),
             directory: self.config.directory.clone(),
             issued_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
@@ -1117,7 +1117,7 @@ async fn finalize(order: &mut instant_acme::Order, csr: &[u8]) -> Result<(), Iss
 
 /// A CSR naming every host name as a SAN and nothing else.
 fn csr(names: &[HostPattern], key: &rcgen::KeyPair) -> Result<Vec<u8>, rcgen::Error> {
-    let mut params = rcgen::CertificateParams::new(crate::names::to_strings(names))?;
+    let mut params = rcgen::CertificateParams::new(crate::config::names::to_strings(names))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     Ok(params.serialize_request(key)?.der().to_vec())
 }

@@ -16,7 +16,28 @@ pub mod pop3;
 pub mod sieve;
 pub mod smtp;
 
-use crate::config::Protocol;
+use serde::Deserialize;
+
+/// What a listener speaks: `listeners.NAME.protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+    Smtp,
+    Pop3,
+    Sieve,
+    Tcp,
+    Http,
+}
+
+/// When TLS starts: `listeners.NAME.tls`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Implicit,
+    Starttls,
+    None,
+}
 
 /// Bad commands tolerated before the dialogue says goodbye.
 pub const MAX_ERRORS: u32 = 10;

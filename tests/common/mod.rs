@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use portcullis::config::names::HostPattern;
 use portcullis::config::Config;
-use portcullis::names::HostPattern;
 use portcullis::server::Server;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -168,7 +168,7 @@ impl Proxy {
     }
 
     /// Asks the server to re-read its config file and waits for the outcome.
-    pub async fn reload(&self) -> Result<portcullis::reload::Changes, String> {
+    pub async fn reload(&self) -> Result<portcullis::config::diff::Changes, String> {
         let r = self.reloader.as_ref().expect("started with start_file");
         tokio::time::timeout(Duration::from_secs(10), r.reload("test"))
             .await
