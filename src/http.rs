@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use crate::config::names::Hostname;
-use crate::hosts::Matched;
 use crate::listener::{self, ListenerCtx, Ready, Session, Stop};
+use crate::tls::hosts::Matched;
 
 /// Longest request head read: a request line and ordinary headers.
 const HEAD_LIMIT: usize = 8 * 1024;

@@ -5,21 +5,16 @@
 //! until a shutdown future resolves, so tests start it on `127.0.0.1:0`.
 
 pub mod acme;
-pub mod admin;
 pub mod config;
-pub mod control;
-pub mod hosts;
 pub mod http;
 pub mod limiter;
 pub mod listener;
-pub mod logging;
 pub mod metrics;
-pub mod notify;
+pub mod ops;
 pub mod protocol;
 pub mod proxy_header;
 pub mod read_ahead;
 pub mod relay;
-pub mod reload;
 pub mod server;
 pub mod starttls;
 pub mod tls;

@@ -40,7 +40,6 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::acme::challenge::{Challenges, ACME_TLS_ALPN};
 use crate::config::{Backend, Listener, ProxyProtocol, Timeouts};
-use crate::hosts::{Host, HostTable, Matched};
 use crate::limiter::{ClientLimiter, Refusal, Slot};
 use crate::metrics::ListenerMetrics;
 use crate::protocol::{BackendGreeting, Protocol, TlsMode};
@@ -48,6 +47,7 @@ use crate::proxy_header::{self, TlsFacts};
 use crate::read_ahead::ReadAhead;
 use crate::relay::{self, RelayEnd};
 use crate::starttls::{self, Phase};
+use crate::tls::hosts::{Host, HostTable, Matched};
 use crate::{protocol, tls};
 
 /// A TLS alert record: fatal `unrecognized_name` (RFC 6066 §3), sent when
@@ -186,7 +186,7 @@ fn turn_away(
     permit: OwnedSemaphorePermit,
     tracker: &TaskTracker,
 ) {
-    ctx.metrics.refused(refusal.reason);
+    ctx.metrics.refused(refusal.reason.label());
     let words = match (ctx.listener.protocol, ctx.listener.tls) {
         (Protocol::Http, _) => {
             let answer =

@@ -11,7 +11,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Socket, Type};
@@ -25,14 +25,16 @@ use crate::acme::challenge::Challenges;
 use crate::acme::{self, Managed};
 use crate::config::names::HostPattern;
 use crate::config::{diff, CertSource, Config, Listener};
-use crate::control::{self, Control, ControlError, View};
-use crate::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
 use crate::limiter::ClientLimiter;
 use crate::listener::{accept_loop, ListenerCtx, Stop};
 use crate::metrics::Metrics;
-use crate::notify::Notifier;
-use crate::reload::{self, Reloader, Watcher};
+use crate::ops::control::{self, Control, ControlError};
+use crate::ops::notify::{self, Notifier};
+use crate::ops::reload::{self, Reloader, Watcher};
+use crate::ops::reports::AcmeReports;
+use crate::ops::View;
 use crate::tls::certs::{self, CertError, LoadedCert};
+use crate::tls::hosts::{CertSlot, Host, HostTable, NoDefaultHost, Served, Source};
 use crate::tls::resolver::CertResolver;
 use crate::tls::{store, TlsContext};
 
@@ -381,8 +383,10 @@ impl Server {
             background: background.clone(),
             background_stop: background_stop.clone(),
             acme_hooks: acme::Hooks {
-                metrics: metrics.clone(),
-                notifier: notifier.clone(),
+                events: Arc::new(AcmeReports {
+                    metrics: metrics.clone(),
+                    notifier: notifier.clone(),
+                }),
                 orders: Arc::default(),
                 unstored: Arc::default(),
             },
@@ -404,13 +408,13 @@ impl Server {
             ));
         }
         drop(reloader);
-        background.spawn(expiry_watch(
+        background.spawn(notify::expiry_watch(
             notifier,
             state.views.clone(),
             background_stop.clone(),
         ));
         if let Some(admin) = admin {
-            background.spawn(crate::admin::serve(
+            background.spawn(crate::ops::admin::serve(
                 admin,
                 metrics,
                 state.views.clone(),
@@ -848,39 +852,6 @@ fn notifier(
         notifier = notifier.with_history_of(old);
     }
     Ok(Some(Arc::new(notifier)))
-}
-
-/// How often served certificates are checked for coming expiry (the
-/// notifier itself sends at most one warning a day per host).
-const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
-
-/// Warns about certificates close to expiry, hourly, from a minute after start.
-async fn expiry_watch(
-    notifier: Arc<ArcSwapOption<Notifier>>,
-    views: Arc<ArcSwap<Vec<View>>>,
-    stop: CancellationToken,
-) {
-    let mut next = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {},
-            _ = stop.cancelled() => return,
-        }
-        next += EXPIRY_CHECK;
-        let Some(n) = notifier.load_full() else {
-            continue;
-        };
-        let certs: Vec<(String, Vec<String>, SystemTime, String)> = views
-            .load()
-            .iter()
-            .map(control::row)
-            .filter_map(|r| {
-                let not_after = humantime::parse_rfc3339(&r.not_after).ok()?;
-                Some((r.names.first()?.clone(), r.names, not_after, r.source))
-            })
-            .collect();
-        n.check_expiry(&certs, SystemTime::now());
-    }
 }
 
 /// The per-listener settings every connection reads.

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::admin::{page, Page};
+use portcullis::ops::admin::{page, Page};
 use portcullis::http::parse;
 
 /// `admin.rs`'s HEAD_LIMIT; `read_head` reads 1 KiB at a time.

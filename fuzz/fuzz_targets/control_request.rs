@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::control::{Request, Response};
+use portcullis::ops::control::{Request, Response};
 
 const REQUEST_LIMIT: usize = 4096;
 

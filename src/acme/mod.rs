@@ -14,6 +14,10 @@
 //! registered anew. Whatever the clocks say, a host orders again no sooner
 //! than [`schedule::floor`] after an issuance, and the whole process no
 //! faster than its [`budget`] allows.
+//!
+//! What happens is reported as [`Event`]s to an [`Observer`] the server
+//! hands in (metrics, notifications): acme reads the config and the TLS
+//! layer, and imports nothing of the proxy or the operator side.
 
 pub mod account;
 pub mod budget;
@@ -39,10 +43,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::config::names::HostPattern;
+use crate::config::names::{self, HostPattern};
 use crate::config::{self, Challenge, KeyType};
-use crate::hosts::{CertSlot, Served, Source};
 use crate::tls::certs::CertInfo;
+use crate::tls::hosts::{CertSlot, Served, Source};
 use budget::OrderBudget;
 use challenge::Challenges;
 use retry::retrying;
@@ -91,14 +95,46 @@ struct AccountCache {
     stored_rejected: bool,
 }
 
+/// What an ACME task reports as it goes, for whoever keeps count and tells
+/// the operator: acme itself knows nothing of metrics or notifications.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A certificate was issued for `names` and is served from now on;
+    /// `renewal`: the host had one from the CA already.
+    Issued {
+        names: Vec<String>,
+        serial: String,
+        issuer: String,
+        not_after: SystemTime,
+        renewal: bool,
+    },
+    /// An attempt failed; `not_after` of the certificate from the CA still
+    /// served, if there is one.
+    Failed {
+        names: Vec<String>,
+        error: String,
+        next_try: SystemTime,
+        not_after: Option<SystemTime>,
+    },
+    /// A certificate was written to `state_dir`.
+    Stored,
+    /// An issued certificate could not be written: served, not kept.
+    NotStored,
+}
+
+/// Hears every [`Event`]; the server hands one in, implemented on the
+/// operator side. Called on the ACME task: it must not block.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    fn report(&self, event: Event);
+}
+
 /// What the ACME tasks take from the server, which outlives any one runner:
-/// who hears about issuance (metrics, notifications), the order budget, and
-/// the certificates served but not stored yet.
+/// who hears what they do, the order budget, and the certificates served
+/// but not stored yet.
 #[derive(Clone, Debug)]
 pub struct Hooks {
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Swapped when a reload changes `notify:`.
-    pub notifier: Arc<arc_swap::ArcSwapOption<crate::notify::Notifier>>,
+    /// Metrics and notifications.
+    pub events: Arc<dyn Observer>,
     /// Process-wide: every new order, `portcullis renew` included, takes from it.
     pub orders: Arc<OrderBudget>,
     /// By the host's names: what to write once `state_dir` can be written.
@@ -106,10 +142,8 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    fn notify(&self, event: crate::notify::Event) {
-        if let Some(n) = self.notifier.load_full() {
-            n.send(event);
-        }
+    fn report(&self, event: Event) {
+        self.events.report(event);
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Unstored>> {
@@ -228,7 +262,7 @@ impl Runner {
     pub fn add(&mut self, host: Managed) {
         let (tx, rx) = mpsc::channel(8);
         let status = Arc::new(Mutex::new(Status::default()));
-        let names = crate::config::names::to_strings(&host.names);
+        let names = names::to_strings(&host.names);
         let stop = self.stop.child_token();
         self.tasks.push((
             HostHandle {
@@ -340,7 +374,7 @@ impl HostTask {
         // start order again. (A certificate for other names or from another
         // CA is replaced at once.) An issuance "in the future" means the
         // clock was ahead and has been fixed since: no floor then.
-        let names = crate::config::names::to_strings(&host.names);
+        let names = names::to_strings(&host.names);
         let issued = current
             .as_ref()
             .filter(|_| host.order_now.is_none())
@@ -470,7 +504,7 @@ impl HostTask {
     /// issued, if there is one: a restart then serves it instead of
     /// ordering again.
     fn store_again(&mut self) {
-        let names = crate::config::names::to_strings(&self.names);
+        let names = names::to_strings(&self.names);
         let mut pending = self.shared.hooks.pending();
         let Some(u) = pending.get(&names) else {
             return;
@@ -488,7 +522,7 @@ impl HostTask {
                 info!(serial = %u.serial, "the certificate that could not be stored is stored now");
                 pending.remove(&names);
                 drop(pending);
-                self.shared.hooks.metrics.state_dir_writable(true);
+                self.shared.hooks.report(Event::Stored);
                 // Only the store's own error goes: a failed renewal since stays.
                 self.set_status(|s| {
                     if s.failures == 0 {
@@ -578,76 +612,55 @@ impl HostTask {
             replaces = replaces.as_ref().map(|r| r.to_string()),
             "renewing"
         );
-        let (shared, names, challenges) = (&self.shared, &self.names, &self.challenges);
         // One order per attempt, paid for before its deadline starts. (An
         // order made again because it was refused without becoming an order
         // — a forgotten account, `replaces` — costs nothing more.)
-        shared.hooks.orders.take().await;
-        let work = async {
-            let account = shared.account().await?;
-            match shared
-                .issue(&account, names, replaces.clone(), challenges)
-                .await
-            {
-                // Deactivated, or a CA that lost its database (a restarted
-                // test CA): register anew and order again, once, now.
-                Err(e) if e.is_unknown_account() => {
-                    shared.forget_account(&account).await;
-                    let account = shared.account().await?;
-                    let again = shared.issue(&account, names, replaces, challenges).await;
-                    if again.as_ref().is_err_and(IssueError::is_unknown_account) {
-                        shared.forget_account(&account).await;
-                    }
-                    again
-                }
-                other => other,
-            }
-        };
+        self.shared.hooks.orders.take().await;
+        let work = self.shared.order(&self.names, replaces, &self.challenges);
         let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
             Ok(r) => r,
             Err(_) => Err(IssueError::TimedOut(ATTEMPT_TIMEOUT)),
         };
-        let issued = match result {
-            Ok(issued) => issued,
-            Err(e) => {
-                self.challenges.rotate_left(1);
-                self.failures += 1;
-                // The CA's own Retry-After, when it asked for a longer wait.
-                let asked = e.retry_after().map(|d| d.min(schedule::BACKOFF_MAX));
-                let wait = schedule::backoff(self.failures, fastrand::f64())
-                    .max(asked.unwrap_or_default());
-                let next = SystemTime::now() + wait;
-                self.retry_at = Some(next);
-                let message = causes(&e);
-                warn!(
-                    error = %message,
-                    failures = self.failures,
-                    retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())),
-                    next_try = %humantime::format_rfc3339_seconds(next),
-                    "certificate order failed; the current certificate keeps serving"
-                );
-                self.set_status(|s| {
-                    s.failures = self.failures;
-                    s.last_error = Some(message.clone());
-                });
-                self.shared.hooks.metrics.renewal(false);
-                let served = self.slot.load();
-                let names = crate::config::names::to_strings(&self.names);
-                self.shared
-                    .hooks
-                    .notify(crate::notify::Event::RenewalFailed {
-                        host: names[0].clone(),
-                        names,
-                        error: message.clone(),
-                        next_try: next,
-                        not_after: (served.source == Source::Acme)
-                            .then(|| unix(served.info.not_after)),
-                    });
-                return Outcome::Failed(message);
-            }
-        };
+        match result {
+            Ok(issued) => self.issued(issued, started),
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// After a failed attempt: back off, lead with the next challenge type.
+    fn failed(&mut self, e: &IssueError) -> Outcome {
+        self.challenges.rotate_left(1);
+        self.failures += 1;
+        // The CA's own Retry-After, when it asked for a longer wait.
+        let asked = e.retry_after().map(|d| d.min(schedule::BACKOFF_MAX));
+        let wait = schedule::backoff(self.failures, fastrand::f64()).max(asked.unwrap_or_default());
+        let next = SystemTime::now() + wait;
+        self.retry_at = Some(next);
+        let message = causes(e);
+        warn!(
+            error = %message,
+            failures = self.failures,
+            retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())),
+            next_try = %humantime::format_rfc3339_seconds(next),
+            "certificate order failed; the current certificate keeps serving"
+        );
+        self.set_status(|s| {
+            s.failures = self.failures;
+            s.last_error = Some(message.clone());
+        });
+        let served = self.slot.load();
+        self.shared.hooks.report(Event::Failed {
+            names: names::to_strings(&self.names),
+            error: message.clone(),
+            next_try: next,
+            not_after: (served.source == Source::Acme).then(|| unix(served.info.not_after)),
+        });
+        Outcome::Failed(message)
+    }
+
+    /// After an issuance: the new certificate is served from now on.
+    fn issued(&mut self, issued: Issued, started: std::time::Instant) -> Outcome {
         let info = issued.cert.info.clone();
-        self.shared.hooks.metrics.renewal(true);
         info!(
             names = %info.sans.join(","),
             serial = %info.serial,
@@ -664,9 +677,9 @@ impl HostTask {
                     error = %causes(e),
                     "the new certificate could not be stored: it is served now, but a restart will order again"
                 );
-                self.shared.hooks.metrics.store_write_failed();
+                self.shared.hooks.report(Event::NotStored);
             }
-            None => self.shared.hooks.metrics.state_dir_writable(true),
+            None => self.shared.hooks.report(Event::Stored),
         }
         let current = current(&issued.cert.key.cert, &info);
         let now = SystemTime::now();
@@ -677,22 +690,19 @@ impl HostTask {
         }
         self.earliest = Some(std::time::Instant::now() + floor);
         self.current = Some(current);
-        let renewal = self.slot.load().source == Source::Acme;
-        let names = crate::config::names::to_strings(&self.names);
-        self.shared.hooks.notify(crate::notify::Event::Issued {
-            host: names[0].clone(),
-            names,
+        let names = names::to_strings(&self.names);
+        self.shared.hooks.report(Event::Issued {
+            names: names.clone(),
             serial: info.serial.clone(),
             issuer: info.issuer.clone(),
             not_after: unix(info.not_after),
-            renewal,
+            renewal: self.slot.load().source == Source::Acme,
         });
         self.slot.store(Served {
             key: issued.cert.key,
             info: info.clone(),
             source: Source::Acme,
         });
-        let names = crate::config::names::to_strings(&self.names);
         match issued.unstored {
             Some(u) => self.shared.hooks.pending().insert(names, u),
             None => self.shared.hooks.pending().remove(&names),
@@ -881,6 +891,34 @@ impl Shared {
         Ok(a)
     }
 
+    /// An account, then an order for `names`; an account the CA has
+    /// forgotten (deactivated, or a CA that lost its database, as a
+    /// restarted test CA does) is registered anew and the order placed
+    /// again, once, now.
+    async fn order(
+        &self,
+        names: &[HostPattern],
+        replaces: Option<CertificateIdentifier<'static>>,
+        challenges: &[Challenge],
+    ) -> Result<Issued, IssueError> {
+        let account = self.account().await?;
+        match self
+            .issue(&account, names, replaces.clone(), challenges)
+            .await
+        {
+            Err(e) if e.is_unknown_account() => {
+                self.forget_account(&account).await;
+                let account = self.account().await?;
+                let again = self.issue(&account, names, replaces, challenges).await;
+                if again.as_ref().is_err_and(IssueError::is_unknown_account) {
+                    self.forget_account(&account).await;
+                }
+                again
+            }
+            other => other,
+        }
+    }
+
     /// Orders a certificate for `names` with `account` and stores it.
     async fn issue(
         &self,
@@ -911,7 +949,7 @@ impl Shared {
         let key_pem = key.serialize_pem();
         let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
         let meta = store::Meta {
-            names: crate::config::names::to_strings(names),
+            names: names::to_strings(names),
             directory: self.config.directory.clone(),
             issued_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
@@ -1117,7 +1155,7 @@ async fn finalize(order: &mut instant_acme::Order, csr: &[u8]) -> Result<(), Iss
 
 /// A CSR naming every host name as a SAN and nothing else.
 fn csr(names: &[HostPattern], key: &rcgen::KeyPair) -> Result<Vec<u8>, rcgen::Error> {
-    let mut params = rcgen::CertificateParams::new(crate::config::names::to_strings(names))?;
+    let mut params = rcgen::CertificateParams::new(names::to_strings(names))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     Ok(params.serialize_request(key)?.der().to_vec())
 }

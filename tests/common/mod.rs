@@ -103,7 +103,7 @@ pub struct Proxy {
     pub addrs: BTreeMap<String, Vec<SocketAddr>>,
     pub dir: tempfile::TempDir,
     /// Set by [`Proxy::start_file`]: asks the server to reload its file.
-    pub reloader: Option<portcullis::reload::Reloader>,
+    pub reloader: Option<portcullis::ops::reload::Reloader>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -138,7 +138,7 @@ impl Proxy {
     fn launch(
         dir: tempfile::TempDir,
         server: Server,
-        reloader: Option<portcullis::reload::Reloader>,
+        reloader: Option<portcullis::ops::reload::Reloader>,
     ) -> Proxy {
         let addrs = server.local_addrs();
         let (tx, rx) = oneshot::channel::<()>();
