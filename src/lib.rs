@@ -6,15 +6,9 @@
 
 pub mod acme;
 pub mod config;
-pub mod http;
-pub mod limiter;
-pub mod listener;
 pub mod metrics;
 pub mod ops;
 pub mod protocol;
-pub mod proxy_header;
-pub mod read_ahead;
-pub mod relay;
+pub mod proxy;
 pub mod server;
-pub mod starttls;
 pub mod tls;

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::http::{answer, parse, Answer};
+use portcullis::proxy::http::{answer, parse, Answer};
 use portcullis::config::names::Hostname;
 
 /// `read_head`'s limit on port 80.

@@ -16,8 +16,8 @@ use tracing::{debug, info};
 
 use super::control::{self, CertRow};
 use super::{View, Views};
-use crate::http::{self, Head, Unread};
 use crate::metrics::{CertGauge, Metrics};
+use crate::proxy::http::{self, Head, Unread};
 
 /// A certificate this close to expiry makes `/healthz` fail: a successful
 /// renewal would have replaced it long before.

@@ -1,6 +1,6 @@
 //! What each mail protocol says to a client, in that protocol's own words, and
 //! the plaintext dialogues spoken before STARTTLS. Pure: lines in, an
-//! [`Action`] out; the driver in [`crate::starttls`] owns the socket.
+//! [`Action`] out; the driver in `proxy::starttls` owns the socket.
 //!
 //! ```text
 //!  greeting ─▶ ExpectCommand ──STARTTLS──▶ Action::StartTls ─▶ (driver: TLS handshake, backend)

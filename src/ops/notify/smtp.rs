@@ -20,7 +20,7 @@ use ppp::v2::{Addresses, Builder, Command, Protocol, Version};
 use super::message::{domain, one_line};
 use crate::config::{Backend, ProxyProtocol};
 use crate::protocol::smtp::reply_len;
-use crate::proxy_header;
+use crate::proxy::proxy_header;
 
 /// The whole SMTP exchange, greeting to QUIT.
 const SMTP_DEADLINE: Duration = Duration::from_secs(30);
