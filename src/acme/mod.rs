@@ -1045,20 +1045,9 @@ impl Shared {
                     retrying!("authorization", authz.refresh())?;
                     unsure.retain(|n| *n != name);
                 }
-                match authz.status {
-                    AuthorizationStatus::Pending => {}
-                    // Validated (maybe earlier, with another challenge type:
-                    // then it lists only that one, RFC 8555 §7.1.4).
-                    AuthorizationStatus::Valid => {
-                        ready.push(name);
-                        continue;
-                    }
-                    other => {
-                        return Err(IssueError::Authorization {
-                            name,
-                            status: format!("{other:?}").to_lowercase(),
-                        })
-                    }
+                if validated(authz.status, &name)? {
+                    ready.push(name);
+                    continue;
                 }
                 let kind = pick(&authz, challenges).map_err(|offered| IssueError::NoChallenge {
                     name: name.clone(),
@@ -1078,18 +1067,7 @@ impl Shared {
                     continue; // just picked
                 };
                 if !up.contains(&name) {
-                    let key_auth = ch.key_authorization();
-                    posted.push(match kind {
-                        Challenge::Http01 => {
-                            self.challenges.post_http(&ch.token, key_auth.as_str())
-                        }
-                        Challenge::TlsAlpn01 => {
-                            let digest = key_auth.digest();
-                            let cert =
-                                challenge::tls_alpn_cert(&name, digest.as_ref(), &self.provider)?;
-                            self.challenges.post_tls_alpn(&name, cert)
-                        }
-                    });
+                    posted.push(self.post(&ch, kind, &name)?);
                     up.push(name.clone());
                 }
                 debug!(name = %name, challenge = kind.as_str(), "challenge ready");
@@ -1107,6 +1085,40 @@ impl Shared {
             }
             return Ok(posted);
         }
+    }
+
+    /// Puts up the answer to `ch` for `name`: the key authorization at its
+    /// http-01 token, or a tls-alpn-01 certificate; it stays up as long as
+    /// the returned guard lives.
+    fn post(
+        &self,
+        ch: &instant_acme::ChallengeHandle<'_>,
+        kind: Challenge,
+        name: &str,
+    ) -> Result<challenge::Posted, IssueError> {
+        let key_auth = ch.key_authorization();
+        Ok(match kind {
+            Challenge::Http01 => self.challenges.post_http(&ch.token, key_auth.as_str()),
+            Challenge::TlsAlpn01 => {
+                let digest = key_auth.digest();
+                let cert = challenge::tls_alpn_cert(name, digest.as_ref(), &self.provider)?;
+                self.challenges.post_tls_alpn(name, cert)
+            }
+        })
+    }
+}
+
+/// Whether an authorization is validated already (maybe earlier, with
+/// another challenge type: then it lists only that one, RFC 8555 §7.1.4);
+/// `false` while pending; an error in any other state.
+fn validated(status: AuthorizationStatus, name: &str) -> Result<bool, IssueError> {
+    match status {
+        AuthorizationStatus::Pending => Ok(false),
+        AuthorizationStatus::Valid => Ok(true),
+        other => Err(IssueError::Authorization {
+            name: name.to_string(),
+            status: format!("{other:?}").to_lowercase(),
+        }),
     }
 }
 
