@@ -3,7 +3,9 @@
 //! Reads every source file (comments and `#[cfg(test)] mod tests` left
 //! out), resolves each `crate::` and `super::` path to the file it names,
 //! and fails on an import that goes up a layer or across one, on a
-//! top-level module no layer lists, and on a circle between files.
+//! top-level module no layer lists, and on a circle between files. A
+//! folder's `mod.rs` naming its own children (`use task::HostTask`) is how
+//! a folder is put together, not an import between rooms: not counted.
 //! README "Layout" says what each layer holds.
 
 use std::collections::{BTreeMap, BTreeSet};
