@@ -1,4 +1,4 @@
-//! The control socket's request line: what `control.rs::answer` reads (one
+//! The control socket's request line: what `ops/control.rs::answer` reads (one
 //! line, at most 4096 bytes, UTF-8) into `serde_json` and `control::Request`.
 #![no_main]
 

@@ -1,6 +1,7 @@
-//! What each mail protocol says to a client, in that protocol's own words, and
-//! the plaintext dialogues spoken before STARTTLS. Pure: lines in, an
-//! [`Action`] out; the driver in `proxy::starttls` owns the socket.
+//! The protocols, pure: what each mail protocol says to a client, in its own
+//! words, and the plaintext dialogues spoken before STARTTLS (one file per
+//! protocol; `line` frames the lines). Lines in, an [`Action`] out; the
+//! driver in `proxy::starttls` owns the socket. Imports nothing of the crate.
 //!
 //! ```text
 //!  greeting ─▶ ExpectCommand ──STARTTLS──▶ Action::StartTls ─▶ (driver: TLS handshake, backend)

@@ -291,7 +291,7 @@ fn rfc5322_date(t: SystemTime) -> String {
     )
 }
 
-/// The domain of an address (config.rs has checked there is one).
+/// The domain of an address (the config walk has checked there is one).
 pub(super) fn domain(address: &str) -> &str {
     address.rsplit_once('@').map_or(address, |(_, d)| d)
 }
