@@ -408,7 +408,7 @@ impl ListenerMetrics {
         &self.all
     }
 
-    /// A connection turned away at accept; `reason` as [`REFUSALS`] spells it.
+    /// A connection turned away at accept; `reason` is the limiter's label.
     pub fn refused(&self, reason: &str) {
         if let Some(i) = REFUSALS.iter().position(|r| *r == reason) {
             self.refused[i].inc();

@@ -1,6 +1,6 @@
 //! The accept loop of one bound address: a permit of `max_connections`,
 //! the client address's limits ([`super::limiter`]), then one tracked task
-//! per connection ([`super::session`]), inside the connection's span.
+//! per connection (`session`), inside the connection's span.
 //!
 //! An address over its limits is turned away here, before any task exists
 //! for it: where the server speaks first it hears its protocol's "try

@@ -30,7 +30,7 @@ pub enum Event {
         next_try: SystemTime,
         not_after: Option<SystemTime>,
     },
-    /// Sent by [`Notifier::check_expiry`] at most once per 24 h per host.
+    /// Sent by [`super::Notifier::check_expiry`] at most once per 24 h per host.
     Expiring {
         host: String,
         names: Vec<String>,
