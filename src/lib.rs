@@ -3,24 +3,22 @@
 //! The library holds everything; `main.rs` only parses the command line.
 //! [`server::Server`] binds the listeners of a [`config::Config`] and runs them
 //! until a shutdown future resolves, so tests start it on `127.0.0.1:0`.
+//!
+//! Layers, low to high, each importing only those below it: [`protocol`] and
+//! [`metrics`], [`config`], [`tls`], [`acme`], [`proxy`], [`ops`], [`server`]
+//! (README "Layout"; `tests/layout.rs` keeps it so).
+
+pub mod metrics;
+pub mod protocol;
+
+pub mod config;
+
+pub mod tls;
 
 pub mod acme;
-pub mod admin;
-pub mod config;
-pub mod control;
-pub mod hosts;
-pub mod http;
-pub mod limiter;
-pub mod listener;
-pub mod logging;
-pub mod metrics;
-pub mod names;
-pub mod notify;
-pub mod protocol;
-pub mod proxy_header;
-pub mod read_ahead;
-pub mod relay;
-pub mod reload;
+
+pub mod proxy;
+
+pub mod ops;
+
 pub mod server;
-pub mod starttls;
-pub mod tls;

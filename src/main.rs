@@ -12,7 +12,7 @@ use portcullis::config::Config;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use portcullis::control::{self, ClientError, Request, Response};
+use portcullis::ops::control::{self, ClientError, Request, Response};
 use portcullis::server::{load_certificates, Server};
 
 #[derive(Parser)]
@@ -307,7 +307,7 @@ fn run(path: &Path) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::FAILURE;
     };
-    portcullis::logging::init(config.log.format, &config.log.level);
+    portcullis::ops::logging::init(config.log.format, &config.log.level);
     raise_open_files(config.max_connections);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -362,7 +362,7 @@ impl Signals {
     }
 
     /// Resolves on SIGTERM or SIGINT.
-    async fn serve(self, reloader: portcullis::reload::Reloader) {
+    async fn serve(self, reloader: portcullis::ops::reload::Reloader) {
         let Some((mut term, mut int, mut hup)) = self.0 else {
             return std::future::pending().await;
         };

@@ -1,9 +1,12 @@
-//! Prometheus metrics (prometheus-client), served by [`crate::admin`].
+//! Prometheus metrics (prometheus-client), served by the admin endpoint.
 //!
-//! One [`Metrics`] per server. Hot-path counters (per connection, per byte)
-//! are looked up once per listener context ([`ListenerMetrics`]) and bumped
-//! with one atomic add; certificate gauges are filled at scrape time from
-//! the certificates being served, so they are never stale.
+//! Passive: counters and gauges that any layer may bump, knowing nothing of
+//! who bumps them or who reads them; this module imports nothing from the
+//! crate. One [`Metrics`] per server. Hot-path counters (per connection, per
+//! byte) are looked up once per listener context ([`ListenerMetrics`]) and
+//! bumped with one atomic add; certificate gauges are filled at scrape time
+//! from what the operator side reads of the certificates being served
+//! ([`CertGauge`]), so they are never stale.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,9 +17,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-
-use crate::control::CertRow;
-use crate::limiter::Reason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabel {
@@ -91,8 +91,9 @@ pub const HANDSHAKE_OUTCOMES: [&str; 7] = [
     "client_left",
 ];
 
-/// Why connections are refused at accept, as the `reason` label spells them.
-const REFUSALS: [Reason; 2] = [Reason::Connections, Reason::Rate];
+/// Why connections are refused at accept, as the `reason` label spells them
+/// (the per-address limiter's reasons).
+const REFUSALS: [&str; 2] = ["per_ip_connections", "per_ip_rate"];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -139,86 +140,96 @@ impl Metrics {
             scrape: Mutex::default(),
             registry: Registry::with_prefix("portcullis"),
         };
-        m.registry.register(
-            "connections_open",
-            "Client connections open now",
-            m.open.clone(),
-        );
-        m.registry.register(
-            "connections",
-            "Client connections accepted (past the per-address limits)",
-            m.connections.clone(),
-        );
-        m.registry.register(
-            "connections_refused",
-            "Client connections closed at accept by a per-address limit (per_ip_connections: too many open, per_ip_rate: too many new ones a second)",
-            m.refused.clone(),
-        );
-        m.registry.register(
-            "handshakes",
-            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alpn_refused: only protocols the listener does not speak offered, alert: failed, timeout, client_left: closed or reset mid-handshake)",
-            m.handshakes.clone(),
-        );
-        m.registry.register(
-            "starttls_upgrades",
-            "STARTTLS commands that led to a TLS handshake",
-            m.starttls.clone(),
-        );
-        m.registry.register(
-            "sessions",
-            "Connections ended, by outcome (as in the 'session closed' log line)",
-            m.sessions.clone(),
-        );
-        m.registry.register(
-            "relayed_bytes",
-            "Bytes relayed: up is client to backend, down is backend to client",
-            m.bytes.clone(),
-        );
-        m.registry.register(
-            "backend_connect_failures",
-            "Backend connections that failed (refused, timed out, no greeting)",
-            m.backend_failures.clone(),
-        );
-        m.registry.register(
-            "listener_accepting",
-            "1 while the address accepts connections, 0 while accept fails",
-            m.accepting.clone(),
-        );
-        m.registry.register(
-            "certificate_not_after_seconds",
-            "Expiry of the certificate served for each name (Unix time)",
-            m.not_after.clone(),
-        );
-        m.registry.register(
-            "certificate_next_renewal_seconds",
-            "When portcullis next tries to renew the host's certificate (Unix time)",
-            m.next_renewal.clone(),
-        );
-        m.registry.register(
-            "certificate_renewals",
-            "ACME issuance attempts by outcome (ok, failed)",
-            m.renewals.clone(),
-        );
-        m.registry.register(
-            "config_reloads",
-            "Configuration reloads by outcome (ok, failed)",
-            m.reloads.clone(),
-        );
-        m.registry.register(
-            "state_dir_writable",
-            "1 while state_dir can be written, 0 while it cannot (new certificates are then served but not kept)",
-            m.state_dir_writable.clone(),
-        );
-        m.registry.register(
-            "store_write_failures",
-            "Issued certificates that could not be written to state_dir (served anyway)",
-            m.store_write_failures.clone(),
-        );
+        m.register_connections();
+        m.register_operations();
         for outcome in ["ok", "failed"] {
             drop(m.renewals.get_or_create(&Outcome { outcome }));
             drop(m.reloads.get_or_create(&Outcome { outcome }));
         }
         Arc::new(m)
+    }
+
+    /// The counters of the connection path.
+    fn register_connections(&mut self) {
+        self.registry.register(
+            "connections_open",
+            "Client connections open now",
+            self.open.clone(),
+        );
+        self.registry.register(
+            "connections",
+            "Client connections accepted (past the per-address limits)",
+            self.connections.clone(),
+        );
+        self.registry.register(
+            "connections_refused",
+            "Client connections closed at accept by a per-address limit (per_ip_connections: too many open, per_ip_rate: too many new ones a second)",
+            self.refused.clone(),
+        );
+        self.registry.register(
+            "handshakes",
+            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alpn_refused: only protocols the listener does not speak offered, alert: failed, timeout, client_left: closed or reset mid-handshake)",
+            self.handshakes.clone(),
+        );
+        self.registry.register(
+            "starttls_upgrades",
+            "STARTTLS commands that led to a TLS handshake",
+            self.starttls.clone(),
+        );
+        self.registry.register(
+            "sessions",
+            "Connections ended, by outcome (as in the 'session closed' log line)",
+            self.sessions.clone(),
+        );
+        self.registry.register(
+            "relayed_bytes",
+            "Bytes relayed: up is client to backend, down is backend to client",
+            self.bytes.clone(),
+        );
+        self.registry.register(
+            "backend_connect_failures",
+            "Backend connections that failed (refused, timed out, no greeting)",
+            self.backend_failures.clone(),
+        );
+        self.registry.register(
+            "listener_accepting",
+            "1 while the address accepts connections, 0 while accept fails",
+            self.accepting.clone(),
+        );
+    }
+
+    /// Certificates, renewals, reloads and the state directory.
+    fn register_operations(&mut self) {
+        self.registry.register(
+            "certificate_not_after_seconds",
+            "Expiry of the certificate served for each name (Unix time)",
+            self.not_after.clone(),
+        );
+        self.registry.register(
+            "certificate_next_renewal_seconds",
+            "When portcullis next tries to renew the host's certificate (Unix time)",
+            self.next_renewal.clone(),
+        );
+        self.registry.register(
+            "certificate_renewals",
+            "ACME issuance attempts by outcome (ok, failed)",
+            self.renewals.clone(),
+        );
+        self.registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome (ok, failed)",
+            self.reloads.clone(),
+        );
+        self.registry.register(
+            "state_dir_writable",
+            "1 while state_dir can be written, 0 while it cannot (new certificates are then served but not kept)",
+            self.state_dir_writable.clone(),
+        );
+        self.registry.register(
+            "store_write_failures",
+            "Issued certificates that could not be written to state_dir (served anyway)",
+            self.store_write_failures.clone(),
+        );
     }
 
     /// The counters of one listener, looked up once; `backends` (the
@@ -254,11 +265,11 @@ impl Metrics {
                 })
                 .clone()
         };
-        let refused = |reason: Reason| {
+        let refused = |reason| {
             self.refused
                 .get_or_create(&RefusedLabels {
                     listener: name.to_string(),
-                    reason: reason.label(),
+                    reason,
                 })
                 .clone()
         };
@@ -335,23 +346,22 @@ impl Metrics {
     }
 
     /// The exposition text, with the certificate gauges set from `certs`.
-    pub fn encode(&self, certs: &[CertRow]) -> String {
+    pub fn encode(&self, certs: &[CertGauge]) -> String {
         // Two scrapes at once must not clear each other's certificate gauges.
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
         self.not_after.clear();
         self.next_renewal.clear();
-        for row in certs {
-            let host = row.names.first().cloned().unwrap_or_default();
-            let not_after = parse_rfc3339(&row.not_after);
-            for name in &row.names {
+        for cert in certs {
+            let host = cert.names.first().cloned().unwrap_or_default();
+            for name in &cert.names {
                 let labels = CertLabels {
                     host: host.clone(),
                     name: name.clone(),
-                    source: row.source.clone(),
+                    source: cert.source.clone(),
                 };
-                self.not_after.get_or_create(&labels).set(not_after);
+                self.not_after.get_or_create(&labels).set(cert.not_after);
             }
-            if let Some(next) = row.next_renewal.as_deref().map(parse_rfc3339) {
+            if let Some(next) = cert.next_renewal {
                 self.next_renewal
                     .get_or_create(&HostLabel { host })
                     .set(next);
@@ -364,11 +374,17 @@ impl Metrics {
     }
 }
 
-fn parse_rfc3339(s: &str) -> i64 {
-    humantime::parse_rfc3339(s)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs() as i64)
+/// What the certificate gauges show of one host's served certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertGauge {
+    /// The host's names; the first one labels the host.
+    pub names: Vec<String>,
+    /// files, self-signed, acme, placeholder.
+    pub source: String,
+    /// Unix time.
+    pub not_after: i64,
+    /// Unix time; `None` for certificates portcullis does not renew.
+    pub next_renewal: Option<i64>,
 }
 
 /// One listener's counters, bumped on the connection path.
@@ -392,7 +408,8 @@ impl ListenerMetrics {
         &self.all
     }
 
-    pub fn refused(&self, reason: Reason) {
+    /// A connection turned away at accept; `reason` is the limiter's label.
+    pub fn refused(&self, reason: &str) {
         if let Some(i) = REFUSALS.iter().position(|r| *r == reason) {
             self.refused[i].inc();
         }
@@ -436,20 +453,17 @@ mod tests {
         l.open.inc();
         l.handshake("ok");
         l.handshake("unknown_sni");
-        l.refused(Reason::Rate);
+        l.refused("per_ip_rate");
         l.session("closed");
         l.up.inc_by(10);
         l.backend_failed("127.0.0.1:20143".parse().unwrap());
         m.reload(false);
         m.accepting("imaps", "127.0.0.1:993".parse().unwrap(), false);
-        let rows = vec![CertRow {
+        let rows = vec![CertGauge {
             names: vec!["mail.example.org".into(), "imap.example.org".into()],
             source: "acme".into(),
-            issuer: "CN=x".into(),
-            serial: "01".into(),
-            not_after: "2030-01-01T00:00:00Z".into(),
-            next_renewal: Some("2029-12-01T00:00:00Z".into()),
-            last_error: None,
+            not_after: 1893456000,          // 2030-01-01T00:00:00Z
+            next_renewal: Some(1890777600), // 2029-12-01T00:00:00Z
         }];
         let text = m.encode(&rows);
         for line in [

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::mail::{imap_messages, loopback, proxy_config, tools, MailStack};
 use common::{free_port, init_logging, log_line, log_lines, Proxy};
 use portcullis::config::{Backend, Notify, ProxyProtocol};
-use portcullis::notify::{Event, Notifier};
+use portcullis::ops::notify::{Event, Notifier};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -607,7 +607,7 @@ async fn acme_issuance_renewal_and_failure_are_mailed_end_to_end() {
     if !tools(test) || !common::acme::tools(test) {
         return;
     }
-    use portcullis::control::{self, Request, Response};
+    use portcullis::ops::control::{self, Request, Response};
     const HOST: &str = "mail.notify-e2e.test";
     const CONTROL: Duration = Duration::from_secs(120);
 

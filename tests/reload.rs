@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cert_files, log_line, log_lines, read_until, scratch, tls_connect, Backend, Proxy};
-use portcullis::names::HostPattern;
+use portcullis::config::names::HostPattern;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -915,11 +915,10 @@ async fn sighup_and_portcullis_reload_on_the_binary() {
     assert!(status.success(), "{status}:\n{}", run.log());
 }
 
-/// PRODUCT BUG (fails): a reload that changes only `unknown_sni` (or
-/// `default_host`) takes effect but is reported as "nothing changed" in the
-/// log line and by `portcullis reload`: `reload::diff` (src/reload.rs)
-/// compares hosts, listeners, timeouts, state_dir, max_connections and log,
-/// not the unknown-SNI policy.
+/// A reload that changes only `unknown_sni` (or `default_host`) takes
+/// effect and says so, in the log line and to `portcullis reload`
+/// (`config::diff` compares the unknown-SNI policy too; it once reported
+/// "nothing changed").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_sni_policy_change_is_reported() {
     let dir = scratch();
@@ -941,13 +940,12 @@ async fn an_unknown_sni_policy_change_is_reported() {
     proxy.shutdown().await;
 }
 
-/// PRODUCT BUG (fails): a certificate replaced after `Server::bind_file` has
-/// read it but before `Server::run` installs the file watcher is never picked
-/// up: the watch starts on the new files and no event follows, so the old
-/// certificate is served until some later change or SIGHUP. `main.rs` calls
-/// exactly these two in a row; a certbot renewal landing while portcullis
-/// starts hits it. (Found as a flaky certbot test; here made certain by
-/// replacing the files between the two calls.)
+/// A certificate replaced after `Server::bind_file` has read it but before
+/// `Server::run` starts is picked up: the file watch starts before the files
+/// are read, so the change is not missed. `main.rs` calls exactly these two
+/// in a row, and a certbot renewal can land while portcullis starts (found
+/// as a flaky certbot test; here made certain by replacing the files
+/// between the two calls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_replaced_while_starting_is_picked_up() {
     common::init_logging();

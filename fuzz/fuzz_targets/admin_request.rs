@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::admin::{page, Page};
-use portcullis::http::parse;
+use portcullis::ops::admin::{page, Page};
+use portcullis::proxy::http::parse;
 
 /// `admin.rs`'s HEAD_LIMIT; `read_head` reads 1 KiB at a time.
 const HEAD_LIMIT: usize = 4096;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::names::HostPattern;
+use portcullis::config::names::HostPattern;
 use portcullis::tls::certs::{cert_info, load_pem};
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::CertificateDer;

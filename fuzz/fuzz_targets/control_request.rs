@@ -1,9 +1,9 @@
-//! The control socket's request line: what `control.rs::answer` reads (one
+//! The control socket's request line: what `ops/control.rs::answer` reads (one
 //! line, at most 4096 bytes, UTF-8) into `serde_json` and `control::Request`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::control::{Request, Response};
+use portcullis::ops::control::{Request, Response};
 
 const REQUEST_LIMIT: usize = 4096;
 

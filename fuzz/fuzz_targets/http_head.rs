@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::http::{answer, parse, Answer};
-use portcullis::names::Hostname;
+use portcullis::config::names::Hostname;
+use portcullis::proxy::http::{answer, parse, Answer};
 
 /// `read_head`'s limit on port 80.
 const HEAD_LIMIT: usize = 8 * 1024;

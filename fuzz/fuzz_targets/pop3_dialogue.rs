@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::config::Protocol;
+use portcullis::protocol::Protocol;
 use portcullis::protocol::{dialogue, Action};
 use portcullis_fuzz::{check_dialogue, Segmented};
 

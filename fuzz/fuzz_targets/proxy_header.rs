@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use portcullis::proxy_header::{v1, v2, TlsFacts};
+use portcullis::proxy::proxy_header::{v1, v2, TlsFacts};
 use ppp::v2::{Addresses, Header, TypeLengthValues};
 
 #[derive(Arbitrary, Debug)]

@@ -1,5 +1,5 @@
 //! Helpers shared by the fuzz targets: the dialogue driver of
-//! `src/starttls.rs::converse` replayed without a socket, and the input
+//! `src/proxy/starttls.rs::converse` replayed without a socket, and the input
 //! layouts. Targets assert properties; a failed assertion is a crash.
 
 use portcullis::protocol::line::LineBuf;
@@ -67,7 +67,7 @@ pub struct Conversation {
     pub end: End,
 }
 
-/// Replays `converse` and `expect_client_hello` of `src/starttls.rs` on the
+/// Replays `converse` and `expect_client_hello` of `src/proxy/starttls.rs` on the
 /// given reads (each non-empty: an empty read is EOF there).
 pub fn converse(d: &mut dyn Dialogue, reads: &[&[u8]]) -> Conversation {
     let limit = d.line_limit();

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use rustls::crypto::CryptoProvider;
 use serde::{Deserialize, Serialize};
 
-use crate::names::HostPattern;
+use crate::config::names::HostPattern;
 use crate::tls::certs::{self, CertError, LoadedCert};
 use crate::tls::store;
 

@@ -1,6 +1,7 @@
-//! What each mail protocol says to a client, in that protocol's own words, and
-//! the plaintext dialogues spoken before STARTTLS. Pure: lines in, an
-//! [`Action`] out; the driver in [`crate::starttls`] owns the socket.
+//! The protocols, pure: what each mail protocol says to a client, in its own
+//! words, and the plaintext dialogues spoken before STARTTLS (one file per
+//! protocol; `line` frames the lines). Lines in, an [`Action`] out; the
+//! driver in `proxy::starttls` owns the socket. Imports nothing of the crate.
 //!
 //! ```text
 //!  greeting ─▶ ExpectCommand ──STARTTLS──▶ Action::StartTls ─▶ (driver: TLS handshake, backend)
@@ -16,7 +17,28 @@ pub mod pop3;
 pub mod sieve;
 pub mod smtp;
 
-use crate::config::Protocol;
+use serde::Deserialize;
+
+/// What a listener speaks: `listeners.NAME.protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+    Smtp,
+    Pop3,
+    Sieve,
+    Tcp,
+    Http,
+}
+
+/// When TLS starts: `listeners.NAME.tls`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Implicit,
+    Starttls,
+    None,
+}
 
 /// Bad commands tolerated before the dialogue says goodbye.
 pub const MAX_ERRORS: u32 = 10;

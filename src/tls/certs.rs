@@ -17,7 +17,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::names::HostPattern;
+use crate::config::names::HostPattern;
 use crate::tls::store;
 
 /// Self-signed certificates are valid this long and replaced this close to the end.
@@ -298,7 +298,7 @@ static UNSTORED: Mutex<BTreeMap<PathBuf, (String, String)>> = Mutex::new(BTreeMa
 
 /// A fresh ECDSA P-256 certificate for `names`, as (certificate PEM, key PEM).
 pub fn generate_self_signed(names: &[HostPattern]) -> Result<(String, String), rcgen::Error> {
-    let sans = crate::names::to_strings(names);
+    let sans = crate::config::names::to_strings(names);
     let mut params = rcgen::CertificateParams::new(sans.clone())?;
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(

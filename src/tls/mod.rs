@@ -1,8 +1,13 @@
-//! TLS: certificates (loaded, generated, stored) and the rustls server side.
+//! TLS: certificates (`certs`: loaded, generated; `store`: written
+//! atomically), the host table with the one lookup rule (`hosts`), the
+//! resolver rustls asks (`resolver`), and the server side built here.
+//!
 //! TLS 1.2 and 1.3 only, aws-lc-rs, session tickets on; one ticketer and one
 //! session cache shared by every listener, so resumption survives across them.
+//! Reads the typed config; knows nothing of sessions, ACME or the operator.
 
 pub mod certs;
+pub mod hosts;
 pub mod resolver;
 pub mod store;
 

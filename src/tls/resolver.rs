@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::hosts::HostTable;
+use crate::tls::hosts::HostTable;
 
 #[derive(Debug)]
 pub struct CertResolver {

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use portcullis::config::names::HostPattern;
 use portcullis::config::Config;
-use portcullis::names::HostPattern;
 use portcullis::server::Server;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -103,7 +103,7 @@ pub struct Proxy {
     pub addrs: BTreeMap<String, Vec<SocketAddr>>,
     pub dir: tempfile::TempDir,
     /// Set by [`Proxy::start_file`]: asks the server to reload its file.
-    pub reloader: Option<portcullis::reload::Reloader>,
+    pub reloader: Option<portcullis::ops::reload::Reloader>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -138,7 +138,7 @@ impl Proxy {
     fn launch(
         dir: tempfile::TempDir,
         server: Server,
-        reloader: Option<portcullis::reload::Reloader>,
+        reloader: Option<portcullis::ops::reload::Reloader>,
     ) -> Proxy {
         let addrs = server.local_addrs();
         let (tx, rx) = oneshot::channel::<()>();
@@ -168,7 +168,7 @@ impl Proxy {
     }
 
     /// Asks the server to re-read its config file and waits for the outcome.
-    pub async fn reload(&self) -> Result<portcullis::reload::Changes, String> {
+    pub async fn reload(&self) -> Result<portcullis::config::diff::Changes, String> {
         let r = self.reloader.as_ref().expect("started with start_file");
         tokio::time::timeout(Duration::from_secs(10), r.reload("test"))
             .await

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use portcullis::control::{self, CertRow, RenewRow, Request, Response};
+use portcullis::ops::control::{self, CertRow, RenewRow, Request, Response};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 

@@ -102,101 +102,161 @@ impl Half {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if let Some(held) = &self.held {
-                while self.at < held.len() {
-                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &held[self.at..]))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    self.at += n;
-                    self.unflushed = true;
-                }
-                self.held = None;
-            }
-            if let Some(e) = self.failed.take() {
-                // Flushed first (a flush error is moot: the relay ends anyway).
-                if self.unflushed && Pin::new(&mut *w).poll_flush(cx).is_pending() {
-                    self.failed = Some(e);
-                    return Poll::Pending;
-                }
-                return Poll::Ready(Err(e));
-            }
-            if self.eof {
-                if self.unflushed {
-                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                    self.unflushed = false;
-                }
-                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
-                self.done = true;
-                return Poll::Ready(Ok(()));
+            ready!(self.poll_held(cx, w))?;
+            if let Some(end) = self.poll_end(cx, w) {
+                return end;
             }
             // Read until the buffer is full or the reader has nothing more
             // for now, then write once: a TLS reader hands out one record
             // (16 KiB) per read, and four of them make one system call.
             let mut stack = [MaybeUninit::<u8>::uninit(); BURST];
             let mut buf = ReadBuf::uninit(&mut stack);
-            let mut dry = false;
-            while buf.remaining() > 0 {
-                let before = buf.filled().len();
-                match Pin::new(&mut *r).poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) if buf.filled().len() == before => {
-                        self.eof = true;
-                        break;
-                    }
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) if buf.filled().is_empty() => return Poll::Ready(Err(e)),
-                    Poll::Ready(Err(e)) => {
-                        // A client that closes without close_notify right
-                        // after its last command: the command still goes.
-                        self.failed = Some(e);
-                        break;
-                    }
-                    Poll::Pending => {
-                        dry = true;
-                        break;
-                    }
-                }
-            }
+            let dry = match self.read_burst(cx, r, &mut buf) {
+                Ok(dry) => dry,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
             let data = buf.filled();
             if data.is_empty() {
                 if self.eof {
                     continue;
                 }
-                if self.unflushed {
-                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                    self.unflushed = false;
-                }
+                ready!(self.poll_flushed(cx, w))?;
                 return Poll::Pending;
             }
             *moved = true;
             self.count += data.len() as u64;
             counter.inc_by(data.len() as u64);
-            let mut at = 0;
-            while at < data.len() {
-                match Pin::new(&mut *w).poll_write(cx, &data[at..]) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => {
-                        at += n;
-                        self.unflushed = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        // The writer's waker is registered; keep the rest.
-                        self.held = Some(data[at..].into());
-                        self.at = 0;
-                        return Poll::Pending;
-                    }
-                }
-            }
+            ready!(self.write_burst(cx, w, data))?;
             if dry {
                 // The reader's waker is registered: done for now.
-                if self.unflushed {
-                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                    self.unflushed = false;
-                }
+                ready!(self.poll_flushed(cx, w))?;
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Writes what the writer could not take before, if anything.
+    fn poll_held<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        if let Some(held) = &self.held {
+            while self.at < held.len() {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &held[self.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.at += n;
+                self.unflushed = true;
+            }
+            self.held = None;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// `Some` once this direction ends: a read failed (what came before it
+    /// is flushed first), or the reader reached end-of-stream (flushed,
+    /// then the writer's side shut down).
+    fn poll_end<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Option<Poll<io::Result<()>>> {
+        if let Some(e) = self.failed.take() {
+            // Flushed first (a flush error is moot: the relay ends anyway).
+            if self.unflushed && Pin::new(&mut *w).poll_flush(cx).is_pending() {
+                self.failed = Some(e);
+                return Some(Poll::Pending);
+            }
+            return Some(Poll::Ready(Err(e)));
+        }
+        if !self.eof {
+            return None;
+        }
+        Some(self.poll_shut(cx, w))
+    }
+
+    fn poll_shut<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_flushed(cx, w))?;
+        ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+        self.done = true;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Flushes the writer if it took bytes since its last flush.
+    fn poll_flushed<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        if self.unflushed {
+            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads into `buf` until it is full or the reader has nothing more for
+    /// now; `true` in that case (its waker is registered). A read that fails
+    /// after earlier reads brought bytes is kept in `failed`: the bytes go
+    /// first.
+    fn read_burst<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        buf: &mut ReadBuf<'_>,
+    ) -> io::Result<bool> {
+        while buf.remaining() > 0 {
+            let before = buf.filled().len();
+            match Pin::new(&mut *r).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    self.eof = true;
+                    break;
+                }
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) if buf.filled().is_empty() => return Err(e),
+                Poll::Ready(Err(e)) => {
+                    // A client that closes without close_notify right
+                    // after its last command: the command still goes.
+                    self.failed = Some(e);
+                    break;
+                }
+                Poll::Pending => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Writes `data` on; what the writer cannot take now is kept in `held`
+    /// (the writer's waker is registered).
+    fn write_burst<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+        data: &[u8],
+    ) -> Poll<io::Result<()>> {
+        let mut at = 0;
+        while at < data.len() {
+            match Pin::new(&mut *w).poll_write(cx, &data[at..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    at += n;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.held = Some(data[at..].into());
+                    self.at = 0;
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -1,11 +1,10 @@
 //! The control socket: `state_dir/control.sock`, owner-only (the socket is
 //! 0600 inside the 0700 `state_dir`), so only the account portcullis runs as
 //! (and root) can ask it anything. One JSON request line in, one JSON answer
-//! out, then close. `portcullis certs` and `portcullis renew` use it.
+//! out, then close. `portcullis certs`, `renew` and `reload` use it.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
@@ -15,12 +14,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::reload::Reloader;
+use super::{View, Views};
 use crate::acme::{self, HostHandle, Outcome};
-use crate::config::{CertSource, Config};
-use crate::hosts::CertSlot;
-use crate::reload::Reloader;
+use crate::config::{names, CertSource, Config};
 use crate::tls::certs;
-use arc_swap::ArcSwap;
 
 const SOCKET: &str = "control.sock";
 /// A request line is small; anything longer is not ours.
@@ -72,14 +70,6 @@ pub struct RenewRow {
     pub detail: String,
 }
 
-/// A host as the control socket sees it.
-#[derive(Clone, Debug)]
-pub struct View {
-    pub names: Vec<String>,
-    pub slot: Arc<CertSlot>,
-    pub acme: Option<HostHandle>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("another portcullis is running with this state_dir ({} answers)", .0.display())]
@@ -123,12 +113,7 @@ impl Control {
     /// Answers requests until `stop` fires, then removes the socket file.
     /// `views` is swapped on reload; `reloader` is `None` when the server
     /// has no config file to reload from.
-    pub async fn serve(
-        self,
-        views: Arc<ArcSwap<Vec<View>>>,
-        reloader: Option<Reloader>,
-        stop: CancellationToken,
-    ) {
+    pub async fn serve(self, views: Views, reloader: Option<Reloader>, stop: CancellationToken) {
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -329,7 +314,7 @@ pub async fn request(
 pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> {
     let mut rows = Vec::new();
     for host in &config.hosts {
-        let names = crate::names::to_strings(&host.names);
+        let names = names::to_strings(&host.names);
         let (source, loaded) = match &host.certificate {
             CertSource::Files { cert, key } => (
                 "files",
@@ -379,6 +364,8 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arc_swap::ArcSwap;
+    use std::sync::Arc;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]

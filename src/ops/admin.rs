@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
-use crate::control::{self, CertRow, View};
-use crate::http::{self, Head, Unread};
-use crate::metrics::Metrics;
+use super::control::{self, CertRow};
+use super::{View, Views};
+use crate::metrics::{CertGauge, Metrics};
+use crate::proxy::http::{self, Head, Unread};
 
 /// A certificate this close to expiry makes `/healthz` fail: a successful
 /// renewal would have replaced it long before.
@@ -30,7 +31,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    views: Arc<ArcSwap<Vec<View>>>,
+    views: Views,
     stop: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -78,7 +79,7 @@ async fn answer(
             // What prometheus-client writes: OpenMetrics text (`# EOF`,
             // counters typed without their `_total`).
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(&rows()),
+            metrics.encode(&gauges(&rows())),
         ),
         Page::Health => match problems(metrics, &rows(), SystemTime::now()) {
             p if p.is_empty() => ("200 OK", "text/plain", "ok\n".to_string()),
@@ -138,6 +139,24 @@ pub fn page(head: Option<&Head>) -> Page {
 fn route(head: &Head) -> (&str, &str) {
     let path = head.path.as_str();
     (head.method.as_str(), path.split('?').next().unwrap_or(path))
+}
+
+/// The certificate gauges, from the rows `portcullis certs` shows.
+fn gauges(rows: &[CertRow]) -> Vec<CertGauge> {
+    let unix = |s: &str| {
+        humantime::parse_rfc3339(s)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64)
+    };
+    rows.iter()
+        .map(|row| CertGauge {
+            names: row.names.clone(),
+            source: row.source.clone(),
+            not_after: unix(&row.not_after),
+            next_renewal: row.next_renewal.as_deref().map(unix),
+        })
+        .collect()
 }
 
 /// Why `/healthz` fails; empty when healthy.

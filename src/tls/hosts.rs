@@ -14,8 +14,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
 
+use crate::config::names::{HostPattern, Hostname};
 use crate::config::{Backend, UnknownSni};
-use crate::names::{HostPattern, Hostname};
 use crate::tls::certs::CertInfo;
 
 /// One `hosts[]` entry, ready to serve.
@@ -187,7 +187,7 @@ fn find(exact: &Names, wildcard: &Names, name: &str) -> (Option<Arc<Host>>, Matc
     if let Some(h) = exact.get(name) {
         return (Some(h.clone()), Matched::Exact);
     }
-    match crate::names::parent(name).and_then(|p| wildcard.get(p)) {
+    match crate::config::names::parent(name).and_then(|p| wildcard.get(p)) {
         Some(h) => (Some(h.clone()), Matched::Wildcard),
         None => (None, Matched::Rejected),
     }

@@ -16,9 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::info;
 
-use crate::hosts::Matched;
-use crate::listener::{self, ListenerCtx, Ready, Session, Stop};
-use crate::names::Hostname;
+use super::backend;
+use super::context::{ListenerCtx, Stop};
+use super::outcome::{Outcome, Ready};
+use crate::config::names::Hostname;
+use crate::tls::hosts::Matched;
 
 /// Longest request head read: a request line and ordinary headers.
 const HEAD_LIMIT: usize = 8 * 1024;
@@ -159,32 +161,10 @@ pub(crate) async fn serve(
     local: SocketAddr,
     ctx: &ListenerCtx,
     stop: &Stop,
-    session: &mut Session,
+    session: &mut Outcome,
 ) -> Option<Ready> {
     tracing::Span::current().record("tls.version", "none");
-    let read = tokio::time::timeout(ctx.timeouts.handshake, read_head(&mut socket, HEAD_LIMIT));
-    let (buf, head) = tokio::select! {
-        r = read => match r {
-            Ok(Ok(got)) => got,
-            Ok(Err(Unread::Bad(why))) => {
-                session.end("bad_request", why.to_string());
-                let _ = socket.write_all(&response(&Answer::BadRequest(why), false)).await;
-                return None;
-            }
-            Ok(Err(Unread::Io(e))) => {
-                session.end("client_left", e.to_string());
-                return None;
-            }
-            Err(_) => {
-                session.end("request_timeout", None);
-                return None;
-            }
-        },
-        _ = stop.accepting.cancelled() => {
-            session.end("shutdown", None);
-            return None;
-        }
-    };
+    let (buf, head) = request(&mut socket, ctx, stop, session).await?;
     let table = &ctx.table;
     let answer = answer(
         &head,
@@ -195,22 +175,7 @@ pub(crate) async fn serve(
                 && found.is_some_and(|h| h.backends.contains_key(&ctx.listener.name))
         },
     );
-    match &answer {
-        Answer::Challenge(_) => {
-            info!(path = %head.path, "acme http-01 challenge answered");
-            session.end("acme_challenge", None);
-        }
-        Answer::NotFound if head.path.starts_with(CHALLENGE_PREFIX) => {
-            session.end(
-                "acme_challenge",
-                format!("no open challenge for {}", head.path),
-            );
-        }
-        Answer::BadRequest(why) => session.end("bad_request", why.to_string()),
-        Answer::NotFound => session.end("not_found", None),
-        Answer::Redirect(_) => session.end("redirected", None),
-        Answer::Forward(_) => {}
-    }
+    note(&answer, &head, session);
     let Answer::Forward(host) = answer else {
         let head_only = head.method == "HEAD";
         let _ = socket.write_all(&response(&answer, head_only)).await;
@@ -228,7 +193,7 @@ pub(crate) async fn serve(
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
     let upstream = tokio::select! {
-        r = listener::connect(&backend, peer, local, None) => r,
+        r = backend::connect(&backend, peer, local, None) => r,
         _ = stop.accepting.cancelled() => Err(io::Error::other("shutting down")),
     };
     let mut upstream = match upstream {
@@ -248,6 +213,59 @@ pub(crate) async fn serve(
     }
     session.count_up(buf.len());
     Some(Ready::Plain(socket, upstream))
+}
+
+/// The request head, within `timeouts.handshake`; a bad one is answered
+/// with a 400. `None`: the session is over.
+async fn request(
+    socket: &mut TcpStream,
+    ctx: &ListenerCtx,
+    stop: &Stop,
+    session: &mut Outcome,
+) -> Option<(Vec<u8>, Head)> {
+    let read = tokio::time::timeout(ctx.timeouts.handshake, read_head(socket, HEAD_LIMIT));
+    tokio::select! {
+        r = read => match r {
+            Ok(Ok(got)) => Some(got),
+            Ok(Err(Unread::Bad(why))) => {
+                session.end("bad_request", why.to_string());
+                let _ = socket.write_all(&response(&Answer::BadRequest(why), false)).await;
+                None
+            }
+            Ok(Err(Unread::Io(e))) => {
+                session.end("client_left", e.to_string());
+                None
+            }
+            Err(_) => {
+                session.end("request_timeout", None);
+                None
+            }
+        },
+        _ = stop.accepting.cancelled() => {
+            session.end("shutdown", None);
+            None
+        }
+    }
+}
+
+/// How an answer ends the session (a forward ends with its relay).
+fn note(answer: &Answer, head: &Head, session: &mut Outcome) {
+    match answer {
+        Answer::Challenge(_) => {
+            info!(path = %head.path, "acme http-01 challenge answered");
+            session.end("acme_challenge", None);
+        }
+        Answer::NotFound if head.path.starts_with(CHALLENGE_PREFIX) => {
+            session.end(
+                "acme_challenge",
+                format!("no open challenge for {}", head.path),
+            );
+        }
+        Answer::BadRequest(why) => session.end("bad_request", why.to_string()),
+        Answer::NotFound => session.end("not_found", None),
+        Answer::Redirect(_) => session.end("redirected", None),
+        Answer::Forward(_) => {}
+    }
 }
 
 /// Why no request head was read.

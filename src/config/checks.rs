@@ -1,0 +1,90 @@
+//! What `portcullis check` warns about: a config that is valid, and still
+//! probably not what the operator meant.
+
+use std::net::SocketAddr;
+
+use super::{CertSource, Challenge, Config, Listener};
+use crate::protocol::{Protocol, TlsMode};
+
+impl Config {
+    /// Sessions a listener can route: (listener, host) pairs with a backend.
+    pub fn route_count(&self) -> usize {
+        self.hosts.iter().map(|h| h.backends.len()).sum()
+    }
+
+    /// Backends that an SMTP listener with `require_tls: false` hands plaintext
+    /// sessions to while a TLS-only listener uses them too: if such a backend
+    /// accepts AUTH without TLS (as submission behind portcullis does), a
+    /// client can send credentials in plaintext there. As (plaintext listener,
+    /// TLS listener, address).
+    pub fn plaintext_auth_risks(&self) -> Vec<(String, String, SocketAddr)> {
+        let mut out = Vec::new();
+        let plain = self.listeners.values().filter(|l| {
+            (l.protocol, l.tls, l.require_tls) == (Protocol::Smtp, TlsMode::Starttls, false)
+        });
+        for p in plain {
+            for t in self.listeners.values().filter(|t| t.name != p.name) {
+                if t.protocol != Protocol::Smtp || (t.tls == TlsMode::Starttls && !t.require_tls) {
+                    continue;
+                }
+                let shared = self.hosts.iter().find_map(|h| {
+                    let a = h.backends.get(&p.name)?.address;
+                    let b = h.backends.get(&t.name)?.address;
+                    (a == b).then_some(a)
+                });
+                if let Some(addr) = shared {
+                    out.push((p.name.clone(), t.name.clone(), addr));
+                }
+            }
+        }
+        out
+    }
+
+    /// ACME challenges the CA validates on a port no listener binds: tls-alpn-01
+    /// on 443, http-01 on 80. Fine behind a port forward, so a warning.
+    pub fn acme_port_warnings(&self) -> Vec<String> {
+        let Some(acme) = &self.acme else {
+            return Vec::new();
+        };
+        if !self.hosts.iter().any(|h| h.certificate == CertSource::Acme) {
+            return Vec::new();
+        }
+        let binds = |port: u16, fits: &dyn Fn(&Listener) -> bool| {
+            self.listeners
+                .values()
+                .any(|l| fits(l) && l.bind.iter().any(|a| a.port() == port))
+        };
+        let mut out = Vec::new();
+        for c in &acme.challenges {
+            let (port, ok) = match c {
+                Challenge::TlsAlpn01 => (443, binds(443, &|l| l.tls == TlsMode::Implicit)),
+                Challenge::Http01 => (80, binds(80, &|l| l.protocol == Protocol::Http)),
+            };
+            if !ok {
+                out.push(format!(
+                    "the CA validates {} on port {port}, and no listener that answers it binds port {port}: forward port {port} to it, or the challenge fails (portcullis then tries the next one)",
+                    c.as_str()
+                ));
+            }
+        }
+        out
+    }
+
+    /// Listener names that some host has no backend for: a client reaching that
+    /// host there is turned away. Not an error (a webmail host needs no IMAP).
+    pub fn unrouted(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for l in self
+            .listeners
+            .values()
+            .filter(|l| l.protocol != Protocol::Http)
+        {
+            for h in &self.hosts {
+                if !h.backends.contains_key(&l.name) {
+                    out.push((l.name.clone(), h.names[0].to_string()));
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,229 @@
+//! The typed config: what the YAML means once the walk has checked it.
+//! Plain values, built once per load and cloned into whatever needs them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::defaults;
+use super::names::{HostPattern, Hostname};
+use crate::protocol::{Protocol, TlsMode};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// `None`: no host uses `certificate: acme`.
+    pub acme: Option<Acme>,
+    pub listeners: BTreeMap<String, Listener>,
+    pub hosts: Vec<Host>,
+    /// Certificate and route for clients that send no SNI.
+    pub default_host: Hostname,
+    pub unknown_sni: UnknownSni,
+    pub max_connections: usize,
+    pub timeouts: Timeouts,
+    pub log: LogConfig,
+    /// `/metrics` and `/healthz`; off unless configured.
+    pub admin: Option<Admin>,
+    /// Who hears about issuance, renewal and expiry; off unless configured.
+    pub notify: Option<Notify>,
+}
+
+/// The `admin:` block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+}
+
+/// The `notify:` block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notify {
+    /// Recipients (bare addresses); defaults to the ACME contacts.
+    pub email: Vec<String>,
+    /// The envelope and header sender.
+    pub from: String,
+    /// The SMTP server mail goes through: the operator's own Postfix, as a
+    /// backend (PROXY v2 unless `proxy_protocol` says otherwise).
+    pub smtp: Option<Backend>,
+    /// An `http://` or `https://` URL that gets each event as JSON.
+    pub webhook: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: Vec<SocketAddr>,
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    /// ALPN IDs accepted and selected, in preference order: as written,
+    /// else the protocol's own ([`crate::protocol::alpn`]). A ClientHello
+    /// offering only others is refused; empty: any offer is accepted.
+    pub alpn: Vec<Vec<u8>>,
+    /// The name in STARTTLS greetings; `None` = `default_host`.
+    pub hostname: Option<Hostname>,
+    /// SMTP STARTTLS only: refuse everything but the upgrade before TLS
+    /// (submission). `false` lets plaintext mail through (an MX on port 25).
+    pub require_tls: bool,
+    /// Per client address: `limits:` with this listener's own overrides.
+    pub limits: Limits,
+}
+
+/// What one client address may do on one listener (IPv6 clients count per
+/// /64, IPv4-mapped IPv6 ones as IPv4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; the next one is refused.
+    pub connections_per_ip: u32,
+    /// New connections per second, sustained (a token bucket's refill rate).
+    pub handshakes_per_ip: u32,
+    /// New connections allowed at once above that rate (the bucket's size).
+    pub handshake_burst: u32,
+    /// Addresses never limited.
+    pub exempt: Vec<IpNet>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections_per_ip: defaults::CONNECTIONS_PER_IP,
+            handshakes_per_ip: defaults::HANDSHAKES_PER_IP,
+            handshake_burst: defaults::HANDSHAKE_BURST,
+            exempt: defaults::EXEMPT
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    None,
+    V1,
+    V2,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub proxy_protocol: ProxyProtocol,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertSource {
+    SelfSigned,
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Obtained and renewed over ACME; stored under `state_dir/certs/`.
+    Acme,
+}
+
+/// The `acme:` block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acme {
+    /// The directory URL (`letsencrypt` and `letsencrypt-staging` expanded).
+    pub directory: String,
+    /// `mailto:` URLs.
+    pub contact: Vec<String>,
+    /// In preference order; only those a listener can answer.
+    pub challenges: Vec<Challenge>,
+    /// Extra roots trusted for the ACME server's own HTTPS (a test CA).
+    pub ca_roots: Option<PathBuf>,
+    pub profile: Option<String>,
+    pub eab: Option<Eab>,
+    pub key_type: KeyType,
+    /// Renew this long before expiry instead of at a third of the lifetime
+    /// remaining (ignored where the CA offers ARI).
+    pub renew_before: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Challenge {
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl Challenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::TlsAlpn01 => "tls-alpn-01",
+            Challenge::Http01 => "http-01",
+        }
+    }
+}
+
+/// External account binding: a key id and the MAC key the CA handed out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Eab {
+    pub kid: String,
+    pub hmac_key: Vec<u8>,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab").field("kid", &self.kid).finish()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+pub enum KeyType {
+    #[default]
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+    #[serde(rename = "ecdsa-p384")]
+    EcdsaP384,
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
+}
+
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub names: Vec<HostPattern>,
+    pub certificate: CertSource,
+    /// Listener name → backend, with the top-level defaults already merged in.
+    pub backends: BTreeMap<String, Backend>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSni {
+    /// Serve `default_host`'s certificate and route.
+    Default,
+    /// Abort the handshake with an `unrecognized_name` alert.
+    Reject,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    /// The whole plaintext dialogue before STARTTLS.
+    pub dialogue: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `portcullis=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}

@@ -1,0 +1,414 @@
+//! The config's unit tests: good configs parse into the values meant, and
+//! every mistake is reported with its key path.
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, Vec<String>> {
+    Config::parse(text, Path::new("/etc/portcullis"))
+        .map_err(|ps| ps.iter().map(|p| p.to_string()).collect())
+}
+
+/// `errs` are exactly the problems `expect` starts, in any order.
+fn assert_problems(errs: &[String], expect: &[&str]) {
+    for e in expect {
+        assert!(
+            errs.iter().any(|got| got.starts_with(e)),
+            "missing {e:?} in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+}
+
+const GOOD: &str = r#"
+state_dir: state
+listeners:
+  imaps: { bind: ["127.0.0.1:10993", "[::1]:10993"], protocol: imap, tls: implicit }
+  https: { bind: "127.0.0.1:10443", protocol: tcp, tls: implicit, alpn: [h2, http/1.1] }
+backends:
+  imaps: 127.0.0.1:10143
+hosts:
+  - names: [mail.example.test, IMAP.example.test]
+    certificate: self-signed
+    backends:
+      https: { address: "127.0.0.1:8080", proxy_protocol: none, connect_timeout: 2s }
+  - names: ["*.example.org"]
+    certificate: { cert: /etc/ssl/org.pem, key: org.key }
+default_host: mail.example.test
+timeouts: { idle: 45m }
+"#;
+
+#[test]
+fn admin_and_notify_blocks_parse_and_their_mistakes_are_named() {
+    let c = parse(&format!(
+            "{GOOD}admin: {{ bind: 127.0.0.1:9099 }}\nnotify: {{ email: [ops@example.test], smtp: 127.0.0.1:20025, webhook: \"https://hooks.example.test/x?k=1\" }}\n"
+        ))
+        .unwrap();
+    assert_eq!(c.admin.unwrap().bind, "127.0.0.1:9099".parse().unwrap());
+    let n = c.notify.unwrap();
+    assert_eq!(n.email, ["ops@example.test"]);
+    assert_eq!(n.from, "portcullis@mail.example.test");
+    let smtp = n.smtp.unwrap();
+    assert_eq!(smtp.address, "127.0.0.1:20025".parse().unwrap());
+    assert_eq!(smtp.proxy_protocol, ProxyProtocol::V2);
+    assert_eq!(
+        n.webhook.as_deref(),
+        Some("https://hooks.example.test/x?k=1")
+    );
+
+    for (block, want) in [
+        (
+            "notify: { email: [ops@example.test] }",
+            "notify.smtp: missing",
+        ),
+        (
+            "notify: { webhook: \"https://hooks.example.test/a b\" }",
+            "notify.webhook: \"https://hooks.example.test/a b\": expected an http",
+        ),
+        (
+            "notify: { webhook: ftp://x }",
+            "notify.webhook: \"ftp://x\": expected an http",
+        ),
+        (
+            "notify: { from: nobody }",
+            "notify.from: \"nobody\": expected an address",
+        ),
+        (
+            "notify: { email: [\"a b@c\"], smtp: 127.0.0.1:25 }",
+            "notify.email[0]: \"a b@c\": expected an address",
+        ),
+        ("notify: {}", "notify: nobody to notify"),
+        (
+            "admin: { bind: localhost:9099 }",
+            "admin.bind: invalid address",
+        ),
+    ] {
+        let errs = parse(&format!("{GOOD}{block}\n")).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "{block}: {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn notify_email_defaults_to_the_acme_contacts() {
+    let text = GOOD.replace(
+            "hosts:",
+            "acme: { directory: letsencrypt-staging, contact: [\"mailto:ops@example.test\"], terms_of_service_agreed: true }\nhosts:",
+        ) + "notify: { smtp: 127.0.0.1:20025 }\n";
+    let c = parse(&text).unwrap();
+    assert_eq!(c.notify.unwrap().email, ["ops@example.test"]);
+}
+
+#[test]
+fn a_good_config_parses_into_typed_values() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.state_dir, Path::new("/etc/portcullis/state"));
+    assert_eq!(c.listeners["imaps"].bind.len(), 2);
+    assert_eq!(
+        c.listeners["https"].alpn,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
+    assert_eq!(c.hosts[0].names[1].to_string(), "imap.example.test");
+    let https = &c.hosts[0].backends["https"];
+    assert_eq!(https.proxy_protocol, ProxyProtocol::None);
+    assert_eq!(https.connect_timeout, Duration::from_secs(2));
+    // defaults merge in, and the host without an https override gets none
+    assert_eq!(
+        c.hosts[1].backends["imaps"].proxy_protocol,
+        ProxyProtocol::V2
+    );
+    assert_eq!(
+        c.hosts[1].backends["imaps"].connect_timeout,
+        defaults::CONNECT
+    );
+    assert!(!c.hosts[1].backends.contains_key("https"));
+    assert_eq!(
+        c.hosts[1].certificate,
+        CertSource::Files {
+            cert: "/etc/ssl/org.pem".into(),
+            key: "/etc/portcullis/org.key".into()
+        }
+    );
+    assert_eq!(c.timeouts.idle, Duration::from_secs(45 * 60));
+    assert_eq!(c.timeouts.handshake, defaults::HANDSHAKE);
+    assert_eq!(
+        c.unrouted(),
+        vec![("https".to_string(), "*.example.org".to_string())]
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    let text = r#"
+listeners:
+  imaps: { bind: ["127.0.0.1:10993"], protocol: imap, tls: implict }
+  pop3s: { bind: "127.0.0.1:10995", protocol: pop3, tls: implicit, colour: blue }
+backends:
+  imaps: 127.0.0.1:10143
+  imap: 127.0.0.1:10144
+hosts:
+  - names: [a.example.test]
+    certificate: self-signed
+  - names: [b.example.test, "bad name"]
+    certificate: self-signed
+    backends:
+      pop3s: "10.0.0.5:99999"
+  - names: [a.example.test]
+    certificate: { cert: x.pem }
+default_host: nowhere.test
+timeouts: { idle: forever, connect: 0s }
+max_connections: 100000000
+log: { level: infoo }
+"#;
+    let errs = parse(text).unwrap_err();
+    let expect = [
+        "listeners.imaps.tls: unknown variant `implict`, expected one of",
+        "listeners.pop3s.colour: unknown key",
+        "backends.imap: no listener named \"imap\"",
+        "hosts[1].names[1]: \"bad name\": invalid label",
+        "hosts[1].backends.pop3s: invalid address \"10.0.0.5:99999\"",
+        "hosts[2].certificate.key: missing",
+        "hosts[2].names: a.example.test is already listed under hosts[0]",
+        "default_host: nowhere.test is not among the names of any host",
+        "timeouts.idle: invalid duration forever",
+        "timeouts.connect: 0s is out of range",
+        "max_connections: expected a whole number from 1 to",
+        "log.level: \"infoo\" is not a level",
+    ];
+    assert_problems(&errs, &expect);
+}
+
+#[test]
+fn missing_sections_and_bad_yaml_are_reported() {
+    let errs = parse("state_dir: x\n").unwrap_err();
+    assert_eq!(errs, vec!["listeners: missing", "hosts: missing"]);
+    let errs = parse("listeners: [\n").unwrap_err();
+    assert!(errs[0].starts_with("YAML: "), "{errs:?}");
+    let errs = parse("- just\n- a list\n").unwrap_err();
+    assert_eq!(errs, vec!["expected a mapping, found a list"]);
+}
+
+const ACME: &str = r#"
+acme:
+  directory: letsencrypt-staging
+  contact: [mailto:postmaster@example.test]
+  terms_of_service_agreed: true
+  eab: { kid: kid-1, hmac_key: c2VjcmV0LWtleQ }
+  key_type: ecdsa-p384
+  renew_before: 30d
+listeners:
+  imaps: { bind: "127.0.0.1:10993", protocol: imap, tls: implicit }
+  http: { bind: "127.0.0.1:10080", protocol: http }
+backends:
+  imaps: 127.0.0.1:10143
+hosts:
+  - names: [mail.example.test, imap.example.test]
+    certificate: acme
+    backends: { http: 127.0.0.1:8080 }
+"#;
+
+#[test]
+fn the_acme_block_parses_with_its_defaults() {
+    let c = parse(ACME).unwrap();
+    let a = c.acme.unwrap();
+    assert_eq!(a.directory, defaults::LETSENCRYPT_STAGING);
+    assert_eq!(a.challenges, [Challenge::TlsAlpn01, Challenge::Http01]);
+    assert_eq!(a.key_type, KeyType::EcdsaP384);
+    assert_eq!(a.eab.unwrap().hmac_key, b"secret-key");
+    assert_eq!(a.renew_before, Some(Duration::from_secs(30 * 86400)));
+    assert_eq!(c.hosts[0].certificate, CertSource::Acme);
+    assert_eq!(
+        c.hosts[0].backends["http"].address,
+        "127.0.0.1:8080".parse().unwrap()
+    );
+}
+
+#[test]
+fn acme_mistakes_are_reported_with_their_key_paths() {
+    let text = ACME
+        .replace("letsencrypt-staging", "http://acme.example.test/dir")
+        .replace("mailto:postmaster@example.test", "postmaster@example.test")
+        .replace("agreed: true", "agreed: false")
+        .replace("c2VjcmV0LWtleQ", "not base64!")
+        .replace("ecdsa-p384", "dsa")
+        .replace("30d", "2y")
+        .replace("imap.example.test", "\"*.example.org\"");
+    let errs = parse(&text).unwrap_err();
+    for want in [
+        "acme.directory: \"http://acme.example.test/dir\": expected",
+        "acme.contact[0]: \"postmaster@example.test\": expected mailto:",
+        "acme.terms_of_service_agreed: the CA issues nothing",
+        "acme.eab.hmac_key: expected the base64url key",
+        "acme.key_type: ",
+        "acme.renew_before: 2years is out of range",
+        "hosts[0].names: *.example.org: wildcard certificates need dns-01",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+    }
+}
+
+#[test]
+fn acme_needs_its_block_and_a_listener_that_answers_a_challenge() {
+    let no_block = r#"
+listeners:
+  imap: { bind: "127.0.0.1:10143", protocol: imap, tls: starttls }
+hosts:
+  - names: [a.example.test]
+    certificate: acme
+"#;
+    let errs = parse(no_block).unwrap_err();
+    assert!(errs[0].starts_with("hosts[0].certificate: acme needs an `acme:` block"));
+
+    let no_listener = format!(
+            "acme: {{ directory: letsencrypt, terms_of_service_agreed: true, challenges: [http-01] }}\n{no_block}"
+        );
+    let errs = parse(&no_listener).unwrap_err();
+    assert!(
+        errs[0].starts_with("acme.challenges: no listener can answer http-01"),
+        "{errs:?}"
+    );
+    // tls-alpn-01 is dropped where no implicit-TLS listener could answer it.
+    let with_http = ACME.replace("tls: implicit", "tls: starttls");
+    assert_eq!(
+        parse(&with_http).unwrap().acme.unwrap().challenges,
+        [Challenge::Http01]
+    );
+}
+
+#[test]
+fn challenges_on_ports_the_ca_does_not_use_are_warned_about() {
+    let c = parse(ACME).unwrap();
+    let w = c.acme_port_warnings();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].starts_with("the CA validates tls-alpn-01 on port 443"));
+    assert!(w[1].starts_with("the CA validates http-01 on port 80"));
+    let standard = ACME
+        .replace("127.0.0.1:10993", "0.0.0.0:443")
+        .replace("127.0.0.1:10080", "0.0.0.0:80");
+    assert!(parse(&standard).unwrap().acme_port_warnings().is_empty());
+}
+
+#[test]
+fn http_listeners_are_plaintext() {
+    let text = ACME.replace("protocol: http }", "protocol: http, tls: implicit }");
+    let errs = parse(&text).unwrap_err();
+    assert!(errs[0].starts_with("listeners.http.tls: http listeners are plaintext"));
+}
+
+#[test]
+fn default_host_defaults_to_the_first_exact_name() {
+    let text = GOOD.replace("default_host: mail.example.test", "");
+    assert_eq!(
+        parse(&text).unwrap().default_host.as_str(),
+        "mail.example.test"
+    );
+}
+
+#[test]
+fn limits_have_defaults_merge_per_listener_and_name_their_mistakes() {
+    let c = parse(GOOD).unwrap();
+    let l = &c.listeners["imaps"].limits;
+    assert_eq!(*l, Limits::default());
+    assert_eq!(
+        (l.connections_per_ip, l.handshakes_per_ip, l.handshake_burst),
+        (500, 20, 100)
+    );
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    assert_eq!(l.exempt, [net("127.0.0.0/8"), net("::1/128")]);
+
+    let text = GOOD.replace(
+        "tls: implicit, alpn",
+        "tls: implicit, limits: { connections_per_ip: 5, exempt: [] }, alpn",
+    ) + "limits: { handshakes_per_ip: 7, exempt: [10.1.2.3/8, \"2001:db8::1\"] }\n";
+    let c = parse(&text).unwrap();
+    let imaps = &c.listeners["imaps"].limits;
+    assert_eq!(
+        (
+            imaps.connections_per_ip,
+            imaps.handshakes_per_ip,
+            imaps.handshake_burst
+        ),
+        (500, 7, 100),
+        "the global block over the defaults"
+    );
+    assert_eq!(imaps.exempt, [net("10.0.0.0/8"), net("2001:db8::1/128")]);
+    let https = &c.listeners["https"].limits;
+    assert_eq!(
+        (https.connections_per_ip, https.handshakes_per_ip),
+        (5, 7),
+        "the listener's block over the global one"
+    );
+    assert!(https.exempt.is_empty());
+
+    let text = GOOD.replace(
+            "tls: implicit, alpn",
+            "tls: implicit, limits: { connections_per_ip: 2000000 }, alpn",
+        ) + "limits: { connections_per_ip: 0, handshakes_per_ip: 2.5, handshake_burst: many, exempt: [10.0.0.0/33, example.org], colour: red }\n";
+    let errs = parse(&text).unwrap_err();
+    let expect = [
+            "limits.colour: unknown key",
+            "limits.connections_per_ip: expected a whole number from 1 to 1000000, found 0",
+            "limits.handshakes_per_ip: expected a whole number from 1 to 1000000, found 2.5",
+            "limits.handshake_burst: expected a whole number from 1 to 1000000, found many",
+            "limits.exempt[0]: invalid network \"10.0.0.0/33\"",
+            "limits.exempt[1]: invalid network \"example.org\"",
+            "listeners.https.limits.connections_per_ip: expected a whole number from 1 to 1000000, found 2000000",
+        ];
+    assert_problems(&errs, &expect);
+}
+
+#[test]
+fn mail_listeners_speak_their_protocols_alpn_ids_unless_told_otherwise() {
+    let text = r#"
+listeners:
+  imaps: { bind: "127.0.0.1:1", protocol: imap, tls: implicit }
+  imap:  { bind: "127.0.0.1:2", protocol: imap, tls: starttls }
+  pop3s: { bind: "127.0.0.1:3", protocol: pop3, tls: implicit }
+  smtps: { bind: "127.0.0.1:4", protocol: smtp, tls: implicit }
+  smtp:  { bind: "127.0.0.1:5", protocol: smtp, tls: starttls, alpn: [smtp] }
+  sieve: { bind: "127.0.0.1:6", protocol: sieve, tls: starttls }
+  https: { bind: "127.0.0.1:7", protocol: tcp, tls: implicit, alpn: [http/1.1] }
+  tcp:   { bind: "127.0.0.1:8", protocol: tcp, tls: implicit }
+  open:  { bind: "127.0.0.1:9", protocol: imap, tls: implicit, alpn: [] }
+  http:  { bind: "127.0.0.1:10", protocol: http }
+hosts: [ { names: [mail.example.test], certificate: self-signed } ]
+"#;
+    let c = parse(text).unwrap();
+    let alpn = |name: &str| -> Vec<String> {
+        c.listeners[name]
+            .alpn
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect()
+    };
+    assert_eq!(alpn("imaps"), ["imap"]);
+    assert_eq!(alpn("imap"), ["imap"]);
+    assert_eq!(alpn("pop3s"), ["pop3"]);
+    assert_eq!(alpn("smtps"), ["smtp", "submission"]);
+    assert_eq!(alpn("smtp"), ["smtp"], "a written list is kept");
+    assert_eq!(alpn("sieve"), ["managesieve"]);
+    assert_eq!(alpn("https"), ["http/1.1"]);
+    assert!(alpn("tcp").is_empty(), "tcp without alpn accepts anything");
+    assert!(alpn("open").is_empty(), "alpn: [] turns the check off");
+    assert!(alpn("http").is_empty());
+
+    let errs =
+        parse(&text.replace("protocol: http }", "protocol: http, alpn: [h2] }")).unwrap_err();
+    assert_eq!(
+        errs,
+        ["listeners.http.alpn: ALPN only applies to TLS listeners"]
+    );
+}
+
+#[test]
+fn two_listeners_cannot_share_an_address() {
+    let text = GOOD.replace("127.0.0.1:10443", "127.0.0.1:10993");
+    let errs = parse(&text).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("already bound by listener"), "{errs:?}");
+}

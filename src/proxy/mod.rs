@@ -1,0 +1,27 @@
+//! The proxy: a session's life from accept to its last relayed byte.
+//! `listener` accepts (and `limiter` turns away), `session` drives one
+//! connection through `starttls`, `handshake` and `backend` to `relay`.
+//!
+//! ```text
+//! listener ─▶ session ─┬─ starttls (plaintext dialogue) ─┐
+//!   limiter            │                                  ├─▶ handshake ─▶ backend ─▶ relay
+//!                      └──────────────────────────────────┘    (tls::hosts)  proxy_header
+//!                      └─ http (port 80: ACME http-01, redirect, forward) ─▶ backend ─▶ relay
+//! ```
+//!
+//! `context` (what every connection of a listener reads) and `outcome`
+//! (how a session ends) are shared by the session and the port-80 handler,
+//! which never imports the session back. `read_ahead` sits under rustls.
+
+mod backend;
+pub mod context;
+mod handshake;
+pub mod http;
+pub mod limiter;
+pub mod listener;
+mod outcome;
+pub mod proxy_header;
+pub mod read_ahead;
+pub mod relay;
+mod session;
+pub mod starttls;

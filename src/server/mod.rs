@@ -1,0 +1,245 @@
+//! The top: from a validated [`Config`] to a running server. `Server` binds
+//! (`bind`: sockets; `snapshot`: certificates, host table, listener
+//! settings) and runs (`running`: the live state; `reload`: rebuild, swap).
+//!
+//! Load every certificate, build the host table, bind every address, then
+//! accept until shutdown. Shutdown is two-staged: stop accepting
+//! (connections still in their handshake are dropped), then give relays
+//! `timeouts.shutdown_grace` to finish before ending them.
+
+mod bind;
+mod reload;
+mod running;
+mod snapshot;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::acme::challenge::Challenges;
+use crate::acme::Managed;
+use crate::config::{diff, Config};
+use crate::metrics::Metrics;
+use crate::ops::control::{Control, ControlError};
+use crate::ops::notify::Notifier;
+use crate::ops::reload::{self as reload_request, Reloader, Watcher};
+use crate::tls::certs::CertError;
+use crate::tls::hosts::{HostTable, NoDefaultHost};
+use crate::tls::{store, TlsContext};
+use bind::{bind_admin, bind_listeners, Sockets};
+use running::Running;
+pub use snapshot::load_certificates;
+use snapshot::{build, notifier, HostSlot};
+
+/// Why a server could not be built, or a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("hosts[{index}] ({name}): {source}")]
+    Certificate {
+        index: usize,
+        name: String,
+        source: CertError,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    DefaultHost(#[from] NoDefaultHost),
+    #[error("state_dir {}: {source}", path.display())]
+    StateDir {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("control socket: {0}")]
+    Control(#[from] ControlError),
+    #[error("notify: {0}")]
+    Notify(String),
+    #[error("listeners.{listener}: cannot listen on {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// How often an unwritable `state_dir` is tried again (and a writable one
+/// checked, for `portcullis_state_dir_writable`).
+const STATE_PROBE: Duration = Duration::from_secs(60);
+
+/// A server with its sockets bound, ready to [`run`](Server::run).
+pub struct Server {
+    config: Config,
+    config_file: Option<PathBuf>,
+    tls: TlsContext,
+    table: Arc<ArcSwap<HostTable>>,
+    challenges: Arc<Challenges>,
+    slots: Vec<HostSlot>,
+    pending_acme: Vec<Managed>,
+    /// Bound at start, handed to their accept loops by `run`.
+    sockets: Sockets,
+    /// `None` when `state_dir` cannot be written.
+    control: Option<Control>,
+    /// Whether `state_dir` could be written at start.
+    writable: bool,
+    reloads: (
+        mpsc::Sender<reload_request::Request>,
+        mpsc::Receiver<reload_request::Request>,
+    ),
+    /// Watching since before the files were read (`bind_file`).
+    watcher: Option<Watcher>,
+    metrics: Arc<Metrics>,
+    /// The admin endpoint's socket (`admin.bind`).
+    admin: Option<TcpListener>,
+    notifier: Arc<ArcSwapOption<Notifier>>,
+}
+
+impl Server {
+    /// Loads certificates and binds every listener address and the control
+    /// socket. Must be called inside a tokio runtime.
+    pub fn bind(config: &Config) -> Result<Server, Vec<BuildError>> {
+        Server::bind_from(config, None)
+    }
+
+    /// [`Server::bind`], for the config read from `file` when there is one
+    /// (notification emails name it in the commands they suggest).
+    fn bind_from(config: &Config, file: Option<&Path>) -> Result<Server, Vec<BuildError>> {
+        let tls = TlsContext::new().map_err(|e| vec![e.into()])?;
+        let writable = store::open_state_dir(&config.state_dir).map_err(|source| {
+            vec![BuildError::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            }]
+        })?;
+        let control = match (Control::bind(&config.state_dir), &writable) {
+            (Ok(c), _) => Some(c),
+            (Err(e @ ControlError::Running(_)), _) | (Err(e), Ok(())) => {
+                return Err(vec![e.into()])
+            }
+            (Err(e), Err(_)) => {
+                warn!(error = %e, "no control socket: portcullis certs, renew and reload cannot reach this instance (SIGHUP still reloads)");
+                None
+            }
+        };
+        let metrics = Metrics::new();
+        metrics.state_dir_writable(writable.is_ok());
+        if let Err(e) = &writable {
+            warn!(
+                state_dir = %config.state_dir.display(),
+                error = %e,
+                "state_dir is not writable: serving what is stored; certificates issued now are served but not kept across a restart, self-signed ones are made anew at each start"
+            );
+        }
+        let snapshot = build(config, &tls, &[])?;
+        let table = Arc::new(ArcSwap::from_pointee(snapshot.table));
+        let challenges = Arc::new(Challenges::default());
+        let notifier = Arc::new(ArcSwapOption::from(
+            notifier(config, file, None).map_err(|e| vec![BuildError::Notify(e)])?,
+        ));
+
+        let (sockets, mut errors) =
+            bind_listeners(config, &tls, &table.load_full(), &challenges, &metrics)?;
+        let admin = bind_admin(config, &mut errors);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Server {
+            config: config.clone(),
+            config_file: file.map(Path::to_path_buf),
+            tls,
+            table,
+            challenges,
+            slots: snapshot.slots,
+            pending_acme: snapshot.new_acme,
+            sockets,
+            control,
+            writable: writable.is_ok(),
+            reloads: mpsc::channel(4),
+            watcher: None,
+            metrics,
+            admin,
+            notifier,
+        })
+    }
+
+    /// Loads the config from `path` and binds it; reloads read the same file
+    /// and it is watched for changes. The watch starts before the files are
+    /// read, so a change made while starting is not missed.
+    pub fn bind_file(path: &Path) -> Result<Server, Vec<String>> {
+        // Absolute, so the watcher's (absolute) event paths compare with it
+        // and with the state_dir below it.
+        let path =
+            &std::path::absolute(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        let reloads = mpsc::channel(4);
+        let mut watcher = match Watcher::start(Reloader(reloads.0.clone())) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "cannot watch files for changes; SIGHUP still reloads");
+                None
+            }
+        };
+        if let Some(w) = watcher.as_mut() {
+            w.watch(&[path.to_path_buf()]);
+        }
+        let config = Config::load(path).map_err(|e| vec![e.to_string()])?;
+        if let Some(w) = watcher.as_mut() {
+            w.watch(&diff::watched_files(path, &config));
+        }
+        let mut server = Server::bind_from(&config, Some(path))
+            .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        server.reloads = reloads;
+        server.watcher = watcher;
+        Ok(server)
+    }
+
+    /// A handle that asks this server to reload its config file.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.reloads.0.clone())
+    }
+
+    /// Where the admin endpoint listens, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    /// Where each listener is bound (port 0 resolved to the real port).
+    pub fn local_addrs(&self) -> BTreeMap<String, Vec<SocketAddr>> {
+        let mut out: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+        for (_, _, socket, name) in &self.sockets {
+            if let Ok(a) = socket.local_addr() {
+                out.entry(name.clone()).or_default().push(a);
+            }
+        }
+        out
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (mut state, mut reload_rx) = Running::start(self);
+        tokio::pin!(shutdown);
+        let mut probe =
+            tokio::time::interval_at(tokio::time::Instant::now() + STATE_PROBE, STATE_PROBE);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                request = reload_rx.recv() => match request {
+                    Some(r) => {
+                        state.reload(r).await;
+                        state.probe_state_dir();
+                    }
+                    None => break,
+                },
+                _ = probe.tick() => state.probe_state_dir(),
+            }
+        }
+
+        state.shut_down().await;
+    }
+}

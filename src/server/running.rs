@@ -1,0 +1,345 @@
+//! The server while it runs: the one writer of the host table, the
+//! listener set and the ACME tasks; started from a bound [`Server`], shut
+//! down in two stages.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::bind::BindKey;
+use super::snapshot::HostSlot;
+use super::Server;
+use crate::acme::challenge::Challenges;
+use crate::acme::{self, Managed};
+use crate::config::{names, Config};
+use crate::metrics::Metrics;
+use crate::ops::control::Control;
+use crate::ops::notify::{self, Notifier};
+use crate::ops::reload::{self, Reloader, Watcher};
+use crate::ops::reports::AcmeReports;
+use crate::ops::View;
+use crate::proxy::context::{ListenerCtx, Stop};
+use crate::proxy::listener::accept_loop;
+use crate::tls::hosts::{HostTable, Source};
+use crate::tls::{store, TlsContext};
+
+/// How long sessions get to close once the grace period is over.
+const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A bound socket and its accept loop's settings, swapped on reload.
+pub(super) struct Bound {
+    pub(super) listener: String,
+    pub(super) ctx: Arc<ArcSwap<ListenerCtx>>,
+    /// Stops this accept loop only (the address left the config).
+    pub(super) listen: CancellationToken,
+    /// Ends this address's relays (the grace after its removal is over).
+    pub(super) relays: CancellationToken,
+    pub(super) local: Option<SocketAddr>,
+}
+
+/// The server while it runs: the one writer of the host table, the listener
+/// set and the ACME tasks.
+pub(super) struct Running {
+    pub(super) config: Config,
+    pub(super) config_file: Option<PathBuf>,
+    pub(super) tls: TlsContext,
+    pub(super) table: Arc<ArcSwap<HostTable>>,
+    pub(super) challenges: Arc<Challenges>,
+    pub(super) slots: Vec<HostSlot>,
+    pub(super) bound: BTreeMap<BindKey, Bound>,
+    pub(super) acme: Option<acme::Runner>,
+    pub(super) views: Arc<ArcSwap<Vec<View>>>,
+    pub(super) watcher: Option<Watcher>,
+    pub(super) reload_failures: u64,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) notifier: Arc<ArcSwapOption<Notifier>>,
+    pub(super) stop: Stop,
+    pub(super) limit: Arc<Semaphore>,
+    pub(super) tracker: TaskTracker,
+    pub(super) accepts: TaskTracker,
+    pub(super) background: TaskTracker,
+    pub(super) background_stop: CancellationToken,
+    /// What every ACME runner shares, across reloads: metrics,
+    /// notifications, the order budget, certificates not stored yet.
+    pub(super) acme_hooks: acme::Hooks,
+    /// Whether `state_dir` could be written when last tried.
+    pub(super) writable: bool,
+    /// For a control socket bound late (`state_dir` writable again).
+    pub(super) reloader: Reloader,
+    pub(super) control_serving: bool,
+}
+
+impl Running {
+    /// Takes over a bound server: its sockets accept, its ACME tasks and
+    /// the background tasks (control socket, expiry watch, admin endpoint)
+    /// start. Returns the receiver of reload requests.
+    pub(super) fn start(server: Server) -> (Running, mpsc::Receiver<reload::Request>) {
+        let Server {
+            config,
+            config_file,
+            tls,
+            table,
+            challenges,
+            slots,
+            pending_acme,
+            sockets,
+            control,
+            writable,
+            reloads: (reload_tx, reload_rx),
+            watcher,
+            metrics,
+            admin,
+            notifier,
+        } = server;
+        let mut state = Running {
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            config_file,
+            tls,
+            table,
+            challenges,
+            slots,
+            bound: BTreeMap::new(),
+            acme: None,
+            views: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            watcher,
+            reload_failures: 0,
+            metrics: metrics.clone(),
+            notifier: notifier.clone(),
+            stop: Stop::default(),
+            tracker: TaskTracker::new(),
+            accepts: TaskTracker::new(),
+            background: TaskTracker::new(),
+            background_stop: CancellationToken::new(),
+            acme_hooks: acme::Hooks {
+                events: Arc::new(AcmeReports {
+                    metrics: metrics.clone(),
+                    notifier: notifier.clone(),
+                }),
+                orders: Arc::default(),
+                unstored: Arc::default(),
+            },
+            writable,
+            reloader: Reloader(reload_tx),
+            control_serving: control.is_some(),
+        };
+        for (key, ctx, socket, name) in sockets {
+            state.start_accepting(key, name, ctx, socket);
+        }
+        state.sync_acme(pending_acme);
+        state.publish_views();
+        let (views, stop) = (&state.views, &state.background_stop);
+        if let Some(control) = control {
+            let reloader = Some(state.reloader.clone());
+            let serve = control.serve(views.clone(), reloader, stop.clone());
+            state.background.spawn(serve);
+        }
+        let watch = notify::expiry_watch(notifier, views.clone(), stop.clone());
+        state.background.spawn(watch);
+        if let Some(admin) = admin {
+            let serve = crate::ops::admin::serve(admin, metrics, views.clone(), stop.clone());
+            state.background.spawn(serve);
+        }
+        (state, reload_rx)
+    }
+
+    /// Tries writing to `state_dir` again: says when that changes, and binds
+    /// the control socket once it can.
+    pub(super) fn probe_state_dir(&mut self) {
+        let state_dir = self.config.state_dir.clone();
+        let now = store::probe_writable(&state_dir);
+        match (&now, self.writable) {
+            (Ok(()), false) => {
+                info!(state_dir = %state_dir.display(), "state_dir is writable again: new certificates are stored")
+            }
+            (Err(e), true) => {
+                warn!(state_dir = %state_dir.display(), error = %e, "state_dir is no longer writable: new certificates are served but not kept")
+            }
+            _ => {}
+        }
+        self.writable = now.is_ok();
+        self.metrics.state_dir_writable(self.writable);
+        if !self.writable {
+            return;
+        }
+        if let Some(acme) = &self.acme {
+            acme.store_pending();
+        }
+        if self.control_serving {
+            return;
+        }
+        match Control::bind(&state_dir) {
+            Ok(control) => {
+                info!(
+                    "control socket ready: portcullis certs, renew and reload reach this instance"
+                );
+                self.background.spawn(control.serve(
+                    self.views.clone(),
+                    Some(self.reloader.clone()),
+                    self.background_stop.clone(),
+                ));
+                self.control_serving = true;
+            }
+            Err(e) => debug!(error = %e, "control socket still unavailable"),
+        }
+    }
+
+    pub(super) fn start_accepting(
+        &mut self,
+        key: BindKey,
+        listener: String,
+        ctx: Arc<ArcSwap<ListenerCtx>>,
+        socket: TcpListener,
+    ) {
+        let local = socket.local_addr().ok();
+        if let Some(addr) = local {
+            info!(listener = %listener, addr = %addr, "listening");
+            self.metrics.accepting(&listener, addr, true);
+        }
+        // Children of the server's tokens: shutdown stops them all; a
+        // reload that removes this address stops its accepting at once and
+        // its relays after the grace period. Connections still in their
+        // handshake or dialogue carry on to their relay.
+        let listen = self.stop.accepting.child_token();
+        let stop = Stop {
+            accepting: self.stop.accepting.clone(),
+            relays: self.stop.relays.child_token(),
+        };
+        self.accepts.spawn(accept_loop(
+            socket,
+            ctx.clone(),
+            self.limit.clone(),
+            self.tracker.clone(),
+            stop.clone(),
+            listen.clone(),
+        ));
+        self.bound.insert(
+            key,
+            Bound {
+                listener,
+                ctx,
+                listen,
+                relays: stop.relays,
+                local,
+            },
+        );
+    }
+
+    /// Starts tasks for new ACME hosts, stops those of hosts that are gone.
+    pub(super) fn sync_acme(&mut self, new: Vec<Managed>) {
+        let wanted: Vec<Vec<String>> = self
+            .slots
+            .iter()
+            .filter(|s| s.acme)
+            .map(|s| names::to_strings(&s.names))
+            .collect();
+        let Some(config) = self.config.acme.clone().filter(|_| !wanted.is_empty()) else {
+            self.acme = None;
+            return;
+        };
+        // A changed acme: block restarts every task with the new settings;
+        // certificates stay in their slots, and are replaced at once when
+        // they come from another directory (staging → production).
+        let old_directory = self.acme.as_ref().map(|r| r.config().directory.clone());
+        if self.acme.as_ref().is_some_and(|r| *r.config() != config) {
+            self.acme = None;
+        }
+        let moved = old_directory.is_some_and(|d| d != config.directory);
+        let fresh = self.acme.is_none();
+        let runner = self.acme.get_or_insert_with(|| {
+            acme::Runner::new(
+                config,
+                self.config.state_dir.clone(),
+                self.tls.provider.clone(),
+                self.challenges.clone(),
+                self.background.clone(),
+                self.background_stop.clone(),
+                self.acme_hooks.clone(),
+            )
+        });
+        runner.retain(|names| wanted.iter().any(|w| w == names));
+        let mut new = new;
+        if fresh {
+            // Hosts whose slot was kept need their task again.
+            for s in self.slots.iter().filter(|s| s.acme) {
+                if !new.iter().any(|m| m.names == s.names) {
+                    new.push(Managed {
+                        names: s.names.clone(),
+                        slot: s.slot.clone(),
+                        order_now: if s.slot.load().source != Source::Acme {
+                            Some("no certificate issued yet".to_string())
+                        } else if moved {
+                            Some("the ACME directory changed".to_string())
+                        } else {
+                            None
+                        },
+                    });
+                }
+            }
+        }
+        for m in new {
+            if !runner.has(&names::to_strings(&m.names)) {
+                runner.add(m);
+            }
+        }
+    }
+
+    pub(super) fn publish_views(&self) {
+        let views = self
+            .slots
+            .iter()
+            .map(|s| {
+                let names = names::to_strings(&s.names);
+                View {
+                    acme: self.acme.as_ref().and_then(|r| r.handle(&names)),
+                    names,
+                    slot: s.slot.clone(),
+                }
+            })
+            .collect();
+        self.views.store(Arc::new(views));
+    }
+
+    /// Stops accepting, gives open sessions the grace period, ends the
+    /// rest, and waits for the background tasks.
+    pub(super) async fn shut_down(mut self) {
+        let shutdown_grace = self.config.timeouts.shutdown_grace;
+        self.background_stop.cancel();
+        self.acme = None;
+        self.watcher = None;
+        self.accepts.close();
+        info!(open_sessions = self.tracker.len(), grace = ?shutdown_grace, "shutting down: no new connections");
+        self.stop.accepting.cancel();
+        self.accepts.wait().await;
+        self.tracker.close();
+        if tokio::time::timeout(shutdown_grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = self.tracker.len(),
+                "grace period over: closing remaining sessions"
+            );
+            self.stop.relays.cancel();
+            // Every phase watches one of the two tokens or has its own short
+            // deadline; this bound only keeps a bug from hanging the exit.
+            if tokio::time::timeout(FINAL_WAIT, self.tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(sessions = self.tracker.len(), "sessions still open at exit");
+            }
+        }
+        self.background.close();
+        self.background.wait().await;
+        info!("stopped");
+    }
+}
