@@ -102,6 +102,11 @@ fn check(path: &Path) -> ExitCode {
     };
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let (loaded, errors) = load_certificates(&config, &provider, false);
+    let mut errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    // The etcd TLS files and password file, read as `run` reads them.
+    if let Some(Err(e)) = config.store.as_ref().map(portcullis::cluster::Cluster::new) {
+        errors.push(e.to_string());
+    }
     if !errors.is_empty() {
         for e in &errors {
             eprintln!("{}: {e}", path.display());
@@ -178,9 +183,22 @@ fn certs(path: &Path, json: bool) -> ExitCode {
         }
         other => return refused(other, path),
     };
+    let cluster = match (&config.store, live) {
+        (Some(_), true) => match ask(&config, Request::Cluster) {
+            Ok(Response::Cluster(row)) => Some(row),
+            other => return refused(other, path),
+        },
+        _ => None,
+    };
     if json {
         for row in &rows {
             match serde_json::to_string(row) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("{e}"),
+            }
+        }
+        if let Some(c) = &cluster {
+            match serde_json::to_string(&serde_json::json!({ "cluster": c })) {
                 Ok(line) => println!("{line}"),
                 Err(e) => eprintln!("{e}"),
             }
@@ -208,11 +226,36 @@ fn certs(path: &Path, json: bool) -> ExitCode {
             next,
             row.issuer
         );
+        if let Some(node) = &row.locked_by {
+            println!("    order lock held by node {node}");
+        }
         if let Some(e) = &row.last_error {
             println!("    last error: {e}");
         }
     }
+    if let Some(c) = &cluster {
+        print_cluster(c);
+    }
     ExitCode::SUCCESS
+}
+
+/// The cluster part of `portcullis certs`: the store as this node sees it,
+/// and when each node last synced.
+fn print_cluster(c: &control::ClusterRow) {
+    println!();
+    println!("cluster store: etcd {}", c.endpoints.join(","));
+    match (&c.down_since, &c.last_error) {
+        (Some(since), e) => println!(
+            "  DOWN since {since}: {}; serving the local copies, no new orders",
+            e.as_deref().unwrap_or("no answer")
+        ),
+        (None, _) => println!("  up"),
+    }
+    println!("  this node: {}", c.node);
+    println!("  {:<24} LAST SYNC", "NODE");
+    for n in &c.nodes {
+        println!("  {:<24} {}", n.node, n.synced_at);
+    }
 }
 
 fn renew(path: &Path, force: bool, name: Option<String>) -> ExitCode {

@@ -115,11 +115,48 @@ pub struct Metrics {
     reloads: Family<Outcome, Counter>,
     state_dir_writable: Gauge,
     store_write_failures: Counter,
+    /// Registered only with a cluster store (`Metrics::with_cluster`).
+    cluster: Option<ClusterMetrics>,
     scrape: Mutex<()>,
+}
+
+/// The cluster store as this node sees it.
+#[derive(Debug, Default)]
+struct ClusterMetrics {
+    up: Gauge,
+    last_sync: Gauge,
+    adopted: Counter,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::build())
+    }
+
+    /// With the cluster store's gauges too (`store: { etcd: … }`).
+    pub fn with_cluster() -> Arc<Metrics> {
+        let mut m = Metrics::build();
+        let c = ClusterMetrics::default();
+        m.registry.register(
+            "cluster_store_up",
+            "1 while the cluster store (etcd) answers and is followed, 0 while it does not (no orders then)",
+            c.up.clone(),
+        );
+        m.registry.register(
+            "cluster_last_sync_seconds",
+            "When this node last read the whole cluster store (Unix time)",
+            c.last_sync.clone(),
+        );
+        m.registry.register(
+            "cluster_certificates_adopted",
+            "Certificates another node ordered, taken from the cluster store and served here",
+            c.adopted.clone(),
+        );
+        m.cluster = Some(c);
+        Arc::new(m)
+    }
+
+    fn build() -> Metrics {
         let mut m = Metrics {
             open: Family::default(),
             connections: Family::default(),
@@ -137,6 +174,7 @@ impl Metrics {
             reloads: Family::default(),
             state_dir_writable: Gauge::default(),
             store_write_failures: Counter::default(),
+            cluster: None,
             scrape: Mutex::default(),
             registry: Registry::with_prefix("portcullis"),
         };
@@ -146,7 +184,7 @@ impl Metrics {
             drop(m.renewals.get_or_create(&Outcome { outcome }));
             drop(m.reloads.get_or_create(&Outcome { outcome }));
         }
-        Arc::new(m)
+        m
     }
 
     /// The counters of the connection path.
@@ -338,6 +376,22 @@ impl Metrics {
     pub fn store_write_failed(&self) {
         self.store_write_failures.inc();
         self.state_dir_writable(false);
+    }
+
+    /// A certificate another node ordered is served here now.
+    pub fn adopted(&self) {
+        if let Some(c) = &self.cluster {
+            c.adopted.inc();
+        }
+    }
+
+    /// Whether the cluster store answers, and when this node last synced
+    /// (Unix time): set at scrape time.
+    pub fn cluster_state(&self, up: bool, last_sync: Option<i64>) {
+        if let Some(c) = &self.cluster {
+            c.up.set(i64::from(up));
+            c.last_sync.set(last_sync.unwrap_or(0));
+        }
     }
 
     pub fn reload(&self, ok: bool) {

@@ -108,6 +108,58 @@ hosts:
     assert!(err.contains("missing.crt: cannot read"), "{err}");
 }
 
+/// The etcd files are read by `check` as by `run`: a missing password file
+/// or CA is a problem with its path, without etcd having to answer.
+#[test]
+fn check_reads_the_etcd_tls_and_password_files() {
+    let dir = common::scratch();
+    let path = dir.path().join("c.yaml");
+    let config = |store: &str| {
+        format!(
+            r#"
+state_dir: state
+store:
+{store}
+listeners: {{ imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }} }}
+backends: {{ imaps: 127.0.0.1:10143 }}
+hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
+"#
+        )
+    };
+    std::fs::write(
+        &path,
+        config("  etcd: { endpoints: [\"http://127.0.0.1:9\"], node: a, user: portcullis, password_file: pw }"),
+    )
+    .unwrap();
+    let (code, out, err) = check(&path);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("store.etcd: password_file "), "{err}");
+    assert!(err.contains("pw: No such file or directory"), "{err}");
+    assert!(!err.contains("store.etcd: store.etcd"), "said once: {err}");
+
+    std::fs::write(
+        &path,
+        config("  etcd: { endpoints: [\"https://127.0.0.1:9\"], node: a, tls: { ca: nope.pem } }"),
+    )
+    .unwrap();
+    let (code, _, err) = check(&path);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("store.etcd: tls: ") && err.contains("nope.pem"),
+        "{err}"
+    );
+
+    // With the password file there, and etcd down (port 9): valid.
+    std::fs::write(dir.path().join("pw"), "secret\n").unwrap();
+    std::fs::write(
+        &path,
+        config("  etcd: { endpoints: [\"http://127.0.0.1:9\"], node: a, user: portcullis, password_file: pw }"),
+    )
+    .unwrap();
+    let (code, out, err) = check(&path);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 /// The README's run command on the example (ports swapped for free ones):
 /// a TLS 1.3 handshake shows the host's certificate, the certificate is kept
 /// across a restart, and SIGTERM exits 0.

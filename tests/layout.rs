@@ -23,6 +23,8 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     // Certificates, their store, the host table and the resolver.
     &["tls"],
+    // The store several instances share (etcd): locks, records, the watch.
+    &["cluster"],
     // Obtains and renews certificates; reports through acme::Observer,
     // never to the proxy or the operator side directly.
     &["acme"],

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::transport::CaClient;
+use crate::cluster::keys::{self, Key};
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::Acme;
 use crate::tls::store;
 
@@ -47,22 +49,73 @@ pub enum AccountError {
     Credentials { path: PathBuf, message: String },
     #[error("ACME account: {0}")]
     Acme(#[from] instant_acme::Error),
+    #[error("ACME account: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 /// `state_dir/acme/<directory>/account.json`, the directory URL made a file name.
 pub fn credentials_path(state_dir: &Path, directory: &str) -> PathBuf {
-    let slug: String = directory
-        .trim_start_matches("https://")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let slug = keys::directory_slug(directory);
     state_dir.join("acme").join(slug).join("account.json")
+}
+
+/// The cluster's account for `config.directory`, registered (and shared)
+/// by the first node that needs one; with the revision of its key, to
+/// forget exactly that one if the CA does not know it. Two nodes that
+/// register at once keep the one written first (the other stays unused).
+pub async fn open_shared(
+    config: &Acme,
+    cluster: &Cluster,
+    provider: &Arc<CryptoProvider>,
+) -> Result<(Account, i64), AccountError> {
+    let key = Key::Account(keys::directory_slug(&config.directory));
+    let builder = || -> Result<_, AccountError> {
+        Ok(Account::builder_with_http(http_client(config, provider)?))
+    };
+    let parse = |bytes: &[u8]| -> Result<AccountCredentials, AccountError> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            AccountError::Cluster(ClusterError::Corrupt {
+                key: cluster.key(&key),
+                message: format!("unreadable account credentials: {e}"),
+            })
+        })
+    };
+    if let Some((bytes, revision)) = cluster.get(&key).await? {
+        let account = builder()?.from_credentials(parse(&bytes)?).await?;
+        return Ok((account, revision));
+    }
+    let (account, credentials) = register(config, builder()?).await?;
+    let json = serde_json::to_vec(&credentials).map_err(|e| ClusterError::Corrupt {
+        key: cluster.key(&key),
+        message: e.to_string(),
+    })?;
+    let (kept, revision) = cluster.put_if_absent(&key, json.clone()).await?;
+    if kept == json {
+        info!(directory = %config.directory, account = %account.id(), "ACME account registered for the cluster");
+        return Ok((account, revision));
+    }
+    let account = builder()?.from_credentials(parse(&kept)?).await?;
+    Ok((account, revision))
+}
+
+/// A new account at `config.directory`, and its credentials.
+async fn register(
+    config: &Acme,
+    builder: instant_acme::AccountBuilder,
+) -> Result<(Account, AccountCredentials), AccountError> {
+    let contact: Vec<&str> = config.contact.iter().map(String::as_str).collect();
+    let new = NewAccount {
+        contact: &contact,
+        terms_of_service_agreed: true,
+        only_return_existing: false,
+    };
+    let eab = config
+        .eab
+        .as_ref()
+        .map(|e| ExternalAccountKey::new(e.kid.clone(), &e.hmac_key));
+    Ok(builder
+        .create(&new, config.directory.clone(), eab.as_ref())
+        .await?)
 }
 
 /// Loads the stored account for `config.directory`, or registers one and
@@ -93,19 +146,7 @@ pub async fn open(
             Ok(builder()?.from_credentials(credentials).await?)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let contact: Vec<&str> = config.contact.iter().map(String::as_str).collect();
-            let new = NewAccount {
-                contact: &contact,
-                terms_of_service_agreed: true,
-                only_return_existing: false,
-            };
-            let eab = config
-                .eab
-                .as_ref()
-                .map(|e| ExternalAccountKey::new(e.kid.clone(), &e.hmac_key));
-            let (account, credentials) = builder()?
-                .create(&new, config.directory.clone(), eab.as_ref())
-                .await?;
+            let (account, credentials) = register(config, builder()?).await?;
             let json = serde_json::to_vec(&credentials).map_err(|e| AccountError::Credentials {
                 path: path.clone(),
                 message: e.to_string(),

@@ -2,6 +2,10 @@
 //! listener and tls-alpn-01 certificates for implicit-TLS listeners. Each entry
 //! lives as long as the [`Posted`] guard the ACME task holds, so a failed or
 //! abandoned order leaves nothing behind.
+//!
+//! In a cluster, the node that orders posts its answers to the store too
+//! (`order::post`), and every node answers from there what it did not post
+//! itself: Let's Encrypt may ask any of them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -9,6 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tracing::warn;
+
+use crate::cluster::Cluster;
 
 /// The ALPN protocol of tls-alpn-01 (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -20,6 +27,17 @@ pub struct Challenges {
     http: Mutex<HashMap<String, String>>,
     /// DNS name → self-signed certificate carrying the acmeIdentifier.
     tls_alpn: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// Answers other nodes posted, when this node is one of a cluster.
+    shared: Option<Shared>,
+}
+
+/// The cluster's answers, and the tls-alpn-01 certificates made for them.
+#[derive(Debug)]
+struct Shared {
+    cluster: Arc<Cluster>,
+    provider: Arc<CryptoProvider>,
+    /// DNS name → (hex digest, certificate carrying it).
+    made: Mutex<HashMap<String, (String, Arc<CertifiedKey>)>>,
 }
 
 /// Removes its challenge response when dropped.
@@ -61,6 +79,59 @@ impl Drop for Posted {
 }
 
 impl Challenges {
+    /// Answers posted here and, for what is not, those in the cluster store.
+    pub fn clustered(cluster: Arc<Cluster>, provider: Arc<CryptoProvider>) -> Challenges {
+        Challenges {
+            shared: Some(Shared {
+                cluster,
+                provider,
+                made: Mutex::default(),
+            }),
+            ..Challenges::default()
+        }
+    }
+
+    /// The key authorization for an http-01 token, posted by this node or,
+    /// in a cluster, by the one that orders.
+    pub async fn http_answer(&self, token: &str) -> Option<String> {
+        if let Some(local) = self.http(token) {
+            return Some(local);
+        }
+        self.shared.as_ref()?.cluster.http01(token).await
+    }
+
+    /// The tls-alpn-01 certificate for `name`, posted by this node or, in a
+    /// cluster, made here from the digest the ordering node posted.
+    pub async fn tls_alpn_answer(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(local) = self.tls_alpn(name) {
+            return Some(local);
+        }
+        let shared = self.shared.as_ref()?;
+        let name = name.to_ascii_lowercase();
+        let digest = shared.cluster.tls_alpn01(&name).await?;
+        let mut made = shared.made.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((d, cert)) = made.get(&name) {
+            if *d == digest {
+                return Some(cert.clone());
+            }
+        }
+        let Some(bytes) = unhex(&digest) else {
+            warn!(name = %name, "the cluster store holds a tls-alpn-01 digest that is not hex; not answering");
+            return None;
+        };
+        match tls_alpn_cert(&name, &bytes, &shared.provider) {
+            Ok(cert) => {
+                // One per name: an order's digest replaces the last one's.
+                made.insert(name, (digest, cert.clone()));
+                Some(cert)
+            }
+            Err(e) => {
+                warn!(name = %name, error = %e, "cannot answer the tls-alpn-01 challenge another node posted");
+                None
+            }
+        }
+    }
+
     /// Offers `key_authorization` at `/.well-known/acme-challenge/<token>`.
     pub fn post_http(self: &Arc<Self>, token: &str, key_authorization: &str) -> Posted {
         let mut map = self.http.lock().unwrap_or_else(PoisonError::into_inner);
@@ -113,6 +184,17 @@ pub fn tls_alpn_cert(
     Ok(Arc::new(CertifiedKey::new(vec![der], signing)))
 }
 
+/// Bytes from lower- or upper-case hex; `None` for anything else.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChallengeError {
     #[error("building the tls-alpn-01 certificate: {0}")]
@@ -143,6 +225,22 @@ mod tests {
         assert!(c.tls_alpn("other.example.test").is_none());
         drop(posted);
         assert!(c.tls_alpn("mail.example.test").is_none());
+    }
+
+    #[test]
+    fn hex_digests_from_the_cluster_decode_or_are_refused() {
+        assert_eq!(unhex("00ff7a"), Some(vec![0, 255, 0x7a]));
+        assert_eq!(unhex("00FF"), Some(vec![0, 255]));
+        assert_eq!(unhex(""), Some(vec![]));
+        assert_eq!(unhex("abc"), None, "odd length");
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("+1"), None, "from_str_radix takes a sign; we do not");
+        assert_eq!(unhex("é0"), None, "not on a char boundary");
+        let digest = [0x5au8, 0x01, 0xff];
+        assert_eq!(
+            unhex(&crate::acme::order::hex(&digest)),
+            Some(digest.to_vec())
+        );
     }
 
     #[test]

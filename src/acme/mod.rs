@@ -46,6 +46,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cluster::follow::Certs;
+use crate::cluster::keys::CertRecord;
+use crate::cluster::Cluster;
 use crate::config;
 use crate::config::names::{self, HostPattern};
 use crate::tls::hosts::CertSlot;
@@ -73,6 +76,8 @@ struct Shared {
     /// Opened on first use, then reused by every host.
     account: tokio::sync::Mutex<AccountCache>,
     hooks: Hooks,
+    /// The store several instances share, when there is one.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// The account every host orders with.
@@ -82,6 +87,8 @@ struct AccountCache {
     /// The stored credentials are of an account the CA no longer knows, and
     /// could not be moved aside (a read-only state_dir): register anew.
     stored_rejected: bool,
+    /// In a cluster: the revision of the account's key.
+    shared_revision: Option<i64>,
 }
 
 /// What an ACME task reports as it goes, for whoever keeps count and tells
@@ -105,6 +112,8 @@ pub enum Event {
         next_try: SystemTime,
         not_after: Option<SystemTime>,
     },
+    /// A certificate another node ordered was taken from the cluster store.
+    Adopted { names: Vec<String>, serial: String },
     /// A certificate was written to `state_dir`.
     Stored,
     /// An issued certificate could not be written: served, not kept.
@@ -128,6 +137,43 @@ pub struct Hooks {
     pub orders: Arc<OrderBudget>,
     /// By the host's names: what to write once `state_dir` can be written.
     pub unstored: Arc<Mutex<HashMap<Vec<String>, Unstored>>>,
+    /// Where certificates from the cluster store go: each host's task.
+    pub routes: Arc<Routes>,
+    /// The store several instances share, when there is one.
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+/// The way from the cluster store to each host's task, by first name;
+/// kept across runners, as the store is followed for the server's life.
+#[derive(Debug, Default)]
+pub struct Routes(Mutex<HashMap<String, mpsc::Sender<Ask>>>);
+
+impl Routes {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Ask>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes the route of `name` if it still leads to `to`.
+    fn remove(&self, name: &str, to: &mpsc::Sender<Ask>) {
+        let mut map = self.map();
+        if map.get(name).is_some_and(|s| s.same_channel(to)) {
+            map.remove(name);
+        }
+    }
+}
+
+impl Certs for Routes {
+    fn record(&self, record: CertRecord) {
+        let Some(first) = record.names.first().cloned() else {
+            return;
+        };
+        let Some(to) = self.map().get(&first).cloned() else {
+            return; // not a host of this node's config
+        };
+        // A full queue has work for the task; the next full read brings
+        // the record again.
+        let _ = to.try_send(Ask::Adopt(Box::new(record)));
+    }
 }
 
 impl Hooks {
@@ -155,20 +201,38 @@ struct Request {
     reply: oneshot::Sender<Outcome>,
 }
 
-/// What a host's task is asked: a renewal, or to store again what could not
-/// be stored (`state_dir` can be written again).
+/// What a host's task is asked: a renewal, to store again what could not
+/// be stored (`state_dir` can be written again), or to take a certificate
+/// from the cluster store.
 #[derive(Debug)]
 enum Ask {
     Renew(Request),
     Store,
+    Adopt(Box<CertRecord>),
 }
 
 /// What a `portcullis renew` gets back for one host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Renewed { serial: String, not_after: i64 },
-    NotDue { at: SystemTime },
+    Renewed {
+        serial: String,
+        not_after: i64,
+    },
+    NotDue {
+        at: SystemTime,
+    },
     Failed(String),
+    /// Another node holds the host's order lock: it orders, this node
+    /// takes the certificate when it is written.
+    Elsewhere {
+        node: String,
+    },
+    /// Another node had renewed it already: taken from the cluster store.
+    Adopted {
+        serial: String,
+        not_after: i64,
+        node: String,
+    },
 }
 
 /// What `portcullis certs` shows of a host's ACME task.
@@ -188,6 +252,11 @@ pub struct HostHandle {
 }
 
 impl HostHandle {
+    /// The host's first name: its key in the store and in the logs.
+    pub fn first(&self) -> &str {
+        self.names.first().map_or("", String::as_str)
+    }
+
     pub fn status(&self) -> Status {
         self.status
             .lock()
@@ -235,6 +304,7 @@ impl Runner {
                 provider,
                 challenges,
                 account: tokio::sync::Mutex::default(),
+                cluster: hooks.cluster.clone(),
                 hooks,
             }),
             tasks: Vec::new(),
@@ -256,12 +326,13 @@ impl Runner {
         self.tasks.push((
             HostHandle {
                 names: names.clone(),
-                requests: tx,
+                requests: tx.clone(),
                 status: status.clone(),
             },
             stop.clone(),
         ));
         let first = names.first().cloned().unwrap_or_default();
+        self.shared.hooks.routes.map().insert(first.clone(), tx);
         let span = tracing::info_span!("acme", host = %first);
         let task = HostTask::new(self.shared.clone(), host, status);
         self.tracker.spawn(task.run(rx, stop).instrument(span));
@@ -283,10 +354,12 @@ impl Runner {
 
     /// Stops the tasks of hosts `keep` says no to.
     pub fn retain(&mut self, keep: impl Fn(&[String]) -> bool) {
+        let routes = &self.shared.hooks.routes;
         self.tasks.retain(|(handle, stop)| {
             let kept = keep(&handle.names);
             if !kept {
                 stop.cancel();
+                routes.remove(handle.first(), &handle.requests);
             }
             kept
         });
@@ -306,8 +379,12 @@ impl Runner {
 
 impl Drop for Runner {
     fn drop(&mut self) {
-        for (_, stop) in &self.tasks {
+        for (handle, stop) in &self.tasks {
             stop.cancel();
+            self.shared
+                .hooks
+                .routes
+                .remove(handle.first(), &handle.requests);
         }
     }
 }

@@ -13,6 +13,9 @@ use tracing::{debug, warn};
 
 use super::retry::{self, retrying};
 use super::{account, challenge, store, transport, Shared};
+use crate::cluster::keys::Key;
+use crate::cluster::lock::Lock;
+use crate::cluster::ClusterError;
 use crate::config::names::{self, HostPattern};
 use crate::config::{Challenge, KeyType};
 
@@ -39,14 +42,16 @@ pub enum IssueError {
     Store(#[from] store::StoreError),
     #[error("no result within {}", humantime::format_duration(*.0))]
     TimedOut(Duration),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
-/// A certificate just issued and checked; `write_error` if it could not be stored.
+/// A certificate just issued and checked, not stored yet.
 pub(super) struct Issued {
     pub(super) cert: crate::tls::certs::LoadedCert,
-    pub(super) write_error: Option<store::StoreError>,
-    /// What to write when `state_dir` can be written again (with `write_error`).
-    pub(super) unstored: Option<Unstored>,
+    pub(super) chain_pem: String,
+    pub(super) key_pem: String,
+    pub(super) meta: store::Meta,
 }
 
 /// A certificate served but not stored, kept to be stored later.
@@ -92,6 +97,19 @@ impl Shared {
             return;
         }
         cache.account = None;
+        if let Some(cluster) = &self.cluster {
+            let key = Key::Account(crate::cluster::keys::directory_slug(&self.config.directory));
+            let revision = cache.shared_revision.take().unwrap_or_default();
+            match cluster.delete_if_unchanged(&key, revision).await {
+                Ok(()) => {
+                    warn!("the CA does not know the cluster's ACME account; registering a new one")
+                }
+                Err(e) => {
+                    warn!(error = %e, "the CA does not know the cluster's ACME account, and it cannot be removed from the store; the next attempt tries again")
+                }
+            }
+            return;
+        }
         let path = account::credentials_path(&self.state_dir, &self.config.directory);
         let suffix = format!(
             "rejected-{}-{:08x}",
@@ -121,8 +139,15 @@ impl Shared {
         let stored = !cache.stored_rejected;
         let mut again = retry::Again::new("account");
         let a = loop {
-            let opened = account::open(&self.config, &self.state_dir, &self.provider, stored);
-            match opened.await {
+            let opened = match &self.cluster {
+                Some(c) => account::open_shared(&self.config, c, &self.provider)
+                    .await
+                    .map(|(a, rev)| (a, Some(rev))),
+                None => account::open(&self.config, &self.state_dir, &self.provider, stored)
+                    .await
+                    .map(|a| (a, None)),
+            };
+            match opened {
                 Ok(a) => break a,
                 // A lost answer to a registration may leave an unused
                 // account at the CA: harmless, and rare.
@@ -130,9 +155,11 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         };
+        let (a, revision) = a;
         if !stored {
             cache.stored_rejected = false;
         }
+        cache.shared_revision = revision;
         cache.account = Some(a.clone());
         Ok(a)
     }
@@ -146,16 +173,19 @@ impl Shared {
         names: &[HostPattern],
         replaces: Option<CertificateIdentifier<'static>>,
         challenges: &[Challenge],
+        lock: Option<&Lock>,
     ) -> Result<Issued, IssueError> {
         let account = self.account().await?;
         match self
-            .issue(&account, names, replaces.clone(), challenges)
+            .issue(&account, names, replaces.clone(), challenges, lock)
             .await
         {
             Err(e) if e.is_unknown_account() => {
                 self.forget_account(&account).await;
                 let account = self.account().await?;
-                let again = self.issue(&account, names, replaces, challenges).await;
+                let again = self
+                    .issue(&account, names, replaces, challenges, lock)
+                    .await;
                 if again.as_ref().is_err_and(IssueError::is_unknown_account) {
                     self.forget_account(&account).await;
                 }
@@ -165,16 +195,17 @@ impl Shared {
         }
     }
 
-    /// Orders a certificate for `names` with `account` and stores it.
+    /// Orders a certificate for `names` with `account` and checks it.
     async fn issue(
         &self,
         account: &Account,
         names: &[HostPattern],
         replaces: Option<CertificateIdentifier<'static>>,
         challenges: &[Challenge],
+        lock: Option<&Lock>,
     ) -> Result<Issued, IssueError> {
         let mut order = self.new_order(account, names, replaces).await?;
-        let posted = self.authorize(&mut order, challenges).await?;
+        let posted = self.authorize(&mut order, challenges, lock).await?;
         let retry = RetryPolicy::new()
             .initial_delay(Duration::from_millis(250))
             .timeout(ORDER_TIMEOUT);
@@ -199,19 +230,11 @@ impl Shared {
             directory: self.config.directory.clone(),
             issued_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
-        let serial = cert.info.serial.clone();
-        let write_error =
-            store::write(&self.state_dir, names, &chain, &key_pem, &meta, &serial).err();
-        let unstored = write_error.as_ref().map(|_| Unstored {
+        Ok(Issued {
+            cert,
             chain_pem: chain,
             key_pem,
             meta,
-            serial,
-        });
-        Ok(Issued {
-            cert,
-            write_error,
-            unstored,
         })
     }
 
@@ -261,6 +284,7 @@ impl Shared {
         &self,
         order: &mut instant_acme::Order,
         challenges: &[Challenge],
+        lock: Option<&Lock>,
     ) -> Result<Vec<challenge::Posted>, IssueError> {
         let mut posted = Vec::new();
         // Names whose challenge response is up, and those also set ready.
@@ -313,7 +337,7 @@ impl Shared {
                     continue; // just picked
                 };
                 if !up.contains(&name) {
-                    posted.push(self.post(&ch, kind, &name)?);
+                    posted.push(self.post(&ch, kind, &name, lock).await?);
                     up.push(name.clone());
                 }
                 debug!(name = %name, challenge = kind.as_str(), "challenge ready");
@@ -335,23 +359,40 @@ impl Shared {
 
     /// Puts up the answer to `ch` for `name`: the key authorization at its
     /// http-01 token, or a tls-alpn-01 certificate; it stays up as long as
-    /// the returned guard lives.
-    fn post(
+    /// the returned guard lives. In a cluster, it is published too, for
+    /// every node to answer (until the order lock goes).
+    async fn post(
         &self,
         ch: &instant_acme::ChallengeHandle<'_>,
         kind: Challenge,
         name: &str,
+        lock: Option<&Lock>,
     ) -> Result<challenge::Posted, IssueError> {
         let key_auth = ch.key_authorization();
         Ok(match kind {
-            Challenge::Http01 => self.challenges.post_http(&ch.token, key_auth.as_str()),
+            Challenge::Http01 => {
+                if let Some(lock) = lock {
+                    let key = Key::Http01(ch.token.clone());
+                    lock.post(&key, key_auth.as_str()).await?;
+                }
+                self.challenges.post_http(&ch.token, key_auth.as_str())
+            }
             Challenge::TlsAlpn01 => {
                 let digest = key_auth.digest();
+                if let Some(lock) = lock {
+                    let key = Key::TlsAlpn01(name.to_ascii_lowercase());
+                    lock.post(&key, &hex(digest.as_ref())).await?;
+                }
                 let cert = challenge::tls_alpn_cert(name, digest.as_ref(), &self.provider)?;
                 self.challenges.post_tls_alpn(name, cert)
             }
         })
     }
+}
+
+/// Lower-case hex, as the cluster keeps tls-alpn-01 digests.
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether an authorization is validated already (maybe earlier, with

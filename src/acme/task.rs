@@ -13,7 +13,10 @@ use tracing::{debug, error, info, warn};
 
 use super::order::{IssueError, Issued};
 use super::schedule::{self, Lifetime, Window};
-use super::{causes, store, Ask, Event, Managed, Outcome, Shared, Status};
+use super::{causes, store, Ask, Event, Managed, Outcome, Shared, Status, Unstored};
+use crate::cluster::keys::{CertRecord, Key};
+use crate::cluster::lock::{Acquired, Lock};
+use crate::cluster::Cluster;
 use crate::config::names::{self, HostPattern};
 use crate::config::Challenge;
 use crate::tls::certs::CertInfo;
@@ -29,6 +32,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
 /// After an ARI request fails for another reason than "not offered".
 const ARI_RETRY: Duration = Duration::from_secs(3600);
+/// In a cluster, the next look after another node held the lock or the
+/// store did not answer: the lock's lease outlives a node that died with it.
+const CLUSTER_WAIT: Duration = Duration::from_secs(30);
 
 /// The certificate being served, as the scheduler sees it.
 #[derive(Clone, Debug)]
@@ -69,6 +75,12 @@ pub(super) struct HostTask {
     /// Challenge types in the order the next attempt tries them: rotated
     /// after a failure, so a port the CA cannot reach is not tried for ever.
     challenges: Vec<Challenge>,
+    /// In a cluster: no attempt before this (another node holds the lock,
+    /// or the store does not answer); not a failure.
+    cluster_wait: Option<SystemTime>,
+    /// In a cluster: a certificate this node ordered but could not write
+    /// to the store; written when the store lets it.
+    unpublished: Option<CertRecord>,
 }
 
 impl HostTask {
@@ -114,6 +126,8 @@ impl HostTask {
             earliest,
             draw: fastrand::f64(),
             challenges: shared.config.challenges.clone(),
+            cluster_wait: None,
+            unpublished: None,
             shared,
         }
     }
@@ -144,14 +158,19 @@ impl HostTask {
         loop {
             let now = SystemTime::now();
             let renew_at = self.renew_at(now);
-            let due = renew_at.max(self.retry_at.unwrap_or(UNIX_EPOCH));
+            let due = renew_at
+                .max(self.retry_at.unwrap_or(UNIX_EPOCH))
+                .max(self.cluster_wait.unwrap_or(UNIX_EPOCH));
             let poll_ari = self.current.as_ref().is_some_and(|c| c.id.is_some())
                 && self.ari != Ari::NotOffered;
-            let wake = if poll_ari {
+            let mut wake = if poll_ari {
                 due.min(self.ari_poll)
             } else {
                 due
             };
+            if self.unpublished.is_some() {
+                wake = wake.min(now + CLUSTER_WAIT);
+            }
             self.set_status(|s| s.next_renewal = Some(due));
             let sleep = wake.duration_since(now).unwrap_or_default().min(MAX_SLEEP);
             let request = tokio::select! {
@@ -166,6 +185,10 @@ impl HostTask {
                 self.store_again();
                 continue;
             }
+            if let Some(Ask::Adopt(record)) = request {
+                self.adopt(*record);
+                continue;
+            }
             if let Some(Ask::Renew(request)) = request {
                 let outcome = if request.force || renew_at <= SystemTime::now() {
                     let why = if request.force {
@@ -174,7 +197,7 @@ impl HostTask {
                         "due; asked by portcullis renew"
                     };
                     tokio::select! {
-                        o = self.attempt(why) => o,
+                        o = self.attempt(why, request.force) => o,
                         _ = stop.cancelled() => return,
                     }
                 } else {
@@ -184,6 +207,12 @@ impl HostTask {
                 continue;
             }
             let now = SystemTime::now();
+            if self.unpublished.is_some() {
+                tokio::select! {
+                    _ = self.publish_again() => {},
+                    _ = stop.cancelled() => return,
+                }
+            }
             if poll_ari && self.ari_poll <= now && due > now {
                 tokio::select! {
                     _ = self.poll_ari() => {},
@@ -192,6 +221,8 @@ impl HostTask {
             } else if due <= now {
                 let why = if self.order_now.is_some() {
                     "no usable certificate"
+                } else if self.cluster_wait.is_some() {
+                    "waited for the cluster"
                 } else if self.retry_at.is_some() {
                     "retry after a failure"
                 } else if self.window.is_some() {
@@ -200,7 +231,7 @@ impl HostTask {
                     "renewal time reached"
                 };
                 tokio::select! {
-                    _ = self.attempt(why) => {},
+                    _ = self.attempt(why, false) => {},
                     _ = stop.cancelled() => return,
                 }
             }
@@ -305,8 +336,17 @@ impl HostTask {
         }
     }
 
-    /// One order, start to finish; the result is logged, swapped in and returned.
-    async fn attempt(&mut self, why: &str) -> Outcome {
+    /// One order, start to finish; the result is logged, swapped in and
+    /// returned. In a cluster, under the host's lock, after a look at what
+    /// the store has (another node may have renewed it a moment ago).
+    async fn attempt(&mut self, why: &str, force: bool) -> Outcome {
+        let lock = match self.shared.cluster.clone() {
+            None => None,
+            Some(cluster) => match self.lock(&cluster, force).await {
+                Ok(lock) => Some(lock),
+                Err(outcome) => return outcome,
+            },
+        };
         let started = std::time::Instant::now();
         let replaces = match (self.ari, &self.current) {
             (Ari::Offered, Some(c)) => c.id.clone(),
@@ -323,15 +363,129 @@ impl HostTask {
         // order made again because it was refused without becoming an order
         // — a forgotten account, `replaces` — costs nothing more.)
         self.shared.hooks.orders.take().await;
-        let work = self.shared.order(&self.names, replaces, &self.challenges);
+        let challenges = self.challenges.clone();
+        let work = self
+            .shared
+            .order(&self.names, replaces, &challenges, lock.as_ref());
         let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
             Ok(r) => r,
             Err(_) => Err(IssueError::TimedOut(ATTEMPT_TIMEOUT)),
         };
-        match result {
-            Ok(issued) => self.issued(issued, started),
+        let outcome = match result {
+            Ok(issued) => {
+                if let Some(lock) = &lock {
+                    self.publish(lock, &issued).await;
+                }
+                self.issued(issued, started)
+            }
             Err(e) => self.failed(&e),
+        };
+        if let Some(lock) = lock {
+            lock.release().await;
         }
+        outcome
+    }
+
+    /// The host's order lock, and a look at the store under it: `Err` with
+    /// what to answer when this node is not to order now.
+    async fn lock(&mut self, cluster: &Arc<Cluster>, force: bool) -> Result<Lock, Outcome> {
+        let first = self.first();
+        let waiting = |task: &mut HostTask, why: String| {
+            let next = SystemTime::now() + CLUSTER_WAIT;
+            task.cluster_wait = Some(next);
+            task.set_status(|s| s.last_error = Some(why));
+        };
+        let lock = match cluster.lock(&first).await {
+            Ok(Acquired::Held(lock)) => lock,
+            Ok(Acquired::Elsewhere(node)) => {
+                info!(node = %node, "another node is ordering this certificate; taking it from the cluster store when it is written");
+                waiting(self, format!("node {node} is ordering it"));
+                return Err(Outcome::Elsewhere { node });
+            }
+            Err(e) => {
+                warn!(error = %e, "no order: the cluster store does not answer; the current certificate keeps serving");
+                waiting(self, e.to_string());
+                return Err(Outcome::Failed(format!("not ordered: {e}")));
+            }
+        };
+        let stored = match cluster.get(&Key::Cert(first)).await {
+            Ok(found) => {
+                found.and_then(|(bytes, _)| serde_json::from_slice::<CertRecord>(&bytes).ok())
+            }
+            Err(e) => {
+                lock.release().await;
+                warn!(error = %e, "no order: the cluster store does not answer; the current certificate keeps serving");
+                waiting(self, e.to_string());
+                return Err(Outcome::Failed(format!("not ordered: {e}")));
+            }
+        };
+        self.cluster_wait = None;
+        let adopted = stored.and_then(|r| self.adopt(r));
+        match adopted {
+            Some(outcome) if !force && self.renew_at(SystemTime::now()) > SystemTime::now() => {
+                lock.release().await;
+                Err(outcome)
+            }
+            _ => Ok(lock),
+        }
+    }
+
+    /// Writes a certificate this node just ordered to the store, while the
+    /// lock is still ours; kept to be written later when it cannot be.
+    async fn publish(&mut self, lock: &Lock, issued: &Issued) {
+        let record = CertRecord {
+            names: issued.meta.names.clone(),
+            directory: issued.meta.directory.clone(),
+            issued_at: issued.meta.issued_at.clone(),
+            serial: issued.cert.info.serial.clone(),
+            not_after: issued.cert.info.not_after,
+            chain_pem: issued.chain_pem.clone(),
+            key_pem: issued.key_pem.clone(),
+            node: lock.node().to_string(),
+        };
+        match lock.write(&record).await {
+            Ok(true) => {
+                info!(serial = %record.serial, "certificate written to the cluster store");
+                self.unpublished = None;
+            }
+            Ok(false) => {
+                error!("the order lock ran out while ordering: the new certificate is served here, and written to the cluster store once no newer one is there");
+                self.unpublished = Some(record);
+            }
+            Err(e) => {
+                error!(error = %e, "the new certificate cannot be written to the cluster store: it is served here, and written once the store answers");
+                self.unpublished = Some(record);
+            }
+        }
+    }
+
+    /// Writes what [`publish`](Self::publish) could not, under the lock,
+    /// unless the store has a newer certificate by now (then that one serves).
+    async fn publish_again(&mut self) {
+        let (Some(cluster), Some(record)) = (self.shared.cluster.clone(), self.unpublished.clone())
+        else {
+            return;
+        };
+        let Ok(Acquired::Held(lock)) = cluster.lock(&self.first()).await else {
+            return;
+        };
+        let stored = cluster.get(&Key::Cert(self.first())).await;
+        if let Ok(found) = stored {
+            let there = found.and_then(|(b, _)| serde_json::from_slice::<CertRecord>(&b).ok());
+            match there {
+                Some(t) if t.not_after >= record.not_after => {
+                    self.unpublished = None;
+                    self.adopt(t);
+                }
+                _ => {
+                    if let Ok(true) = lock.write(&record).await {
+                        info!(serial = %record.serial, "the certificate ordered earlier is written to the cluster store now");
+                        self.unpublished = None;
+                    }
+                }
+            }
+        }
+        lock.release().await;
     }
 
     /// After a failed attempt: back off, lead with the next challenge type.
@@ -376,58 +530,164 @@ impl HostTask {
             took_ms = started.elapsed().as_millis() as u64,
             "certificate issued"
         );
-        match &issued.write_error {
-            Some(e) => {
-                // Served anyway: throwing it away would order another one,
-                // and burn the CA's rate limit, on every retry.
-                error!(
-                    error = %causes(e),
-                    "the new certificate could not be stored: it is served now, but a restart will order again"
-                );
-                self.shared.hooks.report(Event::NotStored);
-            }
-            None => self.shared.hooks.report(Event::Stored),
-        }
-        let current = current(&issued.cert.key.cert, &info);
+        let life = current(&issued.cert.key.cert, &info).life;
         let now = SystemTime::now();
-        let skew = schedule::skew(now, current.life, self.shared.config.renew_before);
-        let floor = schedule::floor(current.life, skew);
+        let skew = schedule::skew(now, life, self.shared.config.renew_before);
         if let Some(skew) = skew {
-            warn_of_clock_skew(skew, now, current.life, now + floor);
+            warn_of_clock_skew(skew, now, life, now + schedule::floor(life, Some(skew)));
         }
-        self.earliest = Some(std::time::Instant::now() + floor);
-        self.current = Some(current);
-        let names = names::to_strings(&self.names);
         self.shared.hooks.report(Event::Issued {
-            names: names.clone(),
+            names: names::to_strings(&self.names),
             serial: info.serial.clone(),
             issuer: info.issuer.clone(),
             not_after: unix(info.not_after),
             renewal: self.slot.load().source == Source::Acme,
         });
+        self.install(issued, now);
+        Outcome::Renewed {
+            serial: info.serial,
+            not_after: info.not_after,
+        }
+    }
+
+    /// Serves `new` from now on, issued at `issued_at` (by this clock or
+    /// another node's): stored in `state_dir` (or kept to be), the schedule
+    /// started again, and no renewal sooner than the floor after it.
+    fn install(&mut self, new: Issued, issued_at: SystemTime) {
+        let info = new.cert.info.clone();
+        let names = names::to_strings(&self.names);
+        let written = store::write(
+            &self.shared.state_dir,
+            &self.names,
+            &new.chain_pem,
+            &new.key_pem,
+            &new.meta,
+            &info.serial,
+        );
+        let write_error = written.err().map(|e| {
+            // Served anyway: throwing it away would order another one,
+            // and burn the CA's rate limit, on every retry.
+            error!(
+                error = %causes(&e),
+                "the new certificate could not be stored: it is served now, but a restart will order again"
+            );
+            self.shared.hooks.report(Event::NotStored);
+            self.shared.hooks.pending().insert(
+                names.clone(),
+                Unstored {
+                    chain_pem: new.chain_pem,
+                    key_pem: new.key_pem,
+                    meta: new.meta,
+                    serial: info.serial.clone(),
+                },
+            );
+            causes(&e)
+        });
+        if write_error.is_none() {
+            self.shared.hooks.report(Event::Stored);
+            self.shared.hooks.pending().remove(&names);
+        }
+        let current = current(&new.cert.key.cert, &info);
+        // The floor after an issuance "in the future" (another node's clock
+        // ahead of this one) starts now.
+        let now = SystemTime::now();
+        let from = issued_at.min(now);
+        let skew = schedule::skew(from, current.life, self.shared.config.renew_before);
+        let until = from + schedule::floor(current.life, skew);
+        let left = until.duration_since(now).unwrap_or_default();
+        self.earliest = Some(std::time::Instant::now() + left);
+        self.current = Some(current);
         self.slot.store(Served {
-            key: issued.cert.key,
-            info: info.clone(),
+            key: new.cert.key,
+            info,
             source: Source::Acme,
         });
-        match issued.unstored {
-            Some(u) => self.shared.hooks.pending().insert(names, u),
-            None => self.shared.hooks.pending().remove(&names),
-        };
         self.order_now = None;
         self.failures = 0;
         self.retry_at = None;
+        self.cluster_wait = None;
         self.window = None;
         self.ari_poll = SystemTime::now();
         self.draw = fastrand::f64();
         self.set_status(|s| {
             s.failures = 0;
-            s.last_error = issued.write_error.as_ref().map(|e| causes(e));
+            s.last_error = write_error;
         });
-        Outcome::Renewed {
+    }
+
+    /// Takes a certificate from the cluster store, if it is this host's and
+    /// newer than the one served; what a `renew` would answer, if taken.
+    /// One that does not load is refused, and the served one stays.
+    fn adopt(&mut self, record: CertRecord) -> Option<Outcome> {
+        let names = names::to_strings(&self.names);
+        if record.names != names || record.directory != self.shared.config.directory {
+            // The nodes' configs disagree on this host (or one moved to
+            // another CA first): each orders its own and they take turns
+            // at the key, which the operator should hear of.
+            warn!(node = %record.node, names = %record.names.join(","), directory = %record.directory, "the cluster store's certificate for this host is for other names or another CA, so another node's config differs from this one: left alone; give every node the same names, in the same order, and the same acme.directory");
+            return None;
+        }
+        let served = self.slot.load();
+        let newer = served.source != Source::Acme
+            || self.order_now.is_some()
+            || record.not_after > served.info.not_after;
+        if served.info.serial == record.serial || !newer {
+            return None;
+        }
+        let dir = &self.shared.state_dir;
+        let checked = store::check(
+            dir,
+            &self.names,
+            &record.chain_pem,
+            &record.key_pem,
+            &self.shared.provider,
+        );
+        let cert = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                error!(node = %record.node, error = %causes(&e), "the cluster store's certificate for this host is unusable: not served");
+                return None;
+            }
+        };
+        let info = cert.info.clone();
+        info!(
+            serial = %info.serial,
+            node = %record.node,
+            not_after = %humantime::format_rfc3339_seconds(unix(info.not_after)),
+            "certificate taken from the cluster store"
+        );
+        let issued_at =
+            humantime::parse_rfc3339(&record.issued_at).unwrap_or_else(|_| SystemTime::now());
+        let meta = store::Meta {
+            names: record.names,
+            directory: record.directory,
+            issued_at: record.issued_at,
+        };
+        self.install(
+            Issued {
+                cert,
+                chain_pem: record.chain_pem,
+                key_pem: record.key_pem,
+                meta,
+            },
+            issued_at,
+        );
+        self.shared.hooks.report(Event::Adopted {
+            names,
+            serial: info.serial.clone(),
+        });
+        Some(Outcome::Adopted {
             serial: info.serial,
             not_after: info.not_after,
-        }
+            node: record.node,
+        })
+    }
+
+    fn first(&self) -> String {
+        self.names
+            .first()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
     }
 }
 

@@ -117,6 +117,7 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         ),
         ("log", old.log != new.log),
         ("admin", old.admin != new.admin),
+        ("store", old.store != new.store),
     ] {
         if differs {
             changes.need_restart.push(what.to_string());

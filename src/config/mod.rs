@@ -21,6 +21,7 @@ mod listeners;
 pub mod names;
 mod operator;
 mod schema;
+mod store;
 mod walk;
 
 use std::collections::BTreeMap;

@@ -31,6 +31,32 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// Who hears about issuance, renewal and expiry; off unless configured.
     pub notify: Option<Notify>,
+    /// Shared ACME state for several instances; `None`: `state_dir` alone.
+    pub store: Option<Etcd>,
+}
+
+/// `store: { etcd: … }`: the etcd cluster several instances share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Etcd {
+    /// Client URLs, `http://` or `https://`.
+    pub endpoints: Vec<String>,
+    /// Every key starts with it; ends with `/`.
+    pub prefix: String,
+    /// This instance's name among the others.
+    pub node: String,
+    pub tls: Option<EtcdTls>,
+    /// etcd authentication: a user and the file holding its password.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// TLS to etcd: the CA that signed its server certificates, and a client
+/// certificate when etcd asks for one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// The `admin:` block.

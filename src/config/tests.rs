@@ -412,3 +412,67 @@ fn two_listeners_cannot_share_an_address() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("already bound by listener"), "{errs:?}");
 }
+
+#[test]
+fn the_store_block_parses_with_its_defaults_and_names_its_mistakes() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.store, None, "state_dir alone unless told");
+    let c = parse(&format!(
+        "{GOOD}store: {{ etcd: {{ endpoints: [\"http://127.0.0.1:2379\", \"http://127.0.0.2:2379\"], node: mx1 }} }}\n"
+    ))
+    .unwrap();
+    let e = c.store.unwrap();
+    assert_eq!(
+        e.endpoints,
+        ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
+    );
+    assert_eq!(
+        (e.prefix.as_str(), e.node.as_str()),
+        ("/portcullis/", "mx1")
+    );
+    assert_eq!((e.tls, e.user, e.password_file), (None, None, None));
+
+    let c = parse(&format!(
+        "{GOOD}store:\n  etcd:\n    endpoints: https://10.0.0.1:2379\n    prefix: /mail/certs\n    node: mx2\n    tls: {{ ca: etcd-ca.pem, cert: c.pem, key: k.pem }}\n    user: portcullis\n    password_file: etcd.pass\n"
+    ))
+    .unwrap();
+    let e = c.store.unwrap();
+    assert_eq!(e.prefix, "/mail/certs/");
+    let tls = e.tls.unwrap();
+    assert_eq!(tls.ca, Path::new("/etc/portcullis/etcd-ca.pem"));
+    assert_eq!(tls.cert.unwrap(), Path::new("/etc/portcullis/c.pem"));
+    assert_eq!(
+        e.password_file.unwrap(),
+        Path::new("/etc/portcullis/etcd.pass")
+    );
+
+    // without a node name: the machine's host name
+    let c = parse(&format!(
+        "{GOOD}store: {{ etcd: {{ endpoints: http://127.0.0.1:2379 }} }}\n"
+    ))
+    .unwrap();
+    assert!(!c.store.unwrap().node.is_empty());
+
+    let errs = parse(&format!(
+        "{GOOD}store:\n  etcd:\n    endpoints: [\"127.0.0.1:2379\", \"https://10.0.0.1:2379\"]\n    prefix: portcullis\n    node: \"mx 1\"\n    user: portcullis\n    colour: blue\n"
+    ))
+    .unwrap_err();
+    assert_problems(
+        &errs,
+        &[
+            "store.etcd.endpoints[0]: \"127.0.0.1:2379\": expected an etcd client URL",
+            "store.etcd.prefix: \"portcullis\": expected a key prefix",
+            "store.etcd.node: \"mx 1\": a node name uses",
+            "store.etcd: user and password_file go together",
+            "store.etcd.tls: missing: https:// endpoints need tls",
+            "store.etcd.colour: unknown key",
+        ],
+    );
+    let errs = parse(&format!("{GOOD}store: {{ etcd: {{ endpoints: [] }} }}\n")).unwrap_err();
+    assert_problems(
+        &errs,
+        &["store.etcd.endpoints: at least one endpoint is needed"],
+    );
+    let errs = parse(&format!("{GOOD}store: {{ redis: x }}\n")).unwrap_err();
+    assert_problems(&errs, &["store.redis: unknown key", "store.etcd: missing"]);
+}

@@ -28,6 +28,7 @@ const TOP_KEYS: &[&str] = &[
     "admin",
     "notify",
     "limits",
+    "store",
 ];
 const TIMEOUT_KEYS: &[&str] = &["handshake", "dialogue", "connect", "idle", "shutdown_grace"];
 
@@ -242,6 +243,7 @@ impl Walk<'_> {
         let max_connections = self.max_connections(m);
         let log = self.log(field(m, "log"));
         let admin = field(m, "admin").and_then(|v| self.admin(v));
+        let store = field(m, "store").and_then(|v| self.store(v));
 
         if listeners.is_empty() && field(m, "listeners").is_some() {
             self.err("listeners", "at least one listener is needed");
@@ -266,6 +268,7 @@ impl Walk<'_> {
             log,
             admin,
             notify,
+            store,
         })
     }
 

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
@@ -16,6 +16,7 @@ use tracing::{debug, info};
 
 use super::control::{self, CertRow};
 use super::{View, Views};
+use crate::cluster::{Cluster, Health};
 use crate::metrics::{CertGauge, Metrics};
 use crate::proxy::http::{self, Head, Unread};
 
@@ -32,6 +33,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     views: Views,
+    cluster: Option<Arc<Cluster>>,
     stop: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -47,9 +49,9 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let (metrics, views) = (metrics.clone(), views.clone());
+        let (metrics, views, cluster) = (metrics.clone(), views.clone(), cluster.clone());
         tasks.spawn(async move {
-            if let Err(e) = answer(stream, &metrics, &views).await {
+            if let Err(e) = answer(stream, &metrics, &views, cluster.as_deref()).await {
                 debug!(error = %e, "admin request failed");
             }
         });
@@ -62,6 +64,7 @@ async fn answer(
     mut stream: TcpStream,
     metrics: &Metrics,
     views: &ArcSwap<Vec<View>>,
+    cluster: Option<&Cluster>,
 ) -> io::Result<()> {
     let read = tokio::time::timeout(READ_TIMEOUT, http::read_head(&mut stream, HEAD_LIMIT))
         .await
@@ -73,6 +76,14 @@ async fn answer(
     };
     // The certificate rows only for the two answers that use them.
     let rows = || -> Vec<CertRow> { views.load().iter().map(control::row).collect() };
+    let health = cluster.map(Cluster::health);
+    if let Some(h) = &health {
+        let unix = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        };
+        metrics.cluster_state(h.down_since.is_none(), h.last_sync.map(unix));
+    }
     let (status, content_type, body) = match page(head.as_ref()) {
         Page::Metrics => (
             "200 OK",
@@ -81,14 +92,28 @@ async fn answer(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(&gauges(&rows())),
         ),
-        Page::Health => match problems(metrics, &rows(), SystemTime::now()) {
-            p if p.is_empty() => ("200 OK", "text/plain", "ok\n".to_string()),
-            p => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("{}\n", p.join("\n")),
-            ),
-        },
+        Page::Health => {
+            let warnings = warnings(health.as_ref());
+            match problems(metrics, &rows(), SystemTime::now()) {
+                p if p.is_empty() => (
+                    "200 OK",
+                    "text/plain",
+                    ["ok".to_string()]
+                        .iter()
+                        .chain(&warnings)
+                        .map(|l| format!("{l}\n"))
+                        .collect(),
+                ),
+                p => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    p.iter()
+                        .chain(&warnings)
+                        .map(|l| format!("{l}\n"))
+                        .collect(),
+                ),
+            }
+        }
         Page::MethodNotAllowed => (
             "405 Method Not Allowed",
             "text/plain",
@@ -159,6 +184,24 @@ fn gauges(rows: &[CertRow]) -> Vec<CertGauge> {
         .collect()
 }
 
+/// What `/healthz` says without failing: a cluster store that does not
+/// answer. This node serves what it has, so a load balancer must keep
+/// sending it traffic (an etcd outage failing every node's health check
+/// would be an outage of them all); `portcullis_cluster_store_up` alerts.
+pub fn warnings(cluster: Option<&Health>) -> Vec<String> {
+    let Some(since) = cluster.and_then(|h| h.down_since) else {
+        return Vec::new();
+    };
+    let why = cluster
+        .and_then(|h| h.last_error.as_deref())
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
+    vec![format!(
+        "warning: cluster store unreachable since {}{why}: serving the certificates this node has, ordering none",
+        humantime::format_rfc3339_seconds(since)
+    )]
+}
+
 /// Why `/healthz` fails; empty when healthy.
 pub fn problems(metrics: &Metrics, certs: &[CertRow], now: SystemTime) -> Vec<String> {
     let mut out: Vec<String> = metrics
@@ -207,6 +250,7 @@ mod tests {
             not_after: not_after.into(),
             next_renewal: None,
             last_error: None,
+            locked_by: None,
         }
     }
 
@@ -234,6 +278,22 @@ mod tests {
         m.accepting("imaps", "127.0.0.1:993".parse().unwrap(), false);
         let p = problems(&m, &ok, now);
         assert_eq!(p, vec!["listener imaps 127.0.0.1:993: accept is failing"]);
+    }
+
+    #[test]
+    fn an_unreachable_cluster_store_is_a_warning_not_a_failure() {
+        assert!(warnings(None).is_empty());
+        let up = Health::default();
+        assert!(warnings(Some(&up)).is_empty());
+        let down = Health {
+            down_since: humantime::parse_rfc3339("2030-01-01T00:00:00Z").ok(),
+            last_error: Some("etcd does not answer".into()),
+            last_sync: None,
+        };
+        let w = warnings(Some(&down));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("warning: cluster store unreachable since 2030-01-01T00:00:00Z (etcd does not answer)"), "{w:?}");
+        assert!(w[0].contains("ordering none"), "{w:?}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
@@ -17,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::reload::Reloader;
 use super::{View, Views};
 use crate::acme::{self, HostHandle, Outcome};
+use crate::cluster::Cluster;
 use crate::config::{names, CertSource, Config};
 use crate::tls::certs;
 
@@ -31,8 +33,13 @@ pub const RENEW_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum Request {
     Certs,
-    Renew { force: bool, name: Option<String> },
+    Renew {
+        force: bool,
+        name: Option<String>,
+    },
     Reload,
+    /// The cluster store as this node sees it.
+    Cluster,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +49,7 @@ pub enum Response {
     Renew(Vec<RenewRow>),
     /// What the reload changed, as the log line says it.
     Reload(String),
+    Cluster(ClusterRow),
     Error(String),
 }
 
@@ -59,6 +67,31 @@ pub struct CertRow {
     /// no instance is running.
     pub next_renewal: Option<String>,
     pub last_error: Option<String>,
+    /// In a cluster: the node holding the host's order lock, if one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_by: Option<String>,
+}
+
+/// The cluster store in `portcullis certs`: this node's view of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRow {
+    /// This node.
+    pub node: String,
+    pub endpoints: Vec<String>,
+    /// RFC 3339; `None` while the store answers.
+    pub down_since: Option<String>,
+    pub last_error: Option<String>,
+    /// RFC 3339: when this node last read the whole store.
+    pub last_sync: Option<String>,
+    /// Every node that ever synced, by name.
+    pub nodes: Vec<NodeRow>,
+}
+
+/// A node of the cluster and when it last synced (RFC 3339, its clock).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub node: String,
+    pub synced_at: String,
 }
 
 /// One host in `portcullis renew`.
@@ -113,7 +146,13 @@ impl Control {
     /// Answers requests until `stop` fires, then removes the socket file.
     /// `views` is swapped on reload; `reloader` is `None` when the server
     /// has no config file to reload from.
-    pub async fn serve(self, views: Views, reloader: Option<Reloader>, stop: CancellationToken) {
+    pub async fn serve(
+        self,
+        views: Views,
+        cluster: Option<Arc<Cluster>>,
+        reloader: Option<Reloader>,
+        stop: CancellationToken,
+    ) {
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -123,10 +162,12 @@ impl Control {
                 Ok((stream, _)) => {
                     let views = views.load_full();
                     let reloader = reloader.clone();
+                    let cluster = cluster.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move {
+                        let asked = answer(stream, &views, cluster.as_deref(), reloader.as_ref());
                         tokio::select! {
-                            _ = answer(stream, &views, reloader.as_ref()) => {},
+                            _ = asked => {},
                             _ = stop.cancelled() => {},
                         }
                     });
@@ -141,7 +182,12 @@ impl Control {
     }
 }
 
-async fn answer(stream: UnixStream, views: &[View], reloader: Option<&Reloader>) {
+async fn answer(
+    stream: UnixStream,
+    views: &[View],
+    cluster: Option<&Cluster>,
+    reloader: Option<&Reloader>,
+) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
@@ -150,7 +196,7 @@ async fn answer(stream: UnixStream, views: &[View], reloader: Option<&Reloader>)
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 debug!(?request, "control request");
-                handle(request, views, reloader).await
+                handle(request, views, cluster, reloader).await
             }
             Err(e) => Response::Error(format!("bad request: {e}")),
         },
@@ -162,8 +208,17 @@ async fn answer(stream: UnixStream, views: &[View], reloader: Option<&Reloader>)
     }
 }
 
-async fn handle(request: Request, views: &[View], reloader: Option<&Reloader>) -> Response {
+async fn handle(
+    request: Request,
+    views: &[View],
+    cluster: Option<&Cluster>,
+    reloader: Option<&Reloader>,
+) -> Response {
     match request {
+        Request::Cluster => match cluster {
+            Some(c) => Response::Cluster(cluster_row(c)),
+            None => Response::Error("no cluster store is configured (store: etcd)".into()),
+        },
         Request::Reload => match reloader {
             Some(r) => match r.reload("portcullis reload").await {
                 Ok(changes) => Response::Reload(changes.to_string()),
@@ -173,7 +228,17 @@ async fn handle(request: Request, views: &[View], reloader: Option<&Reloader>) -
             },
             None => Response::Error("this instance was not started from a config file".into()),
         },
-        Request::Certs => Response::Certs(views.iter().map(row).collect()),
+        Request::Certs => {
+            let mut rows: Vec<CertRow> = views.iter().map(row).collect();
+            if let Some(c) = cluster {
+                let mirror = c.mirror();
+                for r in &mut rows {
+                    let first = r.names.first().map_or("", String::as_str);
+                    r.locked_by = mirror.locks.get(first).cloned();
+                }
+            }
+            Response::Certs(rows)
+        }
         Request::Renew { force, name } => {
             let targets: Vec<&HostHandle> = views
                 .iter()
@@ -225,6 +290,21 @@ fn renew_row(host: &str, outcome: Outcome) -> RenewRow {
             ),
         ),
         Outcome::Failed(e) => ("failed", e),
+        Outcome::Elsewhere { node } => (
+            "elsewhere",
+            format!("node {node} holds the order lock and orders it; this node takes the certificate when it is written"),
+        ),
+        Outcome::Adopted {
+            serial,
+            not_after,
+            node,
+        } => (
+            "renewed",
+            format!(
+                "serial {serial}, not after {}, ordered by node {node}",
+                rfc3339(not_after)
+            ),
+        ),
     };
     RenewRow {
         host: host.to_string(),
@@ -247,6 +327,31 @@ pub fn row(view: &View) -> CertRow {
             .and_then(|s| s.next_renewal)
             .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         last_error: status.and_then(|s| s.last_error),
+        locked_by: None,
+    }
+}
+
+/// What `portcullis certs` shows of the cluster store.
+pub fn cluster_row(cluster: &Cluster) -> ClusterRow {
+    let health = cluster.health();
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let mut nodes: Vec<NodeRow> = cluster
+        .mirror()
+        .nodes
+        .iter()
+        .map(|(node, r)| NodeRow {
+            node: node.clone(),
+            synced_at: r.synced_at.clone(),
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    ClusterRow {
+        node: cluster.node().to_string(),
+        endpoints: cluster.endpoints().to_vec(),
+        down_since: health.down_since.map(time),
+        last_error: health.last_error,
+        last_sync: health.last_sync.map(time),
+        nodes,
     }
 }
 
@@ -346,6 +451,7 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
                 not_after: rfc3339(c.info.not_after),
                 next_renewal: None,
                 last_error: None,
+                locked_by: None,
             },
             Err(e) => CertRow {
                 names,
@@ -355,6 +461,7 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
                 not_after: String::new(),
                 next_renewal: None,
                 last_error: Some(e),
+                locked_by: None,
             },
         });
     }
@@ -384,7 +491,7 @@ mod tests {
         ));
         let stop = CancellationToken::new();
         let views = Arc::new(ArcSwap::from_pointee(Vec::new()));
-        let served = tokio::spawn(control.serve(views, None, stop.clone()));
+        let served = tokio::spawn(control.serve(views, None, None, stop.clone()));
 
         let mut s = UnixStream::connect(socket_path(d.path())).await.unwrap();
         s.write_all(b"{\"command\":\"reboot\"}\n").await.unwrap();

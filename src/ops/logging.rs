@@ -9,7 +9,9 @@
 //! (`debug,rustls=debug`): it warns about what a peer got wrong (an IP
 //! address sent as SNI, which isync does on every connection), which is the
 //! client's habit, not the operator's problem; the session's own line says
-//! what happened to it.
+//! what happened to it. The etcd client's transport (h2, hyper, tower,
+//! tonic) passes only at `warn` unless named: at `debug` it logs every
+//! HTTP/2 frame, keepalive pings included.
 
 use std::io::IsTerminal;
 
@@ -58,14 +60,33 @@ pub fn init(format: LogFormat, level: &str) {
     };
 }
 
-/// `filter`, with rustls held to `error` unless it names rustls (or is off).
+/// Crates held to a level unless the filter names them.
+const QUIET: &[(&str, &str)] = &[
+    ("rustls", "error"),
+    ("h2", "warn"),
+    ("hyper", "warn"),
+    ("tower", "warn"),
+    ("tonic", "warn"),
+];
+
+/// `filter`, with each of [`QUIET`] held to its level unless the filter
+/// names it (or is off).
 fn directives(filter: &str) -> String {
     let parts = || filter.split(',').map(str::trim);
-    if parts().any(|d| d.starts_with("rustls")) || parts().any(|d| d.eq_ignore_ascii_case("off")) {
-        filter.to_string()
-    } else {
-        format!("{filter},rustls=error")
+    if parts().any(|d| d.eq_ignore_ascii_case("off")) {
+        return filter.to_string();
     }
+    let mut out = filter.to_string();
+    for (target, level) in QUIET {
+        let named = parts().any(|d| {
+            d.strip_prefix(target)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['=', ':', '[']))
+        });
+        if !named {
+            out.push_str(&format!(",{target}={level}"));
+        }
+    }
+    out
 }
 
 /// Prefixes each line with its syslog priority, as journald reads it
@@ -131,17 +152,28 @@ mod tests {
     }
 
     #[test]
-    fn rustls_speaks_only_of_errors_unless_named() {
-        assert_eq!(directives("info"), "info,rustls=error");
+    fn rustls_and_the_etcd_transport_are_quiet_unless_named() {
+        let rest = ",h2=warn,hyper=warn,tower=warn,tonic=warn";
+        assert_eq!(directives("info"), format!("info,rustls=error{rest}"));
         assert_eq!(
             directives("warn,portcullis=debug"),
-            "warn,portcullis=debug,rustls=error"
+            format!("warn,portcullis=debug,rustls=error{rest}")
         );
-        assert_eq!(directives("debug,rustls=debug"), "debug,rustls=debug");
+        assert_eq!(
+            directives("debug,rustls=debug"),
+            format!("debug,rustls=debug{rest}")
+        );
+        assert_eq!(
+            directives("debug,h2=trace"),
+            "debug,h2=trace,rustls=error,hyper=warn,tower=warn,tonic=warn"
+        );
+        // `hyper_util` is not `hyper`: hyper is still held.
+        assert!(directives("hyper_util=debug").contains(",hyper=warn"));
         assert_eq!(directives("off"), "off");
         // what the filter makes of it
         let f = EnvFilter::try_new(directives("info")).unwrap();
-        assert_eq!(f.to_string(), "rustls=error,info");
+        assert!(f.to_string().contains("rustls=error"), "{f}");
+        assert!(f.to_string().contains("h2=warn"), "{f}");
     }
 
     #[test]

@@ -59,6 +59,7 @@ impl acme::Observer for AcmeReports {
                     not_after,
                 });
             }
+            acme::Event::Adopted { .. } => self.metrics.adopted(),
             acme::Event::Stored => self.metrics.state_dir_writable(true),
             acme::Event::NotStored => self.metrics.store_write_failed(),
         }

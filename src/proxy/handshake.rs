@@ -107,7 +107,10 @@ pub(super) async fn handshake(
         // tls-alpn-01 (RFC 8737): the CA's validator offers acme-tls/1 and
         // nothing else. Answered before the normal lookup, then closed.
         if ctx.listener.tls == TlsMode::Implicit && only_acme_tls(hello.alpn()) {
-            let cert = sni.as_deref().and_then(|n| ctx.challenges.tls_alpn(n));
+            let cert = match sni.as_deref() {
+                Some(name) => ctx.challenges.tls_alpn_answer(name).await,
+                None => None,
+            };
             let Some(cert) = cert else {
                 return Err(Refused::NoChallenge);
             };

@@ -166,9 +166,14 @@ pub(crate) async fn serve(
     tracing::Span::current().record("tls.version", "none");
     let (buf, head) = request(&mut socket, ctx, stop, session).await?;
     let table = &ctx.table;
+    // Looked up first: in a cluster the answer may be in the store.
+    let posted = match head.path.strip_prefix(CHALLENGE_PREFIX) {
+        Some(token) => ctx.challenges.http_answer(token).await,
+        None => None,
+    };
     let answer = answer(
         &head,
-        |token| ctx.challenges.http(token),
+        |_| posted.clone(),
         |host| {
             let (found, how) = table.lookup(Some(host.as_str()));
             matches!(how, Matched::Exact | Matched::Wildcard)

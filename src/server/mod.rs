@@ -27,6 +27,7 @@ use tracing::warn;
 
 use crate::acme::challenge::Challenges;
 use crate::acme::Managed;
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::{diff, Config};
 use crate::metrics::Metrics;
 use crate::ops::control::{Control, ControlError};
@@ -62,6 +63,8 @@ pub enum BuildError {
     Control(#[from] ControlError),
     #[error("notify: {0}")]
     Notify(String),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("listeners.{listener}: cannot listen on {addr}: {source}")]
     Bind {
         listener: String,
@@ -99,6 +102,8 @@ pub struct Server {
     /// The admin endpoint's socket (`admin.bind`).
     admin: Option<TcpListener>,
     notifier: Arc<ArcSwapOption<Notifier>>,
+    /// The store several instances share (`store.etcd`), when there is one.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Server {
@@ -128,7 +133,14 @@ impl Server {
                 None
             }
         };
-        let metrics = Metrics::new();
+        let cluster = match &config.store {
+            Some(etcd) => Some(Arc::new(Cluster::new(etcd).map_err(|e| vec![e.into()])?)),
+            None => None,
+        };
+        let metrics = match cluster {
+            Some(_) => Metrics::with_cluster(),
+            None => Metrics::new(),
+        };
         metrics.state_dir_writable(writable.is_ok());
         if let Err(e) = &writable {
             warn!(
@@ -139,7 +151,10 @@ impl Server {
         }
         let snapshot = build(config, &tls, &[])?;
         let table = Arc::new(ArcSwap::from_pointee(snapshot.table));
-        let challenges = Arc::new(Challenges::default());
+        let challenges = Arc::new(match &cluster {
+            Some(c) => Challenges::clustered(c.clone(), tls.provider.clone()),
+            None => Challenges::default(),
+        });
         let notifier = Arc::new(ArcSwapOption::from(
             notifier(config, file, None).map_err(|e| vec![BuildError::Notify(e)])?,
         ));
@@ -166,6 +181,7 @@ impl Server {
             metrics,
             admin,
             notifier,
+            cluster,
         })
     }
 

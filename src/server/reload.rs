@@ -69,6 +69,7 @@ impl Running {
         config.max_connections = self.config.max_connections;
         config.log = self.config.log.clone();
         config.admin = self.config.admin.clone();
+        config.store = self.config.store.clone();
         let lines = |es: Vec<BuildError>| {
             es.iter()
                 .map(|e| e.to_string())

@@ -19,6 +19,7 @@ use super::snapshot::HostSlot;
 use super::Server;
 use crate::acme::challenge::Challenges;
 use crate::acme::{self, Managed};
+use crate::cluster::Cluster;
 use crate::config::{names, Config};
 use crate::metrics::Metrics;
 use crate::ops::control::Control;
@@ -75,6 +76,8 @@ pub(super) struct Running {
     /// For a control socket bound late (`state_dir` writable again).
     pub(super) reloader: Reloader,
     pub(super) control_serving: bool,
+    /// The store several instances share, followed for the server's life.
+    pub(super) cluster: Option<Arc<Cluster>>,
 }
 
 impl Running {
@@ -98,6 +101,7 @@ impl Running {
             metrics,
             admin,
             notifier,
+            cluster,
         } = server;
         let mut state = Running {
             limit: Arc::new(Semaphore::new(config.max_connections)),
@@ -126,10 +130,13 @@ impl Running {
                 }),
                 orders: Arc::default(),
                 unstored: Arc::default(),
+                routes: Arc::default(),
+                cluster: cluster.clone(),
             },
             writable,
             reloader: Reloader(reload_tx),
             control_serving: control.is_some(),
+            cluster: cluster.clone(),
         };
         for (key, ctx, socket, name) in sockets {
             state.start_accepting(key, name, ctx, socket);
@@ -137,15 +144,21 @@ impl Running {
         state.sync_acme(pending_acme);
         state.publish_views();
         let (views, stop) = (&state.views, &state.background_stop);
+        if let Some(cluster) = &cluster {
+            let certs = state.acme_hooks.routes.clone();
+            let follow = cluster.clone().follow(certs, stop.clone());
+            state.background.spawn(follow);
+        }
         if let Some(control) = control {
             let reloader = Some(state.reloader.clone());
-            let serve = control.serve(views.clone(), reloader, stop.clone());
+            let serve = control.serve(views.clone(), cluster.clone(), reloader, stop.clone());
             state.background.spawn(serve);
         }
         let watch = notify::expiry_watch(notifier, views.clone(), stop.clone());
         state.background.spawn(watch);
         if let Some(admin) = admin {
-            let serve = crate::ops::admin::serve(admin, metrics, views.clone(), stop.clone());
+            let serve =
+                crate::ops::admin::serve(admin, metrics, views.clone(), cluster, stop.clone());
             state.background.spawn(serve);
         }
         (state, reload_rx)
@@ -183,6 +196,7 @@ impl Running {
                 );
                 self.background.spawn(control.serve(
                     self.views.clone(),
+                    self.cluster.clone(),
                     Some(self.reloader.clone()),
                     self.background_stop.clone(),
                 ));

@@ -234,6 +234,30 @@ impl Pebble {
             .to_vec()
     }
 
+    /// Points every name Pebble validates at `ip` (its DNS server's default
+    /// A record; 127.0.0.1 at start): the instance listening there answers.
+    pub async fn set_default_ipv4(&self, ip: &str) {
+        let body = serde_json::json!({ "ip": ip }).to_string();
+        let request = format!(
+            "POST /set-default-ipv4 HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", self.ports.dns_management))
+            .await
+            .expect("challtestsrv management port");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        let read = s.read_to_string(&mut answer);
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("challtestsrv answers within 5 s")
+            .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+            "set-default-ipv4: {answer}"
+        );
+    }
+
     /// New orders Pebble has accepted so far (its log says `Added order`).
     pub fn orders(&self) -> usize {
         self.log().matches("Added order").count()

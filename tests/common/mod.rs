@@ -6,6 +6,7 @@
 //! `PORTCULLIS_REQUIRE_TOOLS=1` (set by `.ci/run`) turns the skip into a failure.
 #![allow(dead_code)]
 pub mod acme;
+pub mod etcd;
 pub mod mail;
 pub mod process;
 pub mod site;
@@ -222,7 +223,9 @@ impl std::io::Write for LogSink {
 /// Captures logs (debug and up) for [`log_line`]; `RUST_LOG=…` also prints them.
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "debug,h2=warn,hyper=warn,tower=warn,tonic=warn",
+        ))
         .with_ansi(false)
         .with_writer(|| LogSink)
         .try_init();
@@ -566,18 +569,25 @@ pub async fn read_proxy_header(s: &mut TcpStream) -> Option<SeenHeader> {
 
 /// `GET /metrics` from an admin endpoint (`admin.bind`), the body.
 pub async fn scrape(admin: &str) -> String {
+    admin_get(admin, "/metrics").await.1
+}
+
+/// `GET path` from an admin endpoint: the status line and the body.
+pub async fn admin_get(admin: &str, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(admin).await.expect("admin endpoint");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
         .await
-        .expect("/metrics answered within 10 s")
+        .unwrap_or_else(|_| panic!("{path} answered within 10 s"))
         .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     match text.split_once("\r\n\r\n") {
-        Some((_, body)) => body.to_string(),
+        Some((head, body)) => (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        ),
         None => panic!("no HTTP answer from {admin}: {text:?}"),
     }
 }
