@@ -500,3 +500,49 @@ async fn etcd_failures_cost_no_handshake_and_no_extra_order() {
         failures.len()
     );
 }
+
+/// The order lock's lease must be renewed while a node orders; when etcd
+/// stops answering, the node gives the lock up (the order stops) before
+/// the lease would run out, and a second node cannot take it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_lock_is_kept_alive_and_given_up_when_etcd_is_gone() {
+    if !common::etcd::tools("an_order_lock_is_kept_alive_and_given_up_when_etcd_is_gone") {
+        return;
+    }
+    use portcullis::cluster::lock::{Acquired, TTL};
+    use portcullis::cluster::Cluster;
+    common::init_logging();
+    let mut etcd = EtcdCluster::start(3).await;
+    let config = |node: &str| portcullis::config::Etcd {
+        endpoints: etcd.endpoints(),
+        prefix: "/portcullis/".into(),
+        node: node.into(),
+        tls: None,
+        user: None,
+        password_file: None,
+    };
+    let a = Arc::new(Cluster::new(&config("a")).unwrap());
+    let b = Arc::new(Cluster::new(&config("b")).unwrap());
+    let Ok(Acquired::Held(lock)) = a.lock("mail.example.test").await else {
+        panic!("a takes the free lock");
+    };
+    // Past the lease's own life: kept alive, still a's.
+    let held = tokio::time::timeout(TTL + Duration::from_secs(5), lock.lost()).await;
+    assert!(
+        held.is_err(),
+        "the lease was kept alive for longer than its TTL"
+    );
+    match b.lock("mail.example.test").await {
+        Ok(Acquired::Elsewhere(node)) => assert_eq!(node, "a"),
+        Ok(_) => panic!("b took a lock a holds"),
+        Err(e) => panic!("b: {e}"),
+    }
+    // etcd gone: given up before the lease could run out.
+    let stopped = Instant::now();
+    etcd.stop_all();
+    tokio::time::timeout(TTL, lock.lost())
+        .await
+        .expect("the lock is given up within its lease");
+    eprintln!("lock given up {:?} after etcd stopped", stopped.elapsed());
+    log_line(&["stopping this order before the lock runs out"]).await;
+}

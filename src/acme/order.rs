@@ -44,6 +44,8 @@ pub enum IssueError {
     TimedOut(Duration),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error("the order lock's lease ran out (etcd did not answer): order abandoned, so that no two nodes order at once; tried again later")]
+    LockLost,
 }
 
 /// A certificate just issued and checked, not stored yet.

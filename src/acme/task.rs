@@ -16,7 +16,7 @@ use super::schedule::{self, Lifetime, Window};
 use super::{causes, store, Ask, Event, Managed, Outcome, Shared, Status, Unstored};
 use crate::cluster::keys::{CertRecord, Key};
 use crate::cluster::lock::{Acquired, Lock};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::names::{self, HostPattern};
 use crate::config::Challenge;
 use crate::tls::certs::CertInfo;
@@ -340,6 +340,12 @@ impl HostTask {
     /// returned. In a cluster, under the host's lock, after a look at what
     /// the store has (another node may have renewed it a moment ago).
     async fn attempt(&mut self, why: &str, force: bool) -> Outcome {
+        // One order per attempt, paid for before the lock is taken (a lock
+        // held while waiting for the budget would keep the other nodes
+        // waiting too) and before the deadline starts. (An order made again
+        // because it was refused without becoming an order — a forgotten
+        // account, `replaces` — costs nothing more.)
+        self.shared.hooks.orders.take().await;
         let lock = match self.shared.cluster.clone() {
             None => None,
             Some(cluster) => match self.lock(&cluster, force).await {
@@ -359,17 +365,22 @@ impl HostTask {
             replaces = replaces.as_ref().map(|r| r.to_string()),
             "renewing"
         );
-        // One order per attempt, paid for before its deadline starts. (An
-        // order made again because it was refused without becoming an order
-        // — a forgotten account, `replaces` — costs nothing more.)
-        self.shared.hooks.orders.take().await;
         let challenges = self.challenges.clone();
         let work = self
             .shared
             .order(&self.names, replaces, &challenges, lock.as_ref());
-        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, work).await {
-            Ok(r) => r,
-            Err(_) => Err(IssueError::TimedOut(ATTEMPT_TIMEOUT)),
+        let lost = async {
+            match &lock {
+                Some(l) => l.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(ATTEMPT_TIMEOUT, work) => match r {
+                Ok(r) => r,
+                Err(_) => Err(IssueError::TimedOut(ATTEMPT_TIMEOUT)),
+            },
+            _ = lost => Err(IssueError::LockLost),
         };
         let outcome = match result {
             Ok(issued) => {
@@ -390,21 +401,70 @@ impl HostTask {
     /// what to answer when this node is not to order now.
     async fn lock(&mut self, cluster: &Arc<Cluster>, force: bool) -> Result<Lock, Outcome> {
         let first = self.first();
-        let waiting = |task: &mut HostTask, why: String| {
-            let next = SystemTime::now() + CLUSTER_WAIT;
-            task.cluster_wait = Some(next);
+        // Looked at again after a while, at a time of its own (nodes that
+        // waited together do not all come back together).
+        let waiting = |task: &mut HostTask, why: String, wait: Duration| {
+            let jitter = Duration::from_millis(fastrand::u64(0..=wait.as_millis() as u64 / 2));
+            task.cluster_wait = Some(SystemTime::now() + wait + jitter);
             task.set_status(|s| s.last_error = Some(why));
         };
+        // No lock asked for while etcd is known not to answer (after a
+        // first look, which at start may take a moment).
+        for _ in 0..100 {
+            let h = cluster.health();
+            // Read once, or refused already: no use waiting.
+            let first_failed = h
+                .last_error
+                .is_some_and(|e| e != crate::cluster::NOT_SYNCED);
+            if h.last_sync.is_some() || first_failed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let health = cluster.health();
+        if let Some(since) = health.down_since {
+            let why = format!(
+                "cluster store unreachable since {}{}",
+                humantime::format_rfc3339_seconds(since),
+                health
+                    .last_error
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+            warn!(error = %why, "no order while the cluster store does not answer; the current certificate keeps serving");
+            waiting(self, why.clone(), CLUSTER_WAIT);
+            return Err(Outcome::Failed(format!("not ordered: {why}")));
+        }
         let lock = match cluster.lock(&first).await {
             Ok(Acquired::Held(lock)) => lock,
             Ok(Acquired::Elsewhere(node)) => {
                 info!(node = %node, "another node is ordering this certificate; taking it from the cluster store when it is written");
-                waiting(self, format!("node {node} is ordering it"));
+                waiting(self, format!("node {node} is ordering it"), CLUSTER_WAIT);
                 return Err(Outcome::Elsewhere { node });
+            }
+            Ok(Acquired::EarlierRun) => {
+                let why = format!(
+                    "this node's previous run holds the order lock until its lease runs out (at most {} s)",
+                    crate::cluster::lock::TTL.as_secs()
+                );
+                info!("{why}");
+                waiting(self, why.clone(), crate::cluster::lock::TTL);
+                return Err(Outcome::Failed(format!("not ordered yet: {why}")));
+            }
+            Ok(Acquired::JustReleased) => {
+                let why =
+                    "the order lock was let go a moment ago: looking at the store again shortly";
+                waiting(self, why.to_string(), Duration::from_secs(2));
+                return Err(Outcome::Failed(format!("not ordered yet: {why}")));
+            }
+            Err(e @ ClusterError::Refused { .. }) => {
+                error!(error = %e, "no order: the cluster store refused the order lock (check the etcd user's permissions on the prefix); the current certificate keeps serving");
+                waiting(self, e.to_string(), CLUSTER_WAIT);
+                return Err(Outcome::Failed(format!("not ordered: {e}")));
             }
             Err(e) => {
                 warn!(error = %e, "no order: the cluster store does not answer; the current certificate keeps serving");
-                waiting(self, e.to_string());
+                waiting(self, e.to_string(), CLUSTER_WAIT);
                 return Err(Outcome::Failed(format!("not ordered: {e}")));
             }
         };
@@ -414,8 +474,8 @@ impl HostTask {
             }
             Err(e) => {
                 lock.release().await;
-                warn!(error = %e, "no order: the cluster store does not answer; the current certificate keeps serving");
-                waiting(self, e.to_string());
+                warn!(error = %e, "no order: the cluster store's certificate could not be read; the current certificate keeps serving");
+                waiting(self, e.to_string(), CLUSTER_WAIT);
                 return Err(Outcome::Failed(format!("not ordered: {e}")));
             }
         };
@@ -649,7 +709,14 @@ impl HostTask {
                 return None;
             }
         };
+        // What the certificate itself says, not what the record claims.
         let info = cert.info.clone();
+        let newer = served.source != Source::Acme
+            || self.order_now.is_some()
+            || info.not_after > served.info.not_after;
+        if served.info.serial == info.serial || !newer {
+            return None;
+        }
         info!(
             serial = %info.serial,
             node = %record.node,

@@ -82,8 +82,9 @@ pub fn directory_slug(directory: &str) -> String {
         .collect()
 }
 
-/// A host's certificate as the cluster keeps it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A host's certificate as the cluster keeps it. Its `Debug` leaves the
+/// private key out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertRecord {
     /// The host's names when it was ordered, first name first.
     pub names: Vec<String>,
@@ -102,6 +103,19 @@ pub struct CertRecord {
     pub node: String,
 }
 
+impl std::fmt::Debug for CertRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertRecord")
+            .field("names", &self.names)
+            .field("directory", &self.directory)
+            .field("issued_at", &self.issued_at)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
 /// When a node last read the whole store and followed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -114,6 +128,29 @@ pub struct NodeRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_shown_for_debugging_holds_no_key() {
+        let r = CertRecord {
+            names: vec!["mail.example.test".into()],
+            directory: "https://ca.test/dir".into(),
+            issued_at: "2030-01-01T00:00:00Z".into(),
+            serial: "01".into(),
+            not_after: 1,
+            chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----secret".into(),
+            node: "a".into(),
+        };
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("mail.example.test") && shown.contains("serial"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("PRIVATE KEY") && !shown.contains("secret"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn keys_round_trip_and_strangers_are_not_ours() {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::keys::{CertRecord, Key};
@@ -19,6 +21,12 @@ use super::{Cluster, ClusterError, REQUEST_TIMEOUT};
 pub const TTL: Duration = Duration::from_secs(30);
 /// How often the lease is renewed while the lock is held.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Bound on one renewal; a failed one is tried again after [`RENEW_RETRY`].
+const RENEW_TIMEOUT: Duration = Duration::from_secs(4);
+const RENEW_RETRY: Duration = Duration::from_secs(2);
+/// The lease is taken for lost this long before it would run out unrenewed:
+/// the order stops while etcd may still hold the lock for us.
+const MARGIN: Duration = Duration::from_secs(5);
 
 /// The lock of one host, held by this node; released when dropped.
 pub struct Lock {
@@ -29,6 +37,8 @@ pub struct Lock {
     /// key has it.
     revision: i64,
     keeper: JoinHandle<()>,
+    /// Cancelled once the lease is gone (or taken for gone).
+    lost: CancellationToken,
     released: bool,
 }
 
@@ -37,6 +47,10 @@ pub enum Acquired {
     Held(Lock),
     /// Another node holds it (its name).
     Elsewhere(String),
+    /// This node's previous run holds it, until its lease runs out.
+    EarlierRun,
+    /// It was let go between the compare and the look: ask again soon.
+    JustReleased,
 }
 
 impl Cluster {
@@ -87,21 +101,25 @@ impl Cluster {
             (false, Some((_, l, rev))) if l == lease => rev,
             (false, Some((holder, _, _))) => {
                 self.revoke(lease).await;
+                if holder == self.node() {
+                    return Ok(Acquired::EarlierRun);
+                }
                 return Ok(Acquired::Elsewhere(holder));
             }
-            // Released between the compare and the get: try again later.
             (false, None) => {
                 self.revoke(lease).await;
-                return Ok(Acquired::Elsewhere("(just released)".into()));
+                return Ok(Acquired::JustReleased);
             }
         };
-        let keeper = tokio::spawn(keep_alive(self.clone(), lease));
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(keep_alive(self.clone(), lease, lost.clone()));
         Ok(Acquired::Held(Lock {
             cluster: self.clone(),
             name: name.to_string(),
             lease,
             revision,
             keeper,
+            lost,
             released: false,
         }))
     }
@@ -118,26 +136,64 @@ impl Cluster {
     }
 }
 
-/// Renews the lease every [`KEEP_ALIVE`] until aborted; a renewal that
-/// fails is tried again at the next tick (the lease outlives two misses).
-async fn keep_alive(cluster: Arc<Cluster>, lease: i64) {
+/// Renews the lease at once, then every [`KEEP_ALIVE`] after the last
+/// renewal, until aborted. A failed renewal is tried again every
+/// [`RENEW_RETRY`]; once etcd says the lease is gone, or it would run out
+/// within [`MARGIN`] unrenewed, `lost` is cancelled: the order stops.
+async fn keep_alive(cluster: Arc<Cluster>, lease: i64, lost: CancellationToken) {
+    let mut renewed_at = Instant::now();
+    let mut next = renewed_at;
     loop {
-        tokio::time::sleep(KEEP_ALIVE).await;
-        let renewed = cluster
-            .run("keep the lock's lease alive", |mut c| async move {
-                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                stream.message().await
-            })
-            .await;
-        match renewed {
-            Ok(Some(r)) if r.ttl() > 0 => {}
-            Ok(_) => {
-                warn!("the order lock's lease is gone: the certificate will not be written to the cluster");
+        tokio::time::sleep_until(next).await;
+        match tokio::time::timeout(RENEW_TIMEOUT, renew(&cluster, lease)).await {
+            Ok(Ok(true)) => {
+                renewed_at = Instant::now();
+                next = renewed_at + KEEP_ALIVE;
+                continue;
+            }
+            Ok(Ok(false)) => {
+                warn!("the order lock's lease ran out: stopping this order; another node may order the certificate");
+                lost.cancel();
                 return;
             }
-            Err(e) => warn!(error = %e, "cannot renew the order lock's lease; trying again"),
+            Ok(Err(e)) => debug!(error = %e, "the order lock's lease not renewed; trying again"),
+            Err(_) => debug!("the order lock's lease not renewed in time; trying again"),
         }
+        if renewed_at.elapsed() + MARGIN + RENEW_RETRY >= TTL {
+            warn!(
+                "the order lock's lease could not be renewed for {} s (etcd does not answer): stopping this order before the lock runs out",
+                renewed_at.elapsed().as_secs()
+            );
+            lost.cancel();
+            return;
+        }
+        next = Instant::now() + RENEW_RETRY;
+    }
+}
+
+/// One renewal: `Ok(false)` when etcd says the lease is gone.
+async fn renew(cluster: &Cluster, lease: i64) -> Result<bool, etcd_client::Error> {
+    let Ok(mut client) = cluster.client().await else {
+        return Err(etcd_client::Error::InvalidArgs(
+            "no connection to etcd".into(),
+        ));
+    };
+    let opened = client.lease_keep_alive(lease).await;
+    let (mut keeper, mut stream) = match opened {
+        Ok(pair) => pair,
+        // etcd-client sends the first renewal itself, and says so.
+        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+            return Ok(false)
+        }
+        Err(e) => return Err(e),
+    };
+    keeper.keep_alive().await?;
+    match stream.message().await? {
+        Some(r) => Ok(r.ttl() > 0),
+        // A stream that ended: try again, it says nothing of the lease.
+        None => Err(etcd_client::Error::InvalidArgs(
+            "keep-alive stream ended".into(),
+        )),
     }
 }
 
@@ -145,6 +201,12 @@ impl Lock {
     /// The node holding it: this one.
     pub fn node(&self) -> &str {
         self.cluster.node()
+    }
+
+    /// Resolves once the lease is gone or taken for gone: whatever is done
+    /// under the lock should stop.
+    pub async fn lost(&self) {
+        self.lost.cancelled().await
     }
 
     /// Publishes a challenge answer; it goes with the lock.

@@ -196,8 +196,17 @@ pub fn warnings(cluster: Option<&Health>) -> Vec<String> {
         .and_then(|h| h.last_error.as_deref())
         .map(|e| format!(" ({e})"))
         .unwrap_or_default();
+    // etcd answered, and said no: a mistake to fix, not an outage.
+    let refused = cluster
+        .and_then(|h| h.last_error.as_deref())
+        .is_some_and(|e| e.starts_with("cluster store refused"));
+    let state = if refused {
+        "refuses this node"
+    } else {
+        "unreachable"
+    };
     vec![format!(
-        "warning: cluster store unreachable since {}{why}: serving the certificates this node has, ordering none",
+        "warning: cluster store {state} since {}{why}: serving the certificates this node has, ordering none",
         humantime::format_rfc3339_seconds(since)
     )]
 }
@@ -294,6 +303,14 @@ mod tests {
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].starts_with("warning: cluster store unreachable since 2030-01-01T00:00:00Z (etcd does not answer)"), "{w:?}");
         assert!(w[0].contains("ordering none"), "{w:?}");
+        let refused = Health {
+            last_error: Some(
+                "cluster store refused connecting: etcdserver: authentication failed".into(),
+            ),
+            ..down
+        };
+        let w = warnings(Some(&refused));
+        assert!(w[0].starts_with("warning: cluster store refuses this node since 2030-01-01T00:00:00Z (cluster store refused connecting: "), "{w:?}");
     }
 
     #[test]

@@ -167,9 +167,10 @@ pub(crate) async fn serve(
     let (buf, head) = request(&mut socket, ctx, stop, session).await?;
     let table = &ctx.table;
     // Looked up first: in a cluster the answer may be in the store.
+    let readable = head.method == "GET" || head.method == "HEAD";
     let posted = match head.path.strip_prefix(CHALLENGE_PREFIX) {
-        Some(token) => ctx.challenges.http_answer(token).await,
-        None => None,
+        Some(token) if readable => ctx.challenges.http_answer(token).await,
+        _ => None,
     };
     let answer = answer(
         &head,

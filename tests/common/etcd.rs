@@ -3,6 +3,18 @@
 //! to with `ETCDCTL_API=3`), each a plain child process on free loopback
 //! ports, with its own data directory and log file in one scratch directory.
 //!
+//! [`EtcdCluster::start`] serves clients plain `http://`.
+//! [`EtcdCluster::start_tls`] serves them `https://` only, as
+//! deploy/etcd/README.md sets etcd up: a test CA made with rcgen, one
+//! server certificate (IP SAN 127.0.0.1, server and client use) for every
+//! member, `--client-cert-auth` (a client needs a certificate from that
+//! CA, whose CN etcd takes as the user when no password is given). Peer
+//! traffic stays plain `http://`. The harness's own `etcdctl` then presents
+//! a client certificate with CN `root`: it may do anything before `auth
+//! enable`, and is `root` after. [`EtcdCluster::ca`] and
+//! [`EtcdCluster::client_cert`] give a test the CA and client certificates
+//! for other users.
+//!
 //! Everything names 127.0.0.1, never a host name: the peer and client URLs
 //! each member listens on and advertises, and `--initial-cluster`. Every
 //! cluster has its own `--initial-cluster-token`, so two clusters of one
@@ -37,6 +49,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
 
 use super::{free_port, tool};
 
@@ -87,9 +104,102 @@ impl Member {
     }
 }
 
+/// The test CA of a [`EtcdCluster::start_tls`] cluster and the files made
+/// from it, in `DIR/pki/`: `ca.pem`, `server.pem` + `server.key` (every
+/// member's), `root.pem` + `root.key` (the harness's `etcdctl`), and one
+/// `CN.pem` + `CN.key` per [`EtcdCluster::client_cert`].
+struct Pki {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(dir: PathBuf) -> Pki {
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.distinguished_name
+            .push(DnType::CommonName, "portcullis test etcd CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("CA key");
+        let cert = ca.self_signed(&key).expect("CA certificate");
+        std::fs::write(dir.join("ca.pem"), cert.pem()).expect("ca.pem");
+        let pki = Pki {
+            dir,
+            issuer: Issuer::new(ca, key),
+        };
+        // etcd 3.4 also presents its server certificate as a client (its
+        // gRPC gateway dials the member itself): both uses.
+        let mut server = CertificateParams::new(Vec::<String>::new()).expect("server params");
+        server.distinguished_name.push(DnType::CommonName, "etcd");
+        server.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+        server.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        pki.issue("server", server);
+        pki.client("root");
+        pki
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `NAME.pem` and `NAME.key`: a certificate from the CA with `params`.
+    fn issue(&self, name: &str, params: CertificateParams) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("certificate");
+        let (c, k) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("certificate file");
+        std::fs::write(&k, key.serialize_pem()).expect("key file");
+        (c, k)
+    }
+
+    /// A client certificate (clientAuth only) whose CN is `cn`.
+    fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(cn, params)
+    }
+
+    /// etcd's flags for serving clients with these files.
+    fn server_flags(&self) -> Vec<String> {
+        let p = |f: &str| self.dir.join(f).display().to_string();
+        vec![
+            "--cert-file".into(),
+            p("server.pem"),
+            "--key-file".into(),
+            p("server.key"),
+            "--trusted-ca-file".into(),
+            p("ca.pem"),
+            "--client-cert-auth".into(),
+        ]
+    }
+
+    /// etcdctl's flags for talking to such a member as `root`.
+    fn etcdctl_flags(&self) -> Vec<String> {
+        let p = |f: &str| self.dir.join(f).display().to_string();
+        vec![
+            "--cacert".into(),
+            p("ca.pem"),
+            "--cert".into(),
+            p("root.pem"),
+            "--key".into(),
+            p("root.key"),
+        ]
+    }
+}
+
 /// A running etcd cluster on loopback. Dropping it kills every member.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    /// Set by [`EtcdCluster::start_tls`]: clients speak TLS.
+    pki: Option<Pki>,
     /// `m0=http://127.0.0.1:PEER,…`: the same for every member.
     initial_cluster: String,
     token: String,
@@ -108,6 +218,17 @@ impl EtcdCluster {
     /// Starts an `n`-member cluster and waits until every member is healthy;
     /// panics with the members' logs if it is not within [`START`].
     pub async fn start(n: usize) -> EtcdCluster {
+        EtcdCluster::launch(n, false).await
+    }
+
+    /// [`EtcdCluster::start`], with clients on `https://` and client
+    /// certificates required (see the module's doc); the harness's
+    /// `etcdctl` is `root`.
+    pub async fn start_tls(n: usize) -> EtcdCluster {
+        EtcdCluster::launch(n, true).await
+    }
+
+    async fn launch(n: usize, tls: bool) -> EtcdCluster {
         assert!(n >= 1, "an etcd cluster has at least one member");
         let mut ports: Vec<u16> = Vec::with_capacity(2 * n);
         for _ in 0..100 * n {
@@ -138,26 +259,53 @@ impl EtcdCluster {
             std::process::id(),
             fastrand::u64(..)
         );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = tls.then(|| Pki::new(dir.path().join("pki")));
         let mut cluster = EtcdCluster {
             members,
+            pki,
             initial_cluster,
             token,
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
         };
         cluster.start_all();
         cluster.wait_healthy().await;
         cluster
     }
 
-    /// Client URLs `http://127.0.0.1:PORT` of every member, in member order,
-    /// the stopped ones included (as a client configured with the whole
-    /// cluster has them).
+    /// Client URLs `http://127.0.0.1:PORT` (`https://` for
+    /// [`EtcdCluster::start_tls`]) of every member, in member order, the
+    /// stopped ones included (as a client configured with the whole cluster
+    /// has them).
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
     fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client)
+    }
+
+    /// The CA (PEM) that issued the members' certificates; `None` for a
+    /// plain cluster.
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.pki.as_ref().map(Pki::ca)
+    }
+
+    /// A new client certificate from the cluster's CA whose CN is `cn` (etcd's
+    /// user when no password is given): the paths of `CN.pem` and `CN.key`.
+    /// Panics for a plain cluster.
+    pub fn client_cert(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let pki = self.pki.as_ref().expect("a cluster started with start_tls");
+        pki.client(cn)
+    }
+
+    /// The TLS flags of the harness's `etcdctl` (none for a plain cluster).
+    fn ctl_flags(&self) -> Vec<String> {
+        self.pki
+            .as_ref()
+            .map(Pki::etcdctl_flags)
+            .unwrap_or_default()
     }
 
     /// Indexes of the members that run now.
@@ -200,6 +348,7 @@ impl EtcdCluster {
         // Exits 1 when one endpoint fails, yet prints the others' status.
         let out = run_etcdctl(
             &endpoints,
+            &self.ctl_flags(),
             &["endpoint", "status", "-w", "json"],
             "1s",
             "2s",
@@ -286,9 +435,9 @@ impl EtcdCluster {
                 std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
             });
             if listening {
-                let endpoints = endpoints.clone();
+                let (endpoints, flags) = (endpoints.clone(), self.ctl_flags());
                 let out = tokio::task::spawn_blocking(move || {
-                    run_etcdctl(&endpoints, &["endpoint", "health"], "1s", "2s")
+                    run_etcdctl(&endpoints, &flags, &["endpoint", "health"], "1s", "2s")
                 })
                 .await
                 .expect("etcdctl thread");
@@ -331,13 +480,19 @@ impl EtcdCluster {
         if endpoints.is_empty() {
             return (false, "no etcd member runs".into());
         }
-        result(run_etcdctl(&endpoints, args, "2s", "5s"))
+        result(run_etcdctl(&endpoints, &self.ctl_flags(), args, "2s", "5s"))
     }
 
     /// [`EtcdCluster::etcdctl`] against member `i` alone, running or not: a
     /// linearizable `get` through it shows that it has rejoined.
     pub fn etcdctl_on(&self, i: usize, args: &[&str]) -> (bool, String) {
-        result(run_etcdctl(&[self.endpoint(i)], args, "2s", "5s"))
+        result(run_etcdctl(
+            &[self.endpoint(i)],
+            &self.ctl_flags(),
+            args,
+            "2s",
+            "5s",
+        ))
     }
 
     /// The last lines of every member's log, each under a heading.
@@ -363,6 +518,18 @@ impl EtcdCluster {
         out
     }
 
+    /// How many lines of the members' logs, all of them, contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        (0..self.members.len())
+            .map(|i| {
+                read(&self.log_path(i))
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .count()
+            })
+            .sum()
+    }
+
     fn log_path(&self, i: usize) -> PathBuf {
         self.dir
             .path()
@@ -374,7 +541,7 @@ impl EtcdCluster {
     fn spawn(&self, i: usize) -> Child {
         let m = &self.members[i];
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let client = self.endpoint(i);
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
             .arg(&m.name)
@@ -389,6 +556,9 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-outputs", "stderr"]);
+        if let Some(pki) = &self.pki {
+            cmd.args(pki.server_flags());
+        }
         clean_env(&mut cmd);
         let log = std::fs::File::options()
             .create(true)
@@ -426,12 +596,19 @@ fn clean_env(cmd: &mut Command) {
     }
 }
 
-/// `etcdctl --endpoints … --dial-timeout DIAL --command-timeout COMMAND
-/// ARGS`, killed after [`ETCDCTL`].
-fn run_etcdctl(endpoints: &[String], args: &[&str], dial: &str, command: &str) -> Output {
+/// `etcdctl --endpoints … FLAGS --dial-timeout DIAL --command-timeout
+/// COMMAND ARGS`, killed after [`ETCDCTL`].
+fn run_etcdctl(
+    endpoints: &[String],
+    flags: &[String],
+    args: &[&str],
+    dial: &str,
+    command: &str,
+) -> Output {
     let mut cmd = Command::new("etcdctl");
     cmd.arg("--endpoints")
         .arg(endpoints.join(","))
+        .args(flags)
         .args(["--dial-timeout", dial, "--command-timeout", command])
         .args(args);
     clean_env(&mut cmd);
