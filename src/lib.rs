@@ -16,6 +16,7 @@ pub mod config;
 pub mod tls;
 
 pub mod cluster;
+pub mod dns;
 
 pub mod acme;
 

@@ -103,6 +103,18 @@ fn check(path: &Path) -> ExitCode {
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let (loaded, errors) = load_certificates(&config, &provider, false);
     let mut errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    // The TSIG secret files, read as an order reads them: a warning, not
+    // an error, as `run` serves without them (only dns-01 orders fail).
+    let mut tsig_warnings = Vec::new();
+    if let Some(acme) = &config.acme {
+        let all = std::iter::once(acme.dns.as_ref())
+            .chain(acme.per_host.values().map(|h| h.dns.as_ref()));
+        for dns in all.flatten() {
+            if let Err(e) = portcullis::acme::dns01::updater(dns) {
+                tsig_warnings.push(format!("warning: dns-01 orders will fail: {e}"));
+            }
+        }
+    }
     // The etcd TLS files and password file, read as `run` reads them.
     if let Some(Err(e)) = config.store.as_ref().map(portcullis::cluster::Cluster::new) {
         errors.push(e.to_string());
@@ -117,6 +129,9 @@ fn check(path: &Path) -> ExitCode {
             errors.len()
         );
         return ExitCode::FAILURE;
+    }
+    for w in &tsig_warnings {
+        eprintln!("{}: {w}", path.display());
     }
     for cert in loaded.iter().flatten() {
         if !cert.info.uncovered.is_empty() {

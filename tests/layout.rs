@@ -23,8 +23,9 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     // Certificates, their store, the host table and the resolver.
     &["tls"],
-    // The store several instances share (etcd): locks, records, the watch.
-    &["cluster"],
+    // The store several instances share (etcd): locks, records, the watch;
+    // DNS updates and queries for dns-01.
+    &["cluster", "dns"],
     // Obtains and renews certificates; reports through acme::Observer,
     // never to the proxy or the operator side directly.
     &["acme"],

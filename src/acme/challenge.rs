@@ -51,6 +51,8 @@ pub struct Posted {
 enum Entry {
     Http(String),
     TlsAlpn(String),
+    /// A dns-01 record: its own guard removes it.
+    Dns(#[allow(dead_code)] Box<super::dns01::Published>),
 }
 
 impl Drop for Posted {
@@ -74,6 +76,7 @@ impl Drop for Posted {
                     .unwrap_or_else(PoisonError::into_inner);
                 map.remove(name);
             }
+            Entry::Dns(_) => {}
         }
     }
 }
@@ -139,6 +142,14 @@ impl Challenges {
         Posted {
             challenges: self.clone(),
             entry: Entry::Http(token.to_string()),
+        }
+    }
+
+    /// Holds a dns-01 record up as long as the returned guard lives.
+    pub fn hold_dns(self: &Arc<Self>, published: super::dns01::Published) -> Posted {
+        Posted {
+            challenges: self.clone(),
+            entry: Entry::Dns(Box::new(published)),
         }
     }
 

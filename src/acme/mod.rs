@@ -27,6 +27,7 @@
 pub mod account;
 pub mod budget;
 pub mod challenge;
+pub mod dns01;
 mod order;
 pub mod retry;
 pub mod schedule;
@@ -297,6 +298,11 @@ impl Runner {
         stop: CancellationToken,
         hooks: Hooks,
     ) -> Runner {
+        if dns01::ledger_exists(&state_dir) {
+            // Records an earlier run left up (a crash mid-order) go first.
+            let (dir, c) = (state_dir.clone(), config.clone());
+            tracker.spawn(async move { dns01::clean_up(&dir, &c).await });
+        }
         Runner {
             shared: Arc::new(Shared {
                 config,

@@ -12,12 +12,12 @@ use instant_acme::{
 use tracing::{debug, warn};
 
 use super::retry::{self, retrying};
-use super::{account, challenge, store, transport, Shared};
+use super::{account, challenge, dns01, store, transport, Shared};
 use crate::cluster::keys::Key;
 use crate::cluster::lock::Lock;
 use crate::cluster::ClusterError;
 use crate::config::names::{self, HostPattern};
-use crate::config::{Challenge, KeyType};
+use crate::config::{Challenge, Dns, KeyType};
 
 /// How long the CA may take to settle an order while we poll it.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -46,6 +46,10 @@ pub enum IssueError {
     Cluster(#[from] ClusterError),
     #[error("the order lock's lease ran out (etcd did not answer): order abandoned, so that no two nodes order at once; tried again later")]
     LockLost,
+    #[error("dns-01: {0}")]
+    Dns01(#[from] dns01::Dns01Error),
+    #[error("dns-01 needs acme.dns (or the host's acme.dns): where to add the record")]
+    NoDnsSettings,
 }
 
 /// A certificate just issued and checked, not stored yet.
@@ -207,7 +211,9 @@ impl Shared {
         lock: Option<&Lock>,
     ) -> Result<Issued, IssueError> {
         let mut order = self.new_order(account, names, replaces).await?;
-        let posted = self.authorize(&mut order, challenges, lock).await?;
+        let first = names.first().map(ToString::to_string).unwrap_or_default();
+        let dns = self.config.dns_for(&first);
+        let posted = self.authorize(&mut order, challenges, lock, dns).await?;
         let retry = RetryPolicy::new()
             .initial_delay(Duration::from_millis(250))
             .timeout(ORDER_TIMEOUT);
@@ -287,6 +293,7 @@ impl Shared {
         order: &mut instant_acme::Order,
         challenges: &[Challenge],
         lock: Option<&Lock>,
+        dns: Option<&Dns>,
     ) -> Result<Vec<challenge::Posted>, IssueError> {
         let mut posted = Vec::new();
         // Names whose challenge response is up, and those also set ready.
@@ -339,7 +346,7 @@ impl Shared {
                     continue; // just picked
                 };
                 if !up.contains(&name) {
-                    posted.push(self.post(&ch, kind, &name, lock).await?);
+                    posted.push(self.post(&ch, kind, &name, lock, dns).await?);
                     up.push(name.clone());
                 }
                 debug!(name = %name, challenge = kind.as_str(), "challenge ready");
@@ -369,6 +376,7 @@ impl Shared {
         kind: Challenge,
         name: &str,
         lock: Option<&Lock>,
+        dns: Option<&Dns>,
     ) -> Result<challenge::Posted, IssueError> {
         let key_auth = ch.key_authorization();
         Ok(match kind {
@@ -387,6 +395,13 @@ impl Shared {
                 }
                 let cert = challenge::tls_alpn_cert(name, digest.as_ref(), &self.provider)?;
                 self.challenges.post_tls_alpn(name, cert)
+            }
+            // In DNS, for every node and the CA alike.
+            Challenge::Dns01 => {
+                let dns = dns.ok_or(IssueError::NoDnsSettings)?;
+                let value = key_auth.dns_value();
+                let published = dns01::publish(dns, name, &value, &self.state_dir).await?;
+                self.challenges.hold_dns(published)
             }
         })
     }
@@ -465,6 +480,7 @@ fn challenge_type(c: Challenge) -> ChallengeType {
     match c {
         Challenge::Http01 => ChallengeType::Http01,
         Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        Challenge::Dns01 => ChallengeType::Dns01,
     }
 }
 

@@ -125,7 +125,9 @@ impl HostTask {
             retry_at: None,
             earliest,
             draw: fastrand::f64(),
-            challenges: shared.config.challenges.clone(),
+            challenges: shared
+                .config
+                .challenges_for(&names.first().map(ToString::to_string).unwrap_or_default()),
             cluster_wait: None,
             unpublished: None,
             shared,

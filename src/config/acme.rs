@@ -7,8 +7,13 @@ use std::time::Duration;
 use serde_yaml::{Mapping, Value};
 
 use super::names::HostPattern;
-use super::walk::{field, Walk};
-use super::{defaults, Acme, CertSource, Challenge, Eab, Host, KeyType, Listener};
+use std::net::SocketAddr;
+
+use super::walk::{field, join, Walk};
+use super::{
+    defaults, Acme, CertSource, Challenge, Dns, Eab, Host, HostAcme, KeyType, Listener, Tsig,
+    TsigAlgo,
+};
 use crate::protocol::{Protocol, TlsMode};
 
 const ACME_KEYS: &[&str] = &[
@@ -21,8 +26,21 @@ const ACME_KEYS: &[&str] = &[
     "eab",
     "key_type",
     "renew_before",
+    "dns",
 ];
 const EAB_KEYS: &[&str] = &["kid", "hmac_key"];
+const HOST_ACME_KEYS: &[&str] = &["challenges", "dns"];
+const DNS_KEYS: &[&str] = &["server", "zone", "tsig", "check", "propagation_timeout"];
+const TSIG_KEYS: &[&str] = &["name", "algorithm", "secret_file"];
+/// Whether `name` lies in `zone` (both lower-case, no trailing dot).
+fn in_zone(name: &str, zone: &str) -> bool {
+    name == zone || name.ends_with(&format!(".{zone}"))
+}
+
+/// The longest `propagation_timeout`: within an attempt's 5 minutes, with
+/// time left for the CA (a zone whose secondaries take longer needs
+/// fixing, not waiting for).
+const MAX_PROPAGATION: Duration = Duration::from_secs(4 * 60);
 
 /// The longest `acme.renew_before`: longer than any certificate lives.
 const MAX_RENEW_BEFORE: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -42,7 +60,8 @@ impl Walk<'_> {
                 "the CA issues nothing until you agree to its terms: read them, then set true",
             ),
         }
-        let challenges = self.challenges(m);
+        let challenges = self.challenges(m, "acme.challenges");
+        let dns = field(m, "dns").map(|v| self.dns(v, "acme.dns"));
         let ca_roots = field(m, "ca_roots")
             .and_then(|v| self.string(v, "acme.ca_roots"))
             .map(|s| self.path(&s));
@@ -63,6 +82,87 @@ impl Walk<'_> {
             eab: eab.map_or(Some(None), |e| e.map(Some))?,
             key_type: key_type?,
             renew_before: renew_before.map_or(Some(None), |d| d.map(Some))?,
+            dns: dns.map_or(Some(None), |d| d.map(Some))?,
+            per_host: BTreeMap::new(),
+        })
+    }
+
+    /// A host's own `acme: { challenges, dns }`.
+    pub(super) fn host_acme(&mut self, v: &Value, path: &str) -> Option<HostAcme> {
+        let m = self.mapping(v, path, HOST_ACME_KEYS)?;
+        let challenges =
+            field(m, "challenges").map(|_| self.challenges(m, &join(path, "challenges")));
+        let dns = field(m, "dns").map(|v| self.dns(v, &join(path, "dns")));
+        Some(HostAcme {
+            challenges: challenges.map_or(Some(None), |c| c.map(Some))?,
+            dns: dns.map_or(Some(None), |d| d.map(Some))?,
+        })
+    }
+
+    /// `dns: { server, zone, tsig: { name, algorithm, secret_file }, check,
+    /// propagation_timeout }`.
+    fn dns(&mut self, v: &Value, path: &str) -> Option<Dns> {
+        let m = self.mapping(v, path, DNS_KEYS)?;
+        let server = self
+            .required(m, path, "server")
+            .and_then(|v| self.string(v, &join(path, "server")))
+            .and_then(|s| self.socket_addr(&s, &join(path, "server")));
+        let zone = self
+            .required(m, path, "zone")
+            .and_then(|v| self.string(v, &join(path, "zone")))
+            .and_then(|z| {
+                let z = z.trim_end_matches('.').to_ascii_lowercase();
+                match crate::config::names::Hostname::parse(&z) {
+                    Ok(_) => Some(z),
+                    Err(e) => {
+                        self.err(&join(path, "zone"), format!("{z:?}: {e}"));
+                        None
+                    }
+                }
+            });
+        let tsig = self
+            .required(m, path, "tsig")
+            .and_then(|v| self.tsig(v, &join(path, "tsig")));
+        let check = match field(m, "check") {
+            Some(v) => {
+                let list: Vec<SocketAddr> = self
+                    .strings(v, &join(path, "check"))
+                    .into_iter()
+                    .filter_map(|(p, s)| self.socket_addr(&s, &p))
+                    .collect();
+                (!list.is_empty()).then_some(list)
+            }
+            None => server.map(|s| vec![s]),
+        };
+        let propagation_timeout = match field(m, "propagation_timeout") {
+            Some(v) => self.duration_upto(v, &join(path, "propagation_timeout"), MAX_PROPAGATION),
+            None => Some(defaults::DNS_PROPAGATION_TIMEOUT),
+        };
+        Some(Dns {
+            server: server?,
+            zone: zone?,
+            tsig: tsig?,
+            check: check?,
+            propagation_timeout: propagation_timeout?,
+        })
+    }
+
+    fn tsig(&mut self, v: &Value, path: &str) -> Option<Tsig> {
+        let m = self.mapping(v, path, TSIG_KEYS)?;
+        let name = self
+            .required(m, path, "name")
+            .and_then(|v| self.string(v, &join(path, "name")));
+        let algorithm = field(m, "algorithm")
+            .map(|v| self.de::<TsigAlgo>(v, &join(path, "algorithm")))
+            .unwrap_or(Some(TsigAlgo::default()));
+        let secret_file = self
+            .required(m, path, "secret_file")
+            .and_then(|v| self.string(v, &join(path, "secret_file")))
+            .map(|s| self.path(&s));
+        Some(Tsig {
+            name: name?,
+            algorithm: algorithm?,
+            secret_file: secret_file?,
         })
     }
 
@@ -104,14 +204,14 @@ impl Walk<'_> {
         }
     }
 
-    /// In preference order, each once; both when left out.
-    fn challenges(&mut self, m: &Mapping) -> Option<Vec<Challenge>> {
+    /// In preference order, each once; tls-alpn-01 and http-01 when left out.
+    fn challenges(&mut self, m: &Mapping, path: &str) -> Option<Vec<Challenge>> {
         match field(m, "challenges") {
             Some(v) => {
-                let list: Option<Vec<Challenge>> = self.de(v, "acme.challenges");
+                let list: Option<Vec<Challenge>> = self.de(v, path);
                 match list {
                     Some(l) if l.is_empty() => {
-                        self.err("acme.challenges", "at least one challenge is needed");
+                        self.err(path, "at least one challenge is needed");
                         None
                     }
                     Some(mut l) => {
@@ -178,31 +278,82 @@ impl Walk<'_> {
                     "acme needs an `acme:` block (directory, contact, terms_of_service_agreed)",
                 );
             }
-            for n in &hosts[i].names {
-                if let HostPattern::Wildcard(_) = n {
-                    self.err(
-                        &format!("hosts[{i}].names"),
-                        format!("{n}: wildcard certificates need dns-01, which portcullis does not do; use {{ cert, key }} files"),
-                    );
-                }
-            }
         }
         let mut acme = acme?;
         let answers = |c: &Challenge| match c {
             Challenge::Http01 => listeners.values().any(|l| l.protocol == Protocol::Http),
             Challenge::TlsAlpn01 => listeners.values().any(|l| l.tls == TlsMode::Implicit),
+            // The CA asks DNS, not a listener.
+            Challenge::Dns01 => true,
+        };
+        let unanswered = |wanted: &[Challenge]| {
+            let wanted: Vec<&str> = wanted.iter().map(|c| c.as_str()).collect();
+            format!(
+                "no listener can answer {}: http-01 needs a `protocol: http` listener (port 80), tls-alpn-01 a `tls: implicit` one (port 443)",
+                wanted.join(" or ")
+            )
         };
         let wanted = acme.challenges.clone();
         acme.challenges.retain(answers);
-        if acme.challenges.is_empty() && !acme_hosts.is_empty() {
-            let wanted: Vec<&str> = wanted.iter().map(|c| c.as_str()).collect();
-            self.err(
-                "acme.challenges",
-                format!(
-                    "no listener can answer {}: http-01 needs a `protocol: http` listener (port 80), tls-alpn-01 a `tls: implicit` one (port 443)",
-                    wanted.join(" or ")
-                ),
-            );
+        let mut global_used = false;
+        for &i in &acme_hosts {
+            let host = &hosts[i];
+            let mut own = host.acme.clone().unwrap_or_default();
+            if let Some(c) = own.challenges.as_mut() {
+                let wanted = c.clone();
+                c.retain(answers);
+                if c.is_empty() {
+                    self.err(&format!("hosts[{i}].acme.challenges"), unanswered(&wanted));
+                }
+            } else {
+                global_used = true;
+            }
+            let effective = own
+                .challenges
+                .clone()
+                .unwrap_or_else(|| acme.challenges.clone());
+            let dns = own.dns.as_ref().or(acme.dns.as_ref());
+            for n in &host.names {
+                if let HostPattern::Wildcard(_) = n {
+                    if !effective.contains(&Challenge::Dns01) {
+                        self.err(
+                            &format!("hosts[{i}].names"),
+                            format!("{n}: a wildcard certificate needs dns-01: give the host `acme: {{ challenges: [dns-01] }}` and an `acme.dns` (server, zone, tsig)"),
+                        );
+                    }
+                }
+            }
+            if effective.contains(&Challenge::Dns01) {
+                match dns {
+                    None => self.err(
+                        &format!("hosts[{i}].acme"),
+                        "dns-01 needs `acme.dns` or the host's own `acme.dns`: server, zone, tsig",
+                    ),
+                    Some(d) => {
+                        for n in &host.names {
+                            let base = n.to_string();
+                            let base = base.strip_prefix("*.").unwrap_or(&base).to_string();
+                            if !in_zone(&base, &d.zone) {
+                                self.err(
+                                    &format!("hosts[{i}].names"),
+                                    format!("{n}: _acme-challenge.{base} is not in zone {} (acme.dns.zone): its dns-01 record cannot be added there", d.zone),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            if host.acme.is_some() {
+                let first = host
+                    .names
+                    .first()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                acme.per_host.insert(first, own);
+            }
+        }
+        if acme.challenges.is_empty() && global_used {
+            self.err("acme.challenges", unanswered(&wanted));
         }
         Some(acme)
     }

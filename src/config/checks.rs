@@ -54,11 +54,28 @@ impl Config {
                 .values()
                 .any(|l| fits(l) && l.bind.iter().any(|a| a.port() == port))
         };
+        // The challenges some ACME host is ordered with (its own, or the
+        // global list), each once.
+        let mut used: Vec<Challenge> = Vec::new();
+        for h in self
+            .hosts
+            .iter()
+            .filter(|h| h.certificate == CertSource::Acme)
+        {
+            let first = h.names.first().map(ToString::to_string).unwrap_or_default();
+            for c in acme.challenges_for(&first) {
+                if !used.contains(&c) {
+                    used.push(c);
+                }
+            }
+        }
         let mut out = Vec::new();
-        for c in &acme.challenges {
+        for c in &used {
             let (port, ok) = match c {
                 Challenge::TlsAlpn01 => (443, binds(443, &|l| l.tls == TlsMode::Implicit)),
                 Challenge::Http01 => (80, binds(80, &|l| l.protocol == Protocol::Http)),
+                // The CA asks DNS, not this machine.
+                Challenge::Dns01 => continue,
             };
             if !ok {
                 out.push(format!(

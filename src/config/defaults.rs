@@ -28,3 +28,6 @@ pub const HANDSHAKE_BURST: u32 = 100;
 pub const EXEMPT: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+/// How long the authoritative servers get to serve a dns-01 record
+/// (`acme.dns.propagation_timeout`) before the attempt fails.
+pub const DNS_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(120);

@@ -12,7 +12,7 @@ use super::names::{HostPattern, Hostname};
 use super::walk::{field, join, kind, Walk};
 use super::{Backend, CertSource, Host, ProxyProtocol};
 
-const HOST_KEYS: &[&str] = &["names", "certificate", "backends"];
+const HOST_KEYS: &[&str] = &["names", "certificate", "backends", "acme"];
 const BACKEND_KEYS: &[&str] = &["address", "proxy_protocol", "connect_timeout"];
 const CERT_FILE_KEYS: &[&str] = &["cert", "key"];
 
@@ -163,10 +163,18 @@ impl Walk<'_> {
         if names.is_empty() {
             return None;
         }
+        let acme = field(m, "acme").map(|v| self.host_acme(v, &join(path, "acme")));
+        if acme.is_some() && certificate.as_ref().is_some_and(|c| *c != CertSource::Acme) {
+            self.err(
+                &join(path, "acme"),
+                "only a `certificate: acme` host has ACME settings",
+            );
+        }
         Some(Host {
             names,
             certificate: certificate?,
             backends,
+            acme: acme.map_or(Some(None), |a| a.map(Some))?,
         })
     }
 

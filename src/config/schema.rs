@@ -169,6 +169,70 @@ pub struct Acme {
     /// Renew this long before expiry instead of at a third of the lifetime
     /// remaining (ignored where the CA offers ARI).
     pub renew_before: Option<Duration>,
+    /// `acme.dns`: where dns-01 records are added, for hosts without their own.
+    pub dns: Option<Dns>,
+    /// Hosts with their own `acme:` (challenges, dns), by first name.
+    pub per_host: BTreeMap<String, HostAcme>,
+}
+
+impl Acme {
+    /// The challenges `first`'s host is ordered with, in preference order.
+    pub fn challenges_for(&self, first: &str) -> Vec<Challenge> {
+        self.per_host
+            .get(first)
+            .and_then(|h| h.challenges.clone())
+            .unwrap_or_else(|| self.challenges.clone())
+    }
+
+    /// Where `first`'s host adds its dns-01 records.
+    pub fn dns_for(&self, first: &str) -> Option<&Dns> {
+        self.per_host
+            .get(first)
+            .and_then(|h| h.dns.as_ref())
+            .or(self.dns.as_ref())
+    }
+}
+
+/// A host's own `acme:` settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostAcme {
+    pub challenges: Option<Vec<Challenge>>,
+    pub dns: Option<Dns>,
+}
+
+/// `acme.dns` (or a host's): RFC 2136 updates of `zone` at `server`,
+/// signed with `tsig`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dns {
+    /// The zone's primary: where updates go (`IP:PORT`).
+    pub server: std::net::SocketAddr,
+    pub zone: String,
+    pub tsig: Tsig,
+    /// The authoritative servers that must serve a record before the CA is
+    /// told to look (`IP:PORT`); `server` alone when not given.
+    pub check: Vec<std::net::SocketAddr>,
+    /// How long they get to serve it.
+    pub propagation_timeout: Duration,
+}
+
+/// A TSIG key: its name as the DNS server knows it, its algorithm, and
+/// the file holding its secret (base64, or a BIND key file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tsig {
+    pub name: String,
+    pub algorithm: TsigAlgo,
+    pub secret_file: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum TsigAlgo {
+    #[default]
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+    #[serde(rename = "hmac-sha384")]
+    HmacSha384,
+    #[serde(rename = "hmac-sha512")]
+    HmacSha512,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -177,6 +241,8 @@ pub enum Challenge {
     TlsAlpn01,
     #[serde(rename = "http-01")]
     Http01,
+    #[serde(rename = "dns-01")]
+    Dns01,
 }
 
 impl Challenge {
@@ -184,6 +250,7 @@ impl Challenge {
         match self {
             Challenge::TlsAlpn01 => "tls-alpn-01",
             Challenge::Http01 => "http-01",
+            Challenge::Dns01 => "dns-01",
         }
     }
 }
@@ -218,6 +285,8 @@ pub struct Host {
     pub certificate: CertSource,
     /// Listener name → backend, with the top-level defaults already merged in.
     pub backends: BTreeMap<String, Backend>,
+    /// `acme:` of a `certificate: acme` host: its own challenges and dns.
+    pub acme: Option<HostAcme>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -236,8 +236,7 @@ fn acme_mistakes_are_reported_with_their_key_paths() {
         .replace("agreed: true", "agreed: false")
         .replace("c2VjcmV0LWtleQ", "not base64!")
         .replace("ecdsa-p384", "dsa")
-        .replace("30d", "2y")
-        .replace("imap.example.test", "\"*.example.org\"");
+        .replace("30d", "2y");
     let errs = parse(&text).unwrap_err();
     for want in [
         "acme.directory: \"http://acme.example.test/dir\": expected",
@@ -246,10 +245,120 @@ fn acme_mistakes_are_reported_with_their_key_paths() {
         "acme.eab.hmac_key: expected the base64url key",
         "acme.key_type: ",
         "acme.renew_before: 2years is out of range",
-        "hosts[0].names: *.example.org: wildcard certificates need dns-01",
     ] {
         assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
     }
+}
+
+const DNS: &str = r#"
+acme:
+  directory: letsencrypt-staging
+  terms_of_service_agreed: true
+  dns:
+    server: "127.0.0.1:5353"
+    zone: example.org.
+    tsig: { name: portcullis-acme, secret_file: tsig.key }
+listeners:
+  imaps: { bind: "127.0.0.1:10993", protocol: imap, tls: implicit }
+backends:
+  imaps: 127.0.0.1:10143
+hosts:
+  - names: ["*.example.org", example.org]
+    certificate: acme
+    acme: { challenges: [dns-01] }
+  - names: [mail.example.org]
+    certificate: acme
+"#;
+
+#[test]
+fn dns_01_settings_parse_globally_and_per_host() {
+    let c = parse(DNS).unwrap();
+    let a = c.acme.unwrap();
+    let dns = a.dns.clone().unwrap();
+    assert_eq!(dns.server, "127.0.0.1:5353".parse().unwrap());
+    assert_eq!(dns.zone, "example.org", "lower-case, no trailing dot");
+    assert_eq!(dns.tsig.algorithm, TsigAlgo::HmacSha256);
+    assert!(dns.tsig.secret_file.is_absolute());
+    assert_eq!(dns.check, vec![dns.server], "the primary alone by default");
+    assert_eq!(dns.propagation_timeout, defaults::DNS_PROPAGATION_TIMEOUT);
+    assert_eq!(a.challenges_for("*.example.org"), [Challenge::Dns01]);
+    assert_eq!(
+        a.challenges_for("mail.example.org"),
+        [Challenge::TlsAlpn01],
+        "the global list, less what no listener answers"
+    );
+    assert_eq!(a.dns_for("*.example.org"), Some(&dns));
+}
+
+#[test]
+fn hosts_on_dns_01_alone_need_no_port_80_or_443() {
+    // Both hosts by dns-01: nothing to forward.
+    let both = DNS.replace(
+        "  - names: [mail.example.org]\n    certificate: acme\n",
+        "  - names: [mail.example.org]\n    certificate: acme\n    acme: { challenges: [dns-01] }\n",
+    );
+    assert_ne!(both, DNS);
+    assert_eq!(
+        parse(&both).unwrap().acme_port_warnings(),
+        Vec::<String>::new()
+    );
+    // One host on the global list (tls-alpn-01 here): its port is checked.
+    let w = parse(DNS).unwrap().acme_port_warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("tls-alpn-01 on port 443"), "{w:?}");
+}
+
+#[test]
+fn dns_01_mistakes_are_reported_with_their_key_paths() {
+    // A wildcard without dns-01.
+    let errs = parse(&DNS.replace("acme: { challenges: [dns-01] }", "")).unwrap_err();
+    assert_problems(
+        &errs,
+        &["hosts[0].names: *.example.org: a wildcard certificate needs dns-01: give the host `acme: { challenges: [dns-01] }` and an `acme.dns` (server, zone, tsig)"],
+    );
+    // dns-01 with nowhere to add the record.
+    let no_dns = DNS.replace("  dns:\n    server: \"127.0.0.1:5353\"\n    zone: example.org.\n    tsig: { name: portcullis-acme, secret_file: tsig.key }\n", "");
+    assert_ne!(no_dns, DNS);
+    let errs = parse(&no_dns).unwrap_err();
+    assert_problems(
+        &errs,
+        &["hosts[0].acme: dns-01 needs `acme.dns` or the host's own `acme.dns`: server, zone, tsig"],
+    );
+    // A name outside the zone, a bad server, an unknown algorithm.
+    let errs = parse(&DNS.replace(
+        "\"*.example.org\", example.org]",
+        "\"*.example.org\", example.net]",
+    ))
+    .unwrap_err();
+    assert!(
+        errs.iter().any(|e| e.starts_with(
+            "hosts[0].names: example.net: _acme-challenge.example.net is not in zone example.org"
+        )),
+        "{errs:?}"
+    );
+    let errs = parse(&DNS.replace("127.0.0.1:5353", "ns1.example.org").replace(
+        "name: portcullis-acme,",
+        "name: portcullis-acme, algorithm: hmac-md5,",
+    ))
+    .unwrap_err();
+    for want in [
+        "acme.dns.server: invalid address \"ns1.example.org\"",
+        "acme.dns.tsig.algorithm: ",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+    }
+    // A host's own acme: only with certificate: acme.
+    let errs = parse(&DNS.replace(
+        "  - names: [mail.example.org]\n    certificate: acme\n",
+        "  - names: [mail.example.org]\n    certificate: self-signed\n    acme: { challenges: [http-01] }\n",
+    ))
+    .unwrap_err();
+    assert!(
+        errs.iter()
+            .any(|e| e
+                .starts_with("hosts[1].acme: only a `certificate: acme` host has ACME settings")),
+        "{errs:?}"
+    );
 }
 
 #[test]

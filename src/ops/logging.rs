@@ -11,7 +11,8 @@
 //! client's habit, not the operator's problem; the session's own line says
 //! what happened to it. The etcd client's transport (h2, hyper, tower,
 //! tonic) passes only at `warn` unless named: at `debug` it logs every
-//! HTTP/2 frame, keepalive pings included.
+//! HTTP/2 frame, keepalive pings included; so does hickory_proto (every DNS
+//! message dns-01 builds).
 
 use std::io::IsTerminal;
 
@@ -67,6 +68,7 @@ const QUIET: &[(&str, &str)] = &[
     ("hyper", "warn"),
     ("tower", "warn"),
     ("tonic", "warn"),
+    ("hickory_proto", "warn"),
 ];
 
 /// `filter`, with each of [`QUIET`] held to its level unless the filter
@@ -153,7 +155,7 @@ mod tests {
 
     #[test]
     fn rustls_and_the_etcd_transport_are_quiet_unless_named() {
-        let rest = ",h2=warn,hyper=warn,tower=warn,tonic=warn";
+        let rest = ",h2=warn,hyper=warn,tower=warn,tonic=warn,hickory_proto=warn";
         assert_eq!(directives("info"), format!("info,rustls=error{rest}"));
         assert_eq!(
             directives("warn,portcullis=debug"),
@@ -165,7 +167,7 @@ mod tests {
         );
         assert_eq!(
             directives("debug,h2=trace"),
-            "debug,h2=trace,rustls=error,hyper=warn,tower=warn,tonic=warn"
+            "debug,h2=trace,rustls=error,hyper=warn,tower=warn,tonic=warn,hickory_proto=warn"
         );
         // `hyper_util` is not `hyper`: hyper is still held.
         assert!(directives("hyper_util=debug").contains(",hyper=warn"));

@@ -67,6 +67,9 @@ pub struct PebblePorts {
     pub cert_validity: Option<Duration>,
     /// Percentage of good nonces Pebble rejects with `badNonce` (default 0).
     pub nonce_reject_percent: u8,
+    /// The DNS server Pebble resolves names and checks dns-01 at; its own
+    /// challtestsrv when `None`.
+    pub dns_server: Option<std::net::SocketAddr>,
     dns: u16,
     dns_management: u16,
     dir: tempfile::TempDir,
@@ -107,7 +110,10 @@ impl PebblePorts {
                 .arg("-config")
                 .arg(d.join("pebble.json"))
                 .arg("-dnsserver")
-                .arg(format!("127.0.0.1:{}", self.dns))
+                .arg(
+                    self.dns_server
+                        .map_or(format!("127.0.0.1:{}", self.dns), |a| a.to_string()),
+                )
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_AUTHZREUSE", "0")
                 .env(
@@ -172,6 +178,7 @@ impl Pebble {
             management: free_port(),
             cert_validity: None,
             nonce_reject_percent: 0,
+            dns_server: None,
             dns: free_port(),
             dns_management: free_port(),
             dir,

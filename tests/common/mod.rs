@@ -6,6 +6,7 @@
 //! `PORTCULLIS_REQUIRE_TOOLS=1` (set by `.ci/run`) turns the skip into a failure.
 #![allow(dead_code)]
 pub mod acme;
+pub mod bind;
 pub mod etcd;
 pub mod mail;
 pub mod process;
@@ -224,7 +225,7 @@ impl std::io::Write for LogSink {
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
-            "debug,h2=warn,hyper=warn,tower=warn,tonic=warn",
+            "debug,h2=warn,hyper=warn,tower=warn,tonic=warn,hickory_proto=warn",
         ))
         .with_ansi(false)
         .with_writer(|| LogSink)
