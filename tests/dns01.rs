@@ -334,3 +334,42 @@ async fn a_record_left_by_a_crash_is_removed_at_the_next_start() {
     );
     second.shutdown().await;
 }
+
+/// A server in `check` that never serves the record (a secondary that
+/// missed the NOTIFY): the order fails after `propagation_timeout`, naming
+/// the server it waited for, and the record is removed from the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_that_does_not_serve_the_record_is_named() {
+    if !tools("a_secondary_that_does_not_serve_the_record_is_named") {
+        return;
+    }
+    let s = Setup::start().await;
+    let good = s.issued(PLAIN, None).await;
+    s.issued("a.wild.test", None).await;
+    // A second BIND for the zone that takes no updates from the first.
+    let lagging = Bind::start(&["wild.test"], &[PLAIN]).await;
+    let yaml = yaml(&s.bind, &s.pebble, s.bind.key_name(), &s.secret).replace(
+        "    propagation_timeout: 10s\n",
+        &format!(
+            "    check: [\"{}\", \"{}\"]\n    propagation_timeout: 2s\n",
+            s.bind.addr(),
+            lagging.addr()
+        ),
+    );
+    s.proxy.write_config(&yaml);
+    s.proxy.reload().await.expect("reload");
+    let row = s.renew(PLAIN).await;
+    assert_eq!(row.outcome, "failed", "{row:?}");
+    let want = format!(
+        "_acme-challenge.mail.wild.test TXT was added at {}, but {} did not serve it within 2 s",
+        s.bind.addr(),
+        lagging.addr()
+    );
+    assert!(row.detail.contains(&want), "{row:?}");
+    assert_eq!(
+        s.issued(PLAIN, None).await,
+        good,
+        "the old certificate serves on"
+    );
+    s.no_records_left().await;
+}
