@@ -64,6 +64,17 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print the DANE TLSA records of a host's certificate on disk, in
+    /// zone-file form: `3 1 1` for each TLS port the host is served on.
+    Tlsa {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Also the issuing CA's key (`2 1 1`).
+        #[arg(long)]
+        issuer: bool,
+        /// A name of the host.
+        name: String,
+    },
     /// Print the version.
     Version,
 }
@@ -80,6 +91,11 @@ fn main() -> ExitCode {
             name,
         } => renew(&config, force, name),
         Command::Reload { config } => reload(&config),
+        Command::Tlsa {
+            config,
+            issuer,
+            name,
+        } => tlsa(&config, &name, issuer),
         Command::Version => {
             println!("portcullis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -270,6 +286,24 @@ fn print_cluster(c: &control::ClusterRow) {
     println!("  {:<24} LAST SYNC", "NODE");
     for n in &c.nodes {
         println!("  {:<24} {}", n.node, n.synced_at);
+    }
+}
+
+fn tlsa(path: &Path, name: &str, issuer: bool) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    match portcullis::ops::tlsa::records(&config, name, issuer) {
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::cluster::keys::Key;
 use crate::cluster::lock::Lock;
 use crate::cluster::ClusterError;
 use crate::config::names::{self, HostPattern};
-use crate::config::{Challenge, Dns, KeyType};
+use crate::config::{Challenge, Dns, KeyPolicy, KeyType};
 
 /// How long the CA may take to settle an order while we poll it.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -223,10 +223,15 @@ impl Shared {
         }
         drop(posted);
 
-        let key = match self.config.key_type {
-            KeyType::EcdsaP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
-            KeyType::EcdsaP384 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)?,
-            KeyType::Rsa2048 => rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?,
+        let key = match self.config.key_for(&first) {
+            KeyPolicy::Reuse => match self.stored_key(names) {
+                Some(k) => {
+                    debug!("reusing the certificate's key (acme key: reuse): TLSA 3 1 1 records stay valid");
+                    k
+                }
+                None => self.new_key()?,
+            },
+            KeyPolicy::New => self.new_key()?,
         };
         let csr = csr(names, &key)?;
         finalize(&mut order, &csr).await?;
@@ -244,6 +249,47 @@ impl Shared {
             key_pem,
             meta,
         })
+    }
+
+    /// A new key of `acme.key_type`.
+    fn new_key(&self) -> Result<rcgen::KeyPair, rcgen::Error> {
+        match self.config.key_type {
+            KeyType::EcdsaP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+            KeyType::EcdsaP384 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+            KeyType::Rsa2048 => rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256),
+        }
+    }
+
+    /// The stored certificate's key, when it is of `acme.key_type`; `None`
+    /// (and a new key) when there is none, it does not load, or the type
+    /// changed — said in the log, as the TLSA record must change then.
+    fn stored_key(&self, names: &[HostPattern]) -> Option<rcgen::KeyPair> {
+        let path = store::host_dir(&self.state_dir, names).join("privkey.pem");
+        let pem = match std::fs::read_to_string(&path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "acme key: reuse, but the stored key cannot be read: a new key (publish its TLSA record)");
+                return None;
+            }
+        };
+        let key = match rcgen::KeyPair::from_pem(&pem) {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "acme key: reuse, but the stored key does not load: a new key (publish its TLSA record)");
+                return None;
+            }
+        };
+        let wanted = match self.config.key_type {
+            KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
+        };
+        if key.algorithm() != wanted {
+            warn!(key_type = ?self.config.key_type, "acme key: reuse, but the stored key is of another type than acme.key_type: a new key (publish its TLSA record)");
+            return None;
+        }
+        Some(key)
     }
 
     /// A new order for `names` (naming the certificate it `replaces`, where

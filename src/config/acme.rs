@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 
 use super::walk::{field, join, Walk};
 use super::{
-    defaults, Acme, CertSource, Challenge, Dns, Eab, Host, HostAcme, KeyType, Listener, Tsig,
-    TsigAlgo,
+    defaults, Acme, CertSource, Challenge, Dns, Eab, Host, HostAcme, KeyPolicy, KeyType, Listener,
+    Tsig, TsigAlgo,
 };
 use crate::protocol::{Protocol, TlsMode};
 
@@ -27,9 +27,10 @@ const ACME_KEYS: &[&str] = &[
     "key_type",
     "renew_before",
     "dns",
+    "key",
 ];
 const EAB_KEYS: &[&str] = &["kid", "hmac_key"];
-const HOST_ACME_KEYS: &[&str] = &["challenges", "dns"];
+const HOST_ACME_KEYS: &[&str] = &["challenges", "dns", "key"];
 const DNS_KEYS: &[&str] = &["server", "zone", "tsig", "check", "propagation_timeout"];
 const TSIG_KEYS: &[&str] = &["name", "algorithm", "secret_file"];
 /// Whether `name` lies in `zone` (both lower-case, no trailing dot).
@@ -62,6 +63,9 @@ impl Walk<'_> {
         }
         let challenges = self.challenges(m, "acme.challenges");
         let dns = field(m, "dns").map(|v| self.dns(v, "acme.dns"));
+        let key = field(m, "key")
+            .map(|v| self.de::<KeyPolicy>(v, "acme.key"))
+            .unwrap_or(Some(KeyPolicy::default()));
         let ca_roots = field(m, "ca_roots")
             .and_then(|v| self.string(v, "acme.ca_roots"))
             .map(|s| self.path(&s));
@@ -83,6 +87,7 @@ impl Walk<'_> {
             key_type: key_type?,
             renew_before: renew_before.map_or(Some(None), |d| d.map(Some))?,
             dns: dns.map_or(Some(None), |d| d.map(Some))?,
+            key: key?,
             per_host: BTreeMap::new(),
         })
     }
@@ -93,9 +98,11 @@ impl Walk<'_> {
         let challenges =
             field(m, "challenges").map(|_| self.challenges(m, &join(path, "challenges")));
         let dns = field(m, "dns").map(|v| self.dns(v, &join(path, "dns")));
+        let key = field(m, "key").map(|v| self.de::<KeyPolicy>(v, &join(path, "key")));
         Some(HostAcme {
             challenges: challenges.map_or(Some(None), |c| c.map(Some))?,
             dns: dns.map_or(Some(None), |d| d.map(Some))?,
+            key: key.map_or(Some(None), |k| k.map(Some))?,
         })
     }
 

@@ -171,8 +171,22 @@ pub struct Acme {
     pub renew_before: Option<Duration>,
     /// `acme.dns`: where dns-01 records are added, for hosts without their own.
     pub dns: Option<Dns>,
-    /// Hosts with their own `acme:` (challenges, dns), by first name.
+    /// `acme.key`: what each order does with the certificate's key.
+    pub key: KeyPolicy,
+    /// Hosts with their own `acme:` (challenges, dns, key), by first name.
     pub per_host: BTreeMap<String, HostAcme>,
+}
+
+/// What an order does with the key (RFC 7672 §8.1: a `TLSA 3 1 1` record
+/// names the key, so a new key at every renewal breaks DANE).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyPolicy {
+    /// A new key at every order.
+    #[default]
+    New,
+    /// The current certificate's key again, as long as it is of `key_type`.
+    Reuse,
 }
 
 impl Acme {
@@ -182,6 +196,14 @@ impl Acme {
             .get(first)
             .and_then(|h| h.challenges.clone())
             .unwrap_or_else(|| self.challenges.clone())
+    }
+
+    /// What `first`'s host's orders do with its key.
+    pub fn key_for(&self, first: &str) -> KeyPolicy {
+        self.per_host
+            .get(first)
+            .and_then(|h| h.key)
+            .unwrap_or(self.key)
     }
 
     /// Where `first`'s host adds its dns-01 records.
@@ -198,6 +220,7 @@ impl Acme {
 pub struct HostAcme {
     pub challenges: Option<Vec<Challenge>>,
     pub dns: Option<Dns>,
+    pub key: Option<KeyPolicy>,
 }
 
 /// `acme.dns` (or a host's): RFC 2136 updates of `zone` at `server`,

@@ -291,6 +291,36 @@ fn dns_01_settings_parse_globally_and_per_host() {
 }
 
 #[test]
+fn the_key_policy_is_global_and_per_host() {
+    let c = parse(&DNS.replace(
+        "  terms_of_service_agreed: true\n",
+        "  terms_of_service_agreed: true\n  key: reuse\n",
+    ))
+    .unwrap();
+    let a = c.acme.unwrap();
+    assert_eq!(a.key_for("mail.example.org"), KeyPolicy::Reuse);
+    let c = parse(&DNS.replace(
+        "acme: { challenges: [dns-01] }",
+        "acme: { challenges: [dns-01], key: reuse }",
+    ))
+    .unwrap();
+    let a = c.acme.unwrap();
+    assert_eq!(a.key, KeyPolicy::New, "a new key by default");
+    assert_eq!(a.key_for("*.example.org"), KeyPolicy::Reuse);
+    assert_eq!(a.key_for("mail.example.org"), KeyPolicy::New);
+    let errs = parse(&DNS.replace(
+        "acme: { challenges: [dns-01] }",
+        "acme: { challenges: [dns-01], key: keep }",
+    ))
+    .unwrap_err();
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("hosts[0].acme.key: unknown variant `keep`")),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn hosts_on_dns_01_alone_need_no_port_80_or_443() {
     // Both hosts by dns-01: nothing to forward.
     let both = DNS.replace(

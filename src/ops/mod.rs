@@ -12,6 +12,7 @@ pub mod logging;
 pub mod notify;
 pub mod reload;
 pub mod reports;
+pub mod tlsa;
 
 use std::sync::Arc;
 

@@ -1,0 +1,182 @@
+//! `portcullis tlsa HOST`: the DANE TLSA records (RFC 6698, RFC 7672) of a
+//! host's certificate as it is on disk, in zone-file form. `3 1 1` names
+//! the certificate's own key (SHA-256 of its SubjectPublicKeyInfo), one
+//! record for each TLS port the host is served on; with `--issuer`, also
+//! `2 1 1`, the key of the CA that issued it. With `acme: { key: reuse }`
+//! the `3 1 1` record stays valid across renewals.
+
+use std::path::PathBuf;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::config::names::HostPattern;
+use crate::config::{CertSource, Config, Host};
+use crate::protocol::TlsMode;
+
+/// The records for the host named `name`, one line each.
+pub fn records(config: &Config, name: &str, issuer: bool) -> Result<Vec<String>, String> {
+    let wanted = name.trim_end_matches('.').to_ascii_lowercase();
+    let host = config
+        .hosts
+        .iter()
+        .find(|h| h.names.iter().any(|n| n.to_string() == wanted))
+        .ok_or_else(|| format!("no host is named {name}"))?;
+    let path = chain_file(config, host)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: {e:?}", path.display()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("{}: no certificate in it", path.display()))?;
+    let ports = tls_ports(config, host);
+    if ports.is_empty() {
+        return Err(format!(
+            "no TLS listener carries {name}: a TLSA record names a TLS port"
+        ));
+    }
+    let owners: Vec<String> = host
+        .names
+        .iter()
+        .filter_map(|n| match n {
+            HostPattern::Exact(h) => Some(h.as_str().to_string()),
+            HostPattern::Wildcard(_) => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut add = |usage: u8, der: &[u8]| -> Result<(), String> {
+        let digest = spki_sha256(der)?;
+        for owner in &owners {
+            for port in &ports {
+                out.push(format!(
+                    "_{port}._tcp.{owner}. IN TLSA {usage} 1 1 {digest}"
+                ));
+            }
+        }
+        Ok(())
+    };
+    add(3, leaf)?;
+    if issuer {
+        let ca = chain
+            .get(1)
+            .ok_or_else(|| format!("{}: no issuer certificate after the leaf", path.display()))?;
+        add(2, ca)?;
+    }
+    Ok(out)
+}
+
+/// Where the host's certificate chain is, leaf first.
+fn chain_file(config: &Config, host: &Host) -> Result<PathBuf, String> {
+    match &host.certificate {
+        CertSource::Files { cert, .. } => Ok(cert.clone()),
+        CertSource::Acme => {
+            let dir = crate::acme::store::host_dir(&config.state_dir, &host.names);
+            let chain = dir.join("fullchain.pem");
+            if chain.exists() {
+                Ok(chain)
+            } else {
+                Err(format!(
+                    "{}: no certificate issued yet for this host",
+                    chain.display()
+                ))
+            }
+        }
+        CertSource::SelfSigned => Err(
+            "a self-signed certificate is made anew when it cannot be kept: no TLSA record can follow it"
+                .into(),
+        ),
+    }
+}
+
+/// The ports of the TLS listeners (implicit or STARTTLS) that carry `host`.
+fn tls_ports(config: &Config, host: &Host) -> Vec<u16> {
+    let mut ports: Vec<u16> = config
+        .listeners
+        .iter()
+        .filter(|(name, l)| l.tls != TlsMode::None && host.backends.contains_key(*name))
+        .flat_map(|(_, l)| l.bind.iter().map(|a| a.port()))
+        // Port 0 (the kernel picks one) names no service.
+        .filter(|&p| p != 0)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Lower-case hex of the SHA-256 of a certificate's SubjectPublicKeyInfo.
+fn spki_sha256(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let spki = cert.tbs_certificate.subject_pki.raw;
+    Ok(sha256_hex(spki))
+}
+
+/// Lower-case hex of SHA-256, from the TLS provider's own hash.
+fn sha256_hex(data: &[u8]) -> String {
+    let rustls::SupportedCipherSuite::Tls13(suite) =
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+    else {
+        unreachable!("a TLS 1.3 suite")
+    };
+    let digest = suite.common.hash_provider.hash(data);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Config {
+        let yaml = format!(
+            r#"
+state_dir: {state}
+listeners:
+  smtp: {{ bind: "127.0.0.1:2525", protocol: smtp, tls: starttls }}
+  submissions: {{ bind: "127.0.0.1:4465", protocol: smtp, tls: implicit }}
+  imaps: {{ bind: "127.0.0.1:9993", protocol: imap, tls: implicit }}
+  http: {{ bind: "127.0.0.1:8080", protocol: http }}
+backends:
+  smtp: 127.0.0.1:25
+  submissions: 127.0.0.1:465
+hosts:
+  - names: [mx.example.test, "*.example.test"]
+    certificate: {{ cert: {cert}, key: {key} }}
+  - names: [other.example.test]
+    certificate: self-signed
+"#,
+            state = dir.join("state").display(),
+            cert = cert.display(),
+            key = key.display(),
+        );
+        Config::parse(&yaml, dir).unwrap()
+    }
+
+    #[test]
+    fn records_name_each_tls_port_of_the_host_and_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["mx.example.test".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let c = config(dir.path(), &cert_path, &key_path);
+
+        let want = sha256_hex(&rcgen::PublicKeyData::subject_public_key_info(&key));
+        let lines = records(&c, "MX.example.test.", false).unwrap();
+        assert_eq!(
+            lines,
+            [
+                format!("_2525._tcp.mx.example.test. IN TLSA 3 1 1 {want}"),
+                format!("_4465._tcp.mx.example.test. IN TLSA 3 1 1 {want}"),
+            ],
+            "the host's TLS listeners only (no imaps backend, no http), no wildcard owner"
+        );
+        let e = records(&c, "mx.example.test", true).unwrap_err();
+        assert!(e.contains("no issuer certificate after the leaf"), "{e}");
+        let e = records(&c, "other.example.test", false).unwrap_err();
+        assert!(e.contains("self-signed"), "{e}");
+        let e = records(&c, "nobody.example.test", false).unwrap_err();
+        assert_eq!(e, "no host is named nobody.example.test");
+    }
+}

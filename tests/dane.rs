@@ -1,0 +1,157 @@
+//! DANE-safe keys (RFC 7672): with `acme: { key: reuse }` a renewal keeps
+//! the certificate's key, so a `TLSA 3 1 1` record stays valid; `portcullis
+//! tlsa` prints that record from the certificate on disk, and it matches
+//! what openssl computes from the certificate served.
+
+mod common;
+
+use std::time::Duration;
+
+use common::acme::{tools, Pebble};
+use common::process::{path_str, portcullis};
+use common::site::*;
+use common::Proxy;
+
+/// SHA-256 of the served certificate's SubjectPublicKeyInfo, by openssl:
+/// `openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256`.
+async fn openssl_spki_sha256(der: &[u8]) -> String {
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64_lines(der)
+    );
+    let limit = Duration::from_secs(10);
+    let (ok, pubkey, err) = common::run_cmd(
+        "openssl",
+        &["x509", "-pubkey", "-noout"],
+        pem.as_bytes(),
+        limit,
+    )
+    .await;
+    assert!(ok, "openssl x509: {err}");
+    let dir = common::scratch();
+    let der_path = dir.path().join("spki.der");
+    let (ok, _, err) = common::run_cmd(
+        "openssl",
+        &[
+            "pkey",
+            "-pubin",
+            "-outform",
+            "der",
+            "-out",
+            path_str(&der_path),
+        ],
+        pubkey.as_bytes(),
+        limit,
+    )
+    .await;
+    assert!(ok, "openssl pkey: {err}");
+    let (ok, out, err) = common::run_cmd(
+        "openssl",
+        &["dgst", "-sha256", "-r", path_str(&der_path)],
+        b"",
+        limit,
+    )
+    .await;
+    assert!(ok, "openssl dgst: {err}");
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `portcullis tlsa` for the site's first name: exit code, stdout, stderr.
+fn tlsa(site: &Site) -> (i32, String, String) {
+    let config = site.config_path();
+    let args = ["tlsa", "--config", path_str(&config), &site.names[0]];
+    portcullis(&args, Duration::from_secs(30))
+}
+
+fn base64_lines(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    b64.as_bytes()
+        .chunks(64)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_reuse_keeps_the_tlsa_record_valid_across_renewals() {
+    let test = "key_reuse_keeps_the_tlsa_record_valid_across_renewals";
+    if !tools(test) || !common::tool("openssl", test) {
+        return;
+    }
+    let site = Site::new("dane1").await;
+    let pebble = Pebble::start(site.http, site.imaps).await;
+    let yaml = site
+        .config(&pebble.directory, &pebble.ca_roots, "http-01")
+        .replace("  challenges: [", "  key: reuse\n  challenges: [");
+    std::fs::write(site.config_path(), &yaml).unwrap();
+    let proxy = Proxy::start(&yaml).await;
+    let imaps = proxy.addr(&site.imaps());
+    let first = wait_issued(imaps, &site.names[0], None)
+        .await
+        .unwrap_or_else(|| panic!("no certificate\n{}", pebble.log()));
+    let digest = openssl_spki_sha256(&first[0]).await;
+
+    // What `portcullis tlsa` prints for the host: the same key.
+    let (code, out, err) = tlsa(&site);
+    assert_eq!(code, 0, "{out}{err}");
+    let want = format!(
+        "_{}._tcp.{}. IN TLSA 3 1 1 {digest}",
+        site.imaps, site.names[0]
+    );
+    assert!(out.lines().any(|l| l == want), "{want:?} not in:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&format!("_{}._tcp.{}. ", site.imaps, site.names[1]))),
+        "every name of the host: {out}"
+    );
+
+    // Three renewals: three new certificates, one key.
+    let mut serial_seen = serial(&first[0]);
+    for round in 1..=3 {
+        let row = renew(&site, true).await;
+        assert_eq!(row.outcome, "renewed", "round {round}: {row:?}");
+        let chain = wait_issued(imaps, &site.names[0], Some(&serial_seen))
+            .await
+            .unwrap_or_else(|| panic!("round {round}: no new certificate"));
+        serial_seen = serial(&chain[0]);
+        assert_eq!(
+            openssl_spki_sha256(&chain[0]).await,
+            digest,
+            "round {round}: the key changed"
+        );
+    }
+    assert_eq!(pebble.issued(), 4);
+    let (_, again, _) = tlsa(&site);
+    assert_eq!(
+        again, out,
+        "the record printed is the same after the renewals"
+    );
+}
+
+/// Without `key: reuse`, each renewal has a new key (the default), and
+/// `portcullis tlsa` follows the certificate on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_renewal_brings_a_new_key_and_tlsa_follows_it() {
+    let test = "by_default_a_renewal_brings_a_new_key_and_tlsa_follows_it";
+    if !tools(test) || !common::tool("openssl", test) {
+        return;
+    }
+    let (site, pebble, proxy, _yaml, first) = issued_site("dane2", "http-01").await;
+    let imaps = proxy.addr(&site.imaps());
+    let before = openssl_spki_sha256(&first[0]).await;
+    let row = renew(&site, true).await;
+    assert_eq!(row.outcome, "renewed", "{row:?}\n{}", pebble.log());
+    let chain = wait_issued(imaps, &site.names[0], Some(&serial(&first[0])))
+        .await
+        .unwrap();
+    let after = openssl_spki_sha256(&chain[0]).await;
+    assert_ne!(before, after, "a new key");
+    let (code, out, err) = tlsa(&site);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&after), "{out}");
+    assert!(!out.contains(&before), "{out}");
+}
