@@ -257,6 +257,9 @@ fn certs(path: &Path, json: bool) -> ExitCode {
             next,
             row.issuer
         );
+        if let Some(key) = &row.key {
+            println!("    key: {key}");
+        }
         if let Some(node) = &row.locked_by {
             println!("    order lock held by node {node}");
         }

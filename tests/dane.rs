@@ -59,6 +59,25 @@ async fn openssl_spki_sha256(der: &[u8]) -> String {
         .to_string()
 }
 
+/// Starts portcullis on the site's config with `acme` lines added to its
+/// `acme:` block (and written for the CLI); waits for the first certificate.
+async fn start_with(
+    site: &Site,
+    pebble: &Pebble,
+    acme: &str,
+) -> (Proxy, std::net::SocketAddr, Vec<Vec<u8>>) {
+    let yaml = site
+        .config(&pebble.directory, &pebble.ca_roots, "http-01")
+        .replace("  challenges: [", &format!("{acme}  challenges: ["));
+    std::fs::write(site.config_path(), &yaml).unwrap();
+    let proxy = Proxy::start(&yaml).await;
+    let imaps = proxy.addr(&site.imaps());
+    let first = wait_issued(imaps, &site.names[0], None)
+        .await
+        .unwrap_or_else(|| panic!("no certificate\n{}", pebble.log()));
+    (proxy, imaps, first)
+}
+
 /// `portcullis tlsa` for the site's first name: exit code, stdout, stderr.
 fn tlsa(site: &Site) -> (i32, String, String) {
     let config = site.config_path();
@@ -84,15 +103,7 @@ async fn key_reuse_keeps_the_tlsa_record_valid_across_renewals() {
     }
     let site = Site::new("dane1").await;
     let pebble = Pebble::start(site.http, site.imaps).await;
-    let yaml = site
-        .config(&pebble.directory, &pebble.ca_roots, "http-01")
-        .replace("  challenges: [", "  key: reuse\n  challenges: [");
-    std::fs::write(site.config_path(), &yaml).unwrap();
-    let proxy = Proxy::start(&yaml).await;
-    let imaps = proxy.addr(&site.imaps());
-    let first = wait_issued(imaps, &site.names[0], None)
-        .await
-        .unwrap_or_else(|| panic!("no certificate\n{}", pebble.log()));
+    let (_proxy, imaps, first) = start_with(&site, &pebble, "  key: reuse\n").await;
     let digest = openssl_spki_sha256(&first[0]).await;
 
     // What `portcullis tlsa` prints for the host: the same key.
@@ -154,4 +165,91 @@ async fn by_default_a_renewal_brings_a_new_key_and_tlsa_follows_it() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&after), "{out}");
     assert!(!out.contains(&before), "{out}");
+}
+
+/// `key: rollover`: the next key is made ahead and printed by `portcullis
+/// tlsa`; renewals keep the current key until the next key's TLSA record
+/// is served by every `acme.tlsa.check` server for `wait_ttls` TTLs; then
+/// the certificate has the next key, and a new next key waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rollover_waits_for_the_tlsa_record_then_switches() {
+    let test = "key_rollover_waits_for_the_tlsa_record_then_switches";
+    if !tools(test) || !common::tool("openssl", test) || !common::bind::tools(test) {
+        return;
+    }
+    if !common::tool("nsupdate", test) {
+        return;
+    }
+    let site = Site::new("dane3").await;
+    let bind = common::bind::Bind::start(&["dane3.test"], &[&site.names[0], &site.names[1]]).await;
+    let pebble = Pebble::start(site.http, site.imaps).await;
+    let acme = format!(
+        "  key: rollover\n  tlsa: {{ check: [\"{}\"], wait_ttls: 2 }}\n",
+        bind.addr()
+    );
+    let (_proxy, imaps, first) = start_with(&site, &pebble, &acme).await;
+    let current = openssl_spki_sha256(&first[0]).await;
+
+    // The next key, printed ahead, under every owner name.
+    let (code, out, err) = tlsa(&site);
+    assert_eq!(code, 0, "{out}{err}");
+    let next_lines: Vec<&str> = out.lines().filter(|l| l.contains("the next key")).collect();
+    assert_eq!(next_lines.len(), 2, "one per name: {out}");
+    let next = next_lines[0].split_whitespace().nth(6).unwrap().to_string();
+    assert_ne!(next, current);
+    assert!(out.contains(&format!("3 1 1 {current}\n")), "{out}");
+
+    // Not published: a renewal keeps the current key.
+    let renewed = |old: String| {
+        let site = &site;
+        async move {
+            let row = renew(site, true).await;
+            assert_eq!(row.outcome, "renewed", "{row:?}");
+            let chain = wait_issued(imaps, &site.names[0], Some(&old))
+                .await
+                .unwrap();
+            (serial(&chain[0]), openssl_spki_sha256(&chain[0]).await)
+        }
+    };
+    let (s1, k1) = renewed(serial(&first[0])).await;
+    assert_eq!(k1, current, "the next key is not served yet");
+
+    // Published (TTL 1 s): seen now, but used only after 2 TTLs.
+    let mut script = format!("server 127.0.0.1 {}\nzone dane3.test\n", bind.port());
+    for name in &site.names {
+        script.push_str(&format!(
+            "update add _{}._tcp.{name} 1 TLSA 3 1 1 {next}\n",
+            site.imaps
+        ));
+    }
+    script.push_str("send\n");
+    let key = format!("hmac-sha256:{}:{}", bind.key_name(), bind.secret_b64());
+    let (ok, o, e) = common::run_cmd(
+        "nsupdate",
+        &["-y", &key],
+        script.as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(ok, "nsupdate: {o}{e}");
+    let (s2, k2) = renewed(s1).await;
+    assert_eq!(k2, current, "served, but not for 2 TTLs yet");
+    let row = cert_row(&site).await;
+    assert!(
+        row.key.as_deref().unwrap_or("").contains("served"),
+        "{row:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, k3) = renewed(s2).await;
+    assert_eq!(k3, next, "the certificate has the next key now");
+    let (_, out, _) = tlsa(&site);
+    assert!(
+        out.contains(&format!("3 1 1 {next}\n")),
+        "the current record now: {out}"
+    );
+    let newer: Vec<&str> = out.lines().filter(|l| l.contains("the next key")).collect();
+    assert_eq!(newer.len(), 2, "{out}");
+    assert!(!newer[0].contains(&next), "a new next key waits: {out}");
+    assert_eq!(pebble.issued(), 4);
 }

@@ -30,6 +30,7 @@ pub mod challenge;
 pub mod dns01;
 mod order;
 pub mod retry;
+pub mod rollover;
 pub mod schedule;
 pub mod store;
 mod task;
@@ -242,6 +243,8 @@ pub struct Status {
     pub next_renewal: Option<SystemTime>,
     pub failures: u32,
     pub last_error: Option<String>,
+    /// `key: rollover`: where the host is in the cycle.
+    pub key: Option<String>,
 }
 
 /// The control socket's way into one host's ACME task.

@@ -9,10 +9,10 @@ use instant_acme::{
     Account, AuthorizationStatus, CertificateIdentifier, ChallengeStatus, ChallengeType,
     Identifier, NewOrder, OrderStatus, RetryPolicy,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::retry::{self, retrying};
-use super::{account, challenge, dns01, store, transport, Shared};
+use super::{account, challenge, dns01, rollover, store, transport, Shared};
 use crate::cluster::keys::Key;
 use crate::cluster::lock::Lock;
 use crate::cluster::ClusterError;
@@ -223,13 +223,25 @@ impl Shared {
         }
         drop(posted);
 
-        let key = match self.config.key_for(&first) {
+        let policy = self.config.key_for(&first);
+        let mut rolled = false;
+        let key = match policy {
             KeyPolicy::Reuse => match self.stored_key(names) {
                 Some(k) => {
                     debug!("reusing the certificate's key (acme key: reuse): TLSA 3 1 1 records stay valid");
                     k
                 }
                 None => self.new_key()?,
+            },
+            KeyPolicy::Rollover => match self.next_key_if_served(&first).await {
+                Some(k) => {
+                    rolled = true;
+                    k
+                }
+                None => match self.stored_key(names) {
+                    Some(k) => k,
+                    None => self.new_key()?,
+                },
             },
             KeyPolicy::New => self.new_key()?,
         };
@@ -238,6 +250,19 @@ impl Shared {
         let chain = retrying!("certificate", order.poll_certificate(&retry))?;
         let key_pem = key.serialize_pem();
         let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
+        if policy == KeyPolicy::Rollover {
+            // The next key is this certificate's now (or still to come):
+            // there is always one waiting to be published.
+            let made = if rolled {
+                info!("key rollover: the certificate has the next key now; a new next key is made");
+                rollover::rolled(&self.state_dir, &first, self.config.key_type)
+            } else {
+                rollover::ensure(&self.state_dir, &first, self.config.key_type)
+            };
+            if let Err(e) = made {
+                warn!(error = %e, "key rollover: no next key could be kept");
+            }
+        }
         let meta = store::Meta {
             names: names::to_strings(names),
             directory: self.config.directory.clone(),
@@ -249,6 +274,20 @@ impl Shared {
             key_pem,
             meta,
         })
+    }
+
+    /// The next key of a `key: rollover` host, once its TLSA record has
+    /// been served long enough (looked at now).
+    async fn next_key_if_served(&self, first: &str) -> Option<rcgen::KeyPair> {
+        let tlsa = self.config.tlsa.as_ref()?;
+        let owners = &self.config.per_host.get(first)?.tlsa_owners;
+        let next = rollover::look(&self.state_dir, first, tlsa, owners).await?;
+        let from = rollover::usable_from(&next, tlsa.wait_ttls)?;
+        if from > SystemTime::now() {
+            info!(next_key = %next.spki_sha256, "key rollover: the next key's TLSA record is served, but not for long enough yet: the current key again");
+            return None;
+        }
+        rollover::key(&self.state_dir, first)
     }
 
     /// A new key of `acme.key_type`.

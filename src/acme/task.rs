@@ -13,12 +13,12 @@ use tracing::{debug, error, info, warn};
 
 use super::order::{IssueError, Issued};
 use super::schedule::{self, Lifetime, Window};
-use super::{causes, store, Ask, Event, Managed, Outcome, Shared, Status, Unstored};
+use super::{causes, rollover, store, Ask, Event, Managed, Outcome, Shared, Status, Unstored};
 use crate::cluster::keys::{CertRecord, Key};
 use crate::cluster::lock::{Acquired, Lock};
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::names::{self, HostPattern};
-use crate::config::Challenge;
+use crate::config::{Challenge, KeyPolicy};
 use crate::tls::certs::CertInfo;
 use crate::tls::hosts::{CertSlot, Served, Source};
 
@@ -35,6 +35,8 @@ const ARI_RETRY: Duration = Duration::from_secs(3600);
 /// In a cluster, the next look after another node held the lock or the
 /// store did not answer: the lock's lease outlives a node that died with it.
 const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+/// How often a `key: rollover` host asks DNS about its next key.
+const KEY_LOOK: Duration = Duration::from_secs(10 * 60);
 
 /// The certificate being served, as the scheduler sees it.
 #[derive(Clone, Debug)]
@@ -78,6 +80,9 @@ pub(super) struct HostTask {
     /// In a cluster: no attempt before this (another node holds the lock,
     /// or the store does not answer); not a failure.
     cluster_wait: Option<SystemTime>,
+    /// `key: rollover`: when DNS is next asked whether the next key's
+    /// TLSA record is served.
+    key_look: Option<SystemTime>,
     /// In a cluster: a certificate this node ordered but could not write
     /// to the store; written when the store lets it.
     unpublished: Option<CertRecord>,
@@ -129,6 +134,7 @@ impl HostTask {
                 .config
                 .challenges_for(&names.first().map(ToString::to_string).unwrap_or_default()),
             cluster_wait: None,
+            key_look: None,
             unpublished: None,
             shared,
         }
@@ -173,6 +179,10 @@ impl HostTask {
             if self.unpublished.is_some() {
                 wake = wake.min(now + CLUSTER_WAIT);
             }
+            let rollover = self.rollover();
+            if rollover {
+                wake = wake.min(*self.key_look.get_or_insert(now));
+            }
             self.set_status(|s| s.next_renewal = Some(due));
             let sleep = wake.duration_since(now).unwrap_or_default().min(MAX_SLEEP);
             let request = tokio::select! {
@@ -215,6 +225,12 @@ impl HostTask {
                     _ = stop.cancelled() => return,
                 }
             }
+            if rollover && self.key_look.is_some_and(|t| t <= now) {
+                tokio::select! {
+                    _ = self.look_at_next_key() => {},
+                    _ = stop.cancelled() => return,
+                }
+            }
             if poll_ari && self.ari_poll <= now && due > now {
                 tokio::select! {
                     _ = self.poll_ari() => {},
@@ -238,6 +254,37 @@ impl HostTask {
                 }
             }
         }
+    }
+
+    /// Whether this host rolls its key over (and there is where to look).
+    fn rollover(&self) -> bool {
+        let acme = &self.shared.config;
+        acme.tlsa.is_some() && acme.key_for(&self.first()) == KeyPolicy::Rollover
+    }
+
+    /// Asks DNS whether the next key's TLSA record is served, and says
+    /// where the host is in the cycle (`portcullis certs`).
+    async fn look_at_next_key(&mut self) {
+        self.key_look = Some(SystemTime::now() + KEY_LOOK);
+        let first = self.first();
+        let acme = &self.shared.config;
+        let (Some(tlsa), Some(host)) = (&acme.tlsa, acme.per_host.get(&first)) else {
+            return;
+        };
+        let dir = &self.shared.state_dir;
+        rollover::look(dir, &first, tlsa, &host.tlsa_owners).await;
+        self.describe_next_key();
+    }
+
+    /// Says where the host is in the key's cycle, from what was last seen.
+    fn describe_next_key(&mut self) {
+        let acme = &self.shared.config;
+        let wait = acme.tlsa.as_ref().map_or(2, |t| t.wait_ttls);
+        let said = match rollover::load(&self.shared.state_dir, &self.first()) {
+            Some(next) => rollover::describe(&next, wait),
+            None => "no next key yet: one is made at the next order".to_string(),
+        };
+        self.set_status(|s| s.key = Some(said));
     }
 
     /// Stores the served certificate that could not be stored when it was
@@ -395,6 +442,9 @@ impl HostTask {
         };
         if let Some(lock) = lock {
             lock.release().await;
+        }
+        if self.rollover() {
+            self.describe_next_key();
         }
         outcome
     }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use super::walk::{field, join, Walk};
 use super::{
     defaults, Acme, CertSource, Challenge, Dns, Eab, Host, HostAcme, KeyPolicy, KeyType, Listener,
-    Tsig, TsigAlgo,
+    TlsaCheck, Tsig, TsigAlgo,
 };
 use crate::protocol::{Protocol, TlsMode};
 
@@ -28,7 +28,9 @@ const ACME_KEYS: &[&str] = &[
     "renew_before",
     "dns",
     "key",
+    "tlsa",
 ];
+const TLSA_KEYS: &[&str] = &["check", "wait_ttls"];
 const EAB_KEYS: &[&str] = &["kid", "hmac_key"];
 const HOST_ACME_KEYS: &[&str] = &["challenges", "dns", "key"];
 const DNS_KEYS: &[&str] = &["server", "zone", "tsig", "check", "propagation_timeout"];
@@ -66,6 +68,7 @@ impl Walk<'_> {
         let key = field(m, "key")
             .map(|v| self.de::<KeyPolicy>(v, "acme.key"))
             .unwrap_or(Some(KeyPolicy::default()));
+        let tlsa = field(m, "tlsa").map(|v| self.tlsa(v));
         let ca_roots = field(m, "ca_roots")
             .and_then(|v| self.string(v, "acme.ca_roots"))
             .map(|s| self.path(&s));
@@ -88,6 +91,7 @@ impl Walk<'_> {
             renew_before: renew_before.map_or(Some(None), |d| d.map(Some))?,
             dns: dns.map_or(Some(None), |d| d.map(Some))?,
             key: key?,
+            tlsa: tlsa.map_or(Some(None), |t| t.map(Some))?,
             per_host: BTreeMap::new(),
         })
     }
@@ -103,7 +107,32 @@ impl Walk<'_> {
             challenges: challenges.map_or(Some(None), |c| c.map(Some))?,
             dns: dns.map_or(Some(None), |d| d.map(Some))?,
             key: key.map_or(Some(None), |k| k.map(Some))?,
+            tlsa_owners: Vec::new(),
         })
+    }
+
+    /// `tlsa: { check: [IP:PORT…], wait_ttls }`.
+    fn tlsa(&mut self, v: &Value) -> Option<TlsaCheck> {
+        let path = "acme.tlsa";
+        let m = self.mapping(v, path, TLSA_KEYS)?;
+        let check: Vec<SocketAddr> = self
+            .required(m, path, "check")
+            .map(|v| self.strings(v, "acme.tlsa.check"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(p, s)| self.socket_addr(&s, &p))
+            .collect();
+        if check.is_empty() {
+            self.err(
+                "acme.tlsa.check",
+                "at least one DNS server (IP:port) is needed",
+            );
+            return None;
+        }
+        let wait_ttls = field(m, "wait_ttls")
+            .map(|v| self.de::<u32>(v, "acme.tlsa.wait_ttls"))
+            .unwrap_or(Some(2))?;
+        Some(TlsaCheck { check, wait_ttls })
     }
 
     /// `dns: { server, zone, tsig: { name, algorithm, secret_file }, check,
@@ -350,7 +379,23 @@ impl Walk<'_> {
                     }
                 }
             }
-            if host.acme.is_some() {
+            let rollover = own.key.unwrap_or(acme.key) == KeyPolicy::Rollover;
+            if rollover {
+                own.tlsa_owners = super::tlsa_owners(listeners, host);
+                if acme.tlsa.is_none() {
+                    self.err(
+                        &format!("hosts[{i}]"),
+                        "key: rollover needs `acme.tlsa: { check: [IP:PORT] }`, the DNS servers the next key's TLSA record is looked for at",
+                    );
+                }
+                if own.tlsa_owners.is_empty() {
+                    self.err(
+                        &format!("hosts[{i}]"),
+                        "key: rollover needs a TLS listener that carries the host: a TLSA record names a TLS port",
+                    );
+                }
+            }
+            if host.acme.is_some() || rollover {
                 let first = host
                     .names
                     .first()

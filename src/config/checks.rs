@@ -3,8 +3,34 @@
 
 use std::net::SocketAddr;
 
-use super::{CertSource, Challenge, Config, Listener};
+use std::collections::BTreeMap;
+
+use super::names::HostPattern;
+use super::{CertSource, Challenge, Config, Host, Listener};
 use crate::protocol::{Protocol, TlsMode};
+
+/// The owner names of `host`'s TLSA records: `_PORT._tcp.NAME` for each
+/// port of a TLS listener (implicit or STARTTLS) that carries it, and each
+/// of its exact names. Port 0 (the kernel picks one) names no service.
+pub fn tlsa_owners(listeners: &BTreeMap<String, Listener>, host: &Host) -> Vec<String> {
+    let mut ports: Vec<u16> = listeners
+        .iter()
+        .filter(|(name, l)| l.tls != TlsMode::None && host.backends.contains_key(*name))
+        .flat_map(|(_, l)| l.bind.iter().map(|a| a.port()))
+        .filter(|&p| p != 0)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut out = Vec::new();
+    for n in &host.names {
+        if let HostPattern::Exact(h) = n {
+            for p in &ports {
+                out.push(format!("_{p}._tcp.{}", h.as_str()));
+            }
+        }
+    }
+    out
+}
 
 impl Config {
     /// Sessions a listener can route: (listener, host) pairs with a backend.

@@ -30,6 +30,7 @@ use std::path::Path;
 
 use serde_yaml::Value;
 
+pub use checks::tlsa_owners;
 pub use schema::*;
 use walk::Walk;
 

@@ -173,6 +173,8 @@ pub struct Acme {
     pub dns: Option<Dns>,
     /// `acme.key`: what each order does with the certificate's key.
     pub key: KeyPolicy,
+    /// `acme.tlsa`: where rollover keys are looked for in DNS.
+    pub tlsa: Option<TlsaCheck>,
     /// Hosts with their own `acme:` (challenges, dns, key), by first name.
     pub per_host: BTreeMap<String, HostAcme>,
 }
@@ -187,6 +189,19 @@ pub enum KeyPolicy {
     New,
     /// The current certificate's key again, as long as it is of `key_type`.
     Reuse,
+    /// The current key until the next one, made ahead of time, has its
+    /// `TLSA 3 1 1` record served (`acme.tlsa.check`) for `wait_ttls` TTLs.
+    Rollover,
+}
+
+/// `acme.tlsa`: where a `key: rollover` host's next key must be published
+/// before it is used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsaCheck {
+    /// Authoritative servers asked (`IP:PORT`), each of which must serve it.
+    pub check: Vec<std::net::SocketAddr>,
+    /// How many of the record's TTLs it must have been served for.
+    pub wait_ttls: u32,
 }
 
 impl Acme {
@@ -221,6 +236,9 @@ pub struct HostAcme {
     pub challenges: Option<Vec<Challenge>>,
     pub dns: Option<Dns>,
     pub key: Option<KeyPolicy>,
+    /// Filled in for `key: rollover`: the owners of its TLSA records
+    /// (`_25._tcp.mx.example.org`), from the listeners that carry it.
+    pub tlsa_owners: Vec<String>,
 }
 
 /// `acme.dns` (or a host's): RFC 2136 updates of `zone` at `server`,

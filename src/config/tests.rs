@@ -321,6 +321,42 @@ fn the_key_policy_is_global_and_per_host() {
 }
 
 #[test]
+fn key_rollover_needs_where_to_look_and_a_tls_port() {
+    let rolling = DNS.replace(
+        "acme: { challenges: [dns-01] }",
+        "acme: { challenges: [dns-01], key: rollover }",
+    );
+    let errs = parse(&rolling).unwrap_err();
+    assert_problems(
+        &errs,
+        &["hosts[0]: key: rollover needs `acme.tlsa: { check: [IP:PORT] }`, the DNS servers the next key's TLSA record is looked for at"],
+    );
+    let with_check = rolling.replace(
+        "  terms_of_service_agreed: true\n",
+        "  terms_of_service_agreed: true\n  tlsa: { check: [\"127.0.0.1:5353\"] }\n",
+    );
+    let c = parse(&with_check).unwrap();
+    let a = c.acme.unwrap();
+    assert_eq!(a.tlsa.as_ref().unwrap().wait_ttls, 2, "two TTLs by default");
+    assert_eq!(
+        a.per_host["*.example.org"].tlsa_owners,
+        ["_10993._tcp.example.org"],
+        "the exact names on the TLS ports that carry the host"
+    );
+    // Not with a cluster: each node would keep its own next key.
+    let clustered = with_check.replace(
+        "listeners:",
+        "store: { etcd: { endpoints: [\"http://127.0.0.1:2379\"], node: a } }\nlisteners:",
+    );
+    let errs = parse(&clustered).unwrap_err();
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("store: key: rollover does not work with store.etcd yet")),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn hosts_on_dns_01_alone_need_no_port_80_or_443() {
     // Both hosts by dns-01: nothing to forward.
     let both = DNS.replace(

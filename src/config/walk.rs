@@ -252,6 +252,18 @@ impl Walk<'_> {
             self.err("hosts", "at least one host is needed");
         }
         let acme = self.acme_fits(acme, field(m, "acme").is_some(), &listeners, &hosts);
+        if let (Some(a), Some(_)) = (&acme, &store) {
+            let rolls = a.key == super::KeyPolicy::Rollover
+                || a.per_host
+                    .values()
+                    .any(|h| h.key == Some(super::KeyPolicy::Rollover));
+            if rolls {
+                self.err(
+                    "store",
+                    "key: rollover does not work with store.etcd yet (each node would make its own next key): use key: reuse",
+                );
+            }
+        }
         let notify = match (field(m, "notify"), &default_host) {
             (Some(v), Some(d)) => self.notify(v, acme.as_ref(), d, timeouts.connect),
             _ => None,

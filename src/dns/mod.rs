@@ -272,7 +272,56 @@ impl Updater {
 /// recursion: an authoritative server's own view. No such name, or no TXT
 /// there, is an empty list.
 pub async fn txt(server: SocketAddr, name: &str) -> Result<Vec<String>, DnsError> {
-    let what = format!("the query for TXT {name}");
+    let answer = query(server, name, RecordType::TXT).await?;
+    Ok(answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TXT(t) => Some(
+                t.txt_data
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s))
+                    .collect::<String>(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A TLSA record as served: usage, selector, matching type, the data in
+/// lower-case hex, and its TTL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tlsa {
+    pub usage: u8,
+    pub selector: u8,
+    pub matching: u8,
+    pub data_hex: String,
+    pub ttl: u32,
+}
+
+/// The TLSA records `server` serves at `name` (`_25._tcp.mx.example.org`),
+/// asked without recursion.
+pub async fn tlsa(server: SocketAddr, name: &str) -> Result<Vec<Tlsa>, DnsError> {
+    let answer = query(server, name, RecordType::TLSA).await?;
+    Ok(answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TLSA(t) => Some(Tlsa {
+                usage: t.cert_usage.into(),
+                selector: t.selector.into(),
+                matching: t.matching.into(),
+                data_hex: t.cert_data.iter().map(|b| format!("{b:02x}")).collect(),
+                ttl: r.ttl,
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+/// One non-recursive query and its checked answer (NOERROR or NXDOMAIN).
+async fn query(server: SocketAddr, name: &str, kind: RecordType) -> Result<Message, DnsError> {
+    let what = format!("the query for {kind} {name}");
     let owner = fqdn(name).map_err(|e| DnsError::Malformed {
         server,
         what: what.clone(),
@@ -280,7 +329,7 @@ pub async fn txt(server: SocketAddr, name: &str) -> Result<Vec<String>, DnsError
     })?;
     let mut message = Message::query();
     message.metadata.recursion_desired = false;
-    message.add_query(Query::query(owner, RecordType::TXT));
+    message.add_query(Query::query(owner, kind));
     let request = message.to_vec().map_err(|e| DnsError::Malformed {
         server,
         what: what.clone(),
@@ -300,28 +349,13 @@ pub async fn txt(server: SocketAddr, name: &str) -> Result<Vec<String>, DnsError
         });
     }
     match answer.response_code {
-        ResponseCode::NoError | ResponseCode::NXDomain => {}
-        rcode => {
-            return Err(DnsError::Rcode {
-                server,
-                what,
-                rcode: rcode.to_string(),
-            })
-        }
+        ResponseCode::NoError | ResponseCode::NXDomain => Ok(answer),
+        rcode => Err(DnsError::Rcode {
+            server,
+            what,
+            rcode: rcode.to_string(),
+        }),
     }
-    Ok(answer
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::TXT(t) => Some(
-                t.txt_data
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s))
-                    .collect::<String>(),
-            ),
-            _ => None,
-        })
-        .collect())
 }
 
 /// One request and its answer over TCP (RFC 1035 §4.2.2: each message

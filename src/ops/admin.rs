@@ -260,6 +260,7 @@ mod tests {
             next_renewal: None,
             last_error: None,
             locked_by: None,
+            key: None,
         }
     }
 

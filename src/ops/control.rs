@@ -70,6 +70,9 @@ pub struct CertRow {
     /// In a cluster: the node holding the host's order lock, if one does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_by: Option<String>,
+    /// `key: rollover`: where the host is in the cycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// The cluster store in `portcullis certs`: this node's view of it.
@@ -326,8 +329,9 @@ pub fn row(view: &View) -> CertRow {
             .as_ref()
             .and_then(|s| s.next_renewal)
             .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-        last_error: status.and_then(|s| s.last_error),
+        last_error: status.as_ref().and_then(|s| s.last_error.clone()),
         locked_by: None,
+        key: status.and_then(|s| s.key),
     }
 }
 
@@ -452,6 +456,7 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
                 next_renewal: None,
                 last_error: None,
                 locked_by: None,
+                key: None,
             },
             Err(e) => CertRow {
                 names,
@@ -462,6 +467,7 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
                 next_renewal: None,
                 last_error: Some(e),
                 locked_by: None,
+                key: None,
             },
         });
     }

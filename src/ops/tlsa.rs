@@ -3,16 +3,15 @@
 //! the certificate's own key (SHA-256 of its SubjectPublicKeyInfo), one
 //! record for each TLS port the host is served on; with `--issuer`, also
 //! `2 1 1`, the key of the CA that issued it. With `acme: { key: reuse }`
-//! the `3 1 1` record stays valid across renewals.
+//! the `3 1 1` record stays valid across renewals; with `key: rollover`
+//! the next key's record is printed too, to be published ahead of it.
 
 use std::path::PathBuf;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use crate::config::names::HostPattern;
-use crate::config::{CertSource, Config, Host};
-use crate::protocol::TlsMode;
+use crate::config::{CertSource, Config, Host, KeyPolicy};
 
 /// The records for the host named `name`, one line each.
 pub fn records(config: &Config, name: &str, issuer: bool) -> Result<Vec<String>, String> {
@@ -29,38 +28,43 @@ pub fn records(config: &Config, name: &str, issuer: bool) -> Result<Vec<String>,
     let leaf = chain
         .first()
         .ok_or_else(|| format!("{}: no certificate in it", path.display()))?;
-    let ports = tls_ports(config, host);
-    if ports.is_empty() {
+    // A `key: rollover` host's next key, waiting to be published.
+    let first = host
+        .names
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let next = match &config.acme {
+        Some(a) if a.key_for(&first) == KeyPolicy::Rollover => {
+            crate::acme::rollover::load(&config.state_dir, &first).map(|n| n.spki_sha256)
+        }
+        _ => None,
+    };
+    let owners = crate::config::tlsa_owners(&config.listeners, host);
+    if owners.is_empty() {
         return Err(format!(
             "no TLS listener carries {name}: a TLSA record names a TLS port"
         ));
     }
-    let owners: Vec<String> = host
-        .names
-        .iter()
-        .filter_map(|n| match n {
-            HostPattern::Exact(h) => Some(h.as_str().to_string()),
-            HostPattern::Wildcard(_) => None,
-        })
-        .collect();
-    let mut out = Vec::new();
-    let mut add = |usage: u8, der: &[u8]| -> Result<(), String> {
-        let digest = spki_sha256(der)?;
-        for owner in &owners {
-            for port in &ports {
-                out.push(format!(
-                    "_{port}._tcp.{owner}. IN TLSA {usage} 1 1 {digest}"
-                ));
-            }
-        }
-        Ok(())
+    let lines = |usage: u8, digest: &str, note: &str| -> Vec<String> {
+        owners
+            .iter()
+            .map(|owner| format!("{owner}. IN TLSA {usage} 1 1 {digest}{note}"))
+            .collect()
     };
-    add(3, leaf)?;
+    let mut out = lines(3, &spki_sha256(leaf)?, "");
+    if let Some(next) = next {
+        out.extend(lines(
+            3,
+            &next,
+            " ; the next key: publish it now, it is used once served",
+        ));
+    }
     if issuer {
         let ca = chain
             .get(1)
             .ok_or_else(|| format!("{}: no issuer certificate after the leaf", path.display()))?;
-        add(2, ca)?;
+        out.extend(lines(2, &spki_sha256(ca)?, ""));
     }
     Ok(out)
 }
@@ -88,38 +92,12 @@ fn chain_file(config: &Config, host: &Host) -> Result<PathBuf, String> {
     }
 }
 
-/// The ports of the TLS listeners (implicit or STARTTLS) that carry `host`.
-fn tls_ports(config: &Config, host: &Host) -> Vec<u16> {
-    let mut ports: Vec<u16> = config
-        .listeners
-        .iter()
-        .filter(|(name, l)| l.tls != TlsMode::None && host.backends.contains_key(*name))
-        .flat_map(|(_, l)| l.bind.iter().map(|a| a.port()))
-        // Port 0 (the kernel picks one) names no service.
-        .filter(|&p| p != 0)
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
-}
-
 /// Lower-case hex of the SHA-256 of a certificate's SubjectPublicKeyInfo.
 fn spki_sha256(der: &[u8]) -> Result<String, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("the certificate does not parse: {e}"))?;
     let spki = cert.tbs_certificate.subject_pki.raw;
-    Ok(sha256_hex(spki))
-}
-
-/// Lower-case hex of SHA-256, from the TLS provider's own hash.
-fn sha256_hex(data: &[u8]) -> String {
-    let rustls::SupportedCipherSuite::Tls13(suite) =
-        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
-    else {
-        unreachable!("a TLS 1.3 suite")
-    };
-    let digest = suite.common.hash_provider.hash(data);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    Ok(crate::tls::certs::sha256_hex(spki))
 }
 
 #[cfg(test)]
@@ -162,7 +140,8 @@ hosts:
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
         let c = config(dir.path(), &cert_path, &key_path);
 
-        let want = sha256_hex(&rcgen::PublicKeyData::subject_public_key_info(&key));
+        let want =
+            crate::tls::certs::sha256_hex(&rcgen::PublicKeyData::subject_public_key_info(&key));
         let lines = records(&c, "MX.example.test.", false).unwrap();
         assert_eq!(
             lines,

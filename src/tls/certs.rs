@@ -315,6 +315,18 @@ pub fn generate_self_signed(names: &[HostPattern]) -> Result<(String, String), r
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// Lower-case hex of SHA-256 (DANE's `x 1 1` data), from the TLS
+/// provider's own hash.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let rustls::SupportedCipherSuite::Tls13(suite) =
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+    else {
+        unreachable!("a TLS 1.3 suite")
+    };
+    let digest = suite.common.hash_provider.hash(data);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,9 +17,9 @@
 //! Every zone given to [`Bind::start`] has an SOA, an NS (`ns.ZONE`, with
 //! an A record) and an A record `127.0.0.1` for each listed name under it; a
 //! listed `*.ZONE` is a wildcard A record. TTLs and the negative-caching TTL
-//! are 1 s. The key [`Bind::key_name`] may add and delete TXT records
-//! anywhere in those zones (`update-policy { grant KEY zonesub TXT; };`)
-//! and nothing else: an A record, or any update in [`LOCKED_ZONE`] (served,
+//! are 1 s. The key [`Bind::key_name`] may add and delete TXT and TLSA
+//! records anywhere in those zones (`update-policy { grant KEY zonesub TXT
+//! TLSA; };`; TLSA for tests/dane.rs) and nothing else: an A record, or any update in [`LOCKED_ZONE`] (served,
 //! but static), or any update signed with [`Bind::other_key`] (in the
 //! config, granted nothing) is answered REFUSED. A wrong secret is answered
 //! NOTAUTH (TSIG error BADSIG), an unknown key name NOTAUTH (BADKEY).
@@ -199,7 +199,7 @@ controls {{ }};
             let policy = if zone == LOCKED_ZONE {
                 String::new()
             } else {
-                format!(" update-policy {{ grant {} zonesub TXT; }};", key.name)
+                format!(" update-policy {{ grant {} zonesub TXT TLSA; }};", key.name)
             };
             conf.push_str(&format!(
                 "zone \"{zone}\" {{ type primary; file \"{file}\";{policy} }};\n"
