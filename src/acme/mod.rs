@@ -116,6 +116,14 @@ pub enum Event {
     },
     /// A certificate another node ordered was taken from the cluster store.
     Adopted { names: Vec<String>, serial: String },
+    /// `key: rollover`: a next key was made; `records` are to be published
+    /// (served by `check` for `wait_ttls` TTLs) before it is used.
+    NextKey {
+        names: Vec<String>,
+        records: Vec<String>,
+        check: Vec<String>,
+        wait_ttls: u32,
+    },
     /// A certificate was written to `state_dir`.
     Stored,
     /// An issued certificate could not be written: served, not kept.

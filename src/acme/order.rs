@@ -259,8 +259,10 @@ impl Shared {
             } else {
                 rollover::ensure(&self.state_dir, &first, self.config.key_type)
             };
-            if let Err(e) = made {
-                warn!(error = %e, "key rollover: no next key could be kept");
+            match made {
+                Ok((next, true)) => self.announce_next_key(names, &first, &next),
+                Ok((_, false)) => {}
+                Err(e) => warn!(error = %e, "key rollover: no next key could be kept"),
             }
         }
         let meta = store::Meta {
@@ -288,6 +290,32 @@ impl Shared {
             return None;
         }
         rollover::key(&self.state_dir, first)
+    }
+
+    /// Says what to publish for a next key just made (a notification).
+    fn announce_next_key(&self, names: &[HostPattern], first: &str, next: &rollover::Next) {
+        let owners = self
+            .config
+            .per_host
+            .get(first)
+            .map(|h| h.tlsa_owners.clone())
+            .unwrap_or_default();
+        let records = owners
+            .iter()
+            .map(|o| format!("{o}. IN TLSA 3 1 1 {}", next.spki_sha256))
+            .collect();
+        let (check, wait_ttls) = self.config.tlsa.as_ref().map_or((Vec::new(), 2), |t| {
+            (
+                t.check.iter().map(ToString::to_string).collect(),
+                t.wait_ttls,
+            )
+        });
+        self.hooks.report(super::Event::NextKey {
+            names: names::to_strings(names),
+            records,
+            check,
+            wait_ttls,
+        });
     }
 
     /// A new key of `acme.key_type`.

@@ -57,10 +57,11 @@ fn save(state_dir: &Path, first: &str, next: &Next) -> Result<(), String> {
     store::write_atomic(&meta, &bytes, 0o600).map_err(|e| format!("{}: {e}", meta.display()))
 }
 
-/// The next key's state, made (with the key) when there is none.
-pub fn ensure(state_dir: &Path, first: &str, key_type: KeyType) -> Result<Next, String> {
+/// The next key's state, made (with the key) when there is none; `true`
+/// when it was made now (its records are to be published).
+pub fn ensure(state_dir: &Path, first: &str, key_type: KeyType) -> Result<(Next, bool), String> {
     if let (Some(next), Some(_)) = (load(state_dir, first), key(state_dir, first)) {
-        return Ok(next);
+        return Ok((next, false));
     }
     let (pem_path, _) = paths(state_dir, first);
     if let Some(dir) = pem_path.parent() {
@@ -83,11 +84,11 @@ pub fn ensure(state_dir: &Path, first: &str, key_type: KeyType) -> Result<Next, 
     };
     save(state_dir, first, &next)?;
     info!(next_key = %next.spki_sha256, "key rollover: a next key is made; publish its TLSA 3 1 1 record (portcullis tlsa) before the next renewal");
-    Ok(next)
+    Ok((next, true))
 }
 
 /// The next key is the certificate's now: a new one is made in its place.
-pub fn rolled(state_dir: &Path, first: &str, key_type: KeyType) -> Result<Next, String> {
+pub fn rolled(state_dir: &Path, first: &str, key_type: KeyType) -> Result<(Next, bool), String> {
     let (pem, meta) = paths(state_dir, first);
     let _ = std::fs::remove_file(meta);
     let _ = std::fs::remove_file(pem);
@@ -186,11 +187,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path();
         assert!(load(state, "mx.example.test").is_none());
-        let a = ensure(state, "mx.example.test", KeyType::EcdsaP256).unwrap();
+        let (a, made) = ensure(state, "mx.example.test", KeyType::EcdsaP256).unwrap();
+        assert!(made);
         assert_eq!(a.spki_sha256.len(), 64);
         assert_eq!(
             ensure(state, "mx.example.test", KeyType::EcdsaP256).unwrap(),
-            a,
+            (a.clone(), false),
             "made once"
         );
         use std::os::unix::fs::PermissionsExt;
@@ -202,7 +204,8 @@ mod tests {
         let k = key(state, "mx.example.test").unwrap();
         let spki = rcgen::PublicKeyData::subject_public_key_info(&k);
         assert_eq!(crate::tls::certs::sha256_hex(&spki), a.spki_sha256);
-        let b = rolled(state, "mx.example.test", KeyType::EcdsaP256).unwrap();
+        let (b, made) = rolled(state, "mx.example.test", KeyType::EcdsaP256).unwrap();
+        assert!(made);
         assert_ne!(a.spki_sha256, b.spki_sha256);
     }
 

@@ -60,6 +60,18 @@ impl acme::Observer for AcmeReports {
                 });
             }
             acme::Event::Adopted { .. } => self.metrics.adopted(),
+            acme::Event::NextKey {
+                names,
+                records,
+                check,
+                wait_ttls,
+            } => self.notify(notify::Event::PublishTlsa {
+                host: names.first().cloned().unwrap_or_default(),
+                names,
+                records,
+                check,
+                wait_ttls,
+            }),
             acme::Event::Stored => self.metrics.state_dir_writable(true),
             acme::Event::NotStored => self.metrics.store_write_failed(),
         }

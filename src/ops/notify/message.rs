@@ -37,6 +37,18 @@ pub enum Event {
         not_after: SystemTime,
         source: String,
     },
+    /// `key: rollover`: a next key was made; its TLSA records are to be
+    /// published before portcullis uses it.
+    PublishTlsa {
+        host: String,
+        names: Vec<String>,
+        /// Zone-file lines.
+        records: Vec<String>,
+        /// The servers that must serve them (`acme.tlsa.check`), and for
+        /// how many TTLs.
+        check: Vec<String>,
+        wait_ttls: u32,
+    },
 }
 
 impl Event {
@@ -48,6 +60,7 @@ impl Event {
             Event::Issued { renewal: true, .. } => "renewed",
             Event::RenewalFailed { .. } => "renewal_failed",
             Event::Expiring { .. } => "expiring",
+            Event::PublishTlsa { .. } => "publish_tlsa",
         }
     }
 
@@ -55,7 +68,8 @@ impl Event {
         match self {
             Event::Issued { host, .. }
             | Event::RenewalFailed { host, .. }
-            | Event::Expiring { host, .. } => host,
+            | Event::Expiring { host, .. }
+            | Event::PublishTlsa { host, .. } => host,
         }
     }
 
@@ -63,7 +77,8 @@ impl Event {
         match self {
             Event::Issued { names, .. }
             | Event::RenewalFailed { names, .. }
-            | Event::Expiring { names, .. } => names,
+            | Event::Expiring { names, .. }
+            | Event::PublishTlsa { names, .. } => names,
         }
     }
 
@@ -78,6 +93,9 @@ impl Event {
                 format!("[portcullis] certificate renewed: {host}")
             }
             Event::RenewalFailed { .. } => format!("[portcullis] RENEWAL FAILED: {host}"),
+            Event::PublishTlsa { .. } => {
+                format!("[portcullis] publish the next key's TLSA records: {host}")
+            }
             Event::Expiring { not_after, .. } => match days_left(*not_after, now) {
                 Some(1) => format!("[portcullis] certificate expires in 1 day: {host}"),
                 Some(n) => format!("[portcullis] certificate expires in {n} days: {host}"),
@@ -143,6 +161,12 @@ impl Event {
                 let _ = writeln!(b, "\nWhat to do:");
                 write_todo(&mut b, host, "acme", &config);
             }
+            Event::PublishTlsa {
+                records,
+                check,
+                wait_ttls,
+                ..
+            } => Self::publish_body(&mut b, host, records, check, *wait_ttls),
             Event::Expiring {
                 not_after, source, ..
             } => {
@@ -163,6 +187,38 @@ impl Event {
             }
         }
         b
+    }
+
+    /// The body of [`Event::PublishTlsa`].
+    fn publish_body(
+        b: &mut String,
+        host: &str,
+        records: &[String],
+        check: &[String],
+        wait_ttls: u32,
+    ) {
+        let _ = writeln!(
+            b,
+            "portcullis made the next key for {host} (acme key: rollover).\n"
+        );
+        let _ = writeln!(b, "Publish these records now, beside the current ones:\n");
+        for r in records {
+            let _ = writeln!(b, "  {r}");
+        }
+        let _ = writeln!(
+            b,
+            "\nportcullis switches to this key at a renewal once {} served them for {wait_ttls} of their TTLs.",
+            if check.is_empty() {
+                "the acme.tlsa.check servers have".to_string()
+            } else {
+                format!("{} have", check.join(", "))
+            }
+        );
+        let _ = writeln!(
+            b,
+            "Until then the current key stays; after the switch, remove the old key's 3 1 1 records \
+             (portcullis tlsa prints the records in use)."
+        );
     }
 
     /// The webhook's JSON document.
@@ -192,6 +248,16 @@ impl Event {
                 ("not_after", not_after.map(rfc3339).into()),
                 ("error", error.as_str().into()),
                 ("next_try", rfc3339(*next_try).into()),
+            ],
+            Event::PublishTlsa {
+                records,
+                check,
+                wait_ttls,
+                ..
+            } => vec![
+                ("records", records.clone().into()),
+                ("check", check.clone().into()),
+                ("wait_ttls", (*wait_ttls).into()),
             ],
             Event::Expiring {
                 not_after, source, ..
@@ -396,6 +462,42 @@ pub(super) mod tests {
             not_after: noon() + DAY * days,
             source: source.into(),
         }
+    }
+
+    #[test]
+    fn a_next_key_notice_says_what_to_publish_and_when() {
+        let e = Event::PublishTlsa {
+            host: "mx.example.org".into(),
+            names: vec!["mx.example.org".into()],
+            records: vec!["_25._tcp.mx.example.org. IN TLSA 3 1 1 ab12".into()],
+            check: vec!["192.0.2.53:53".into()],
+            wait_ttls: 2,
+        };
+        let now = noon();
+        assert_eq!(
+            e.subject(now),
+            "[portcullis] publish the next key's TLSA records: mx.example.org"
+        );
+        let body = e.body(now, None);
+        assert!(
+            body.contains("\n  _25._tcp.mx.example.org. IN TLSA 3 1 1 ab12\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("once 192.0.2.53:53 have served them for 2 of their TTLs"),
+            "{body}"
+        );
+        assert!(
+            body.contains("remove the old key's 3 1 1 records"),
+            "{body}"
+        );
+        let j = e.json(now);
+        assert_eq!(j["event"], "publish_tlsa");
+        assert_eq!(
+            j["records"][0],
+            "_25._tcp.mx.example.org. IN TLSA 3 1 1 ab12"
+        );
+        assert_eq!(j["wait_ttls"], 2);
     }
 
     #[test]
