@@ -546,3 +546,45 @@ async fn an_order_lock_is_kept_alive_and_given_up_when_etcd_is_gone() {
     eprintln!("lock given up {:?} after etcd stopped", stopped.elapsed());
     log_line(&["stopping this order before the lock runs out"]).await;
 }
+
+/// A store that holds an older certificate than the nodes serve (a write
+/// lost while a node was cut off, then a restart) is brought up to date by
+/// a node that has the newer one, instead of every node ordering again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_behind_the_nodes_is_brought_up_to_date() {
+    if !tools("a_store_behind_the_nodes_is_brought_up_to_date") {
+        return;
+    }
+    let fleet = Fleet::start("cl5", "http-01", 0).await;
+    let old = fleet.record();
+    let first = fleet.nodes[0].serving(&fleet.names[0]).await.unwrap();
+    let row = fleet.nodes[0].renew(&fleet.names).await;
+    assert_eq!(row.outcome, "renewed", "{row:?}");
+    let newer = fleet.all_serving(Some(&first), SPREAD).await.unwrap();
+    let orders = fleet.pebble.orders();
+
+    // The store loses the renewal: it holds the first certificate again.
+    let key = format!("/portcullis/certs/{}", fleet.names[0]);
+    let (ok, out) = fleet.etcd.etcdctl(&["put", &key, &old.to_string()]);
+    assert!(ok, "{out}");
+    let caught_up = eventually(Duration::from_secs(10), || async {
+        (fleet.record()["serial"] == newer.as_str()).then_some(())
+    })
+    .await;
+    assert!(
+        caught_up.is_some(),
+        "the store still holds {}\n{}",
+        fleet.record()["serial"],
+        fleet.logs()
+    );
+    log_line(&["newer certificate than the cluster store holds"]).await;
+    for n in &fleet.nodes {
+        assert_eq!(
+            n.serving(&fleet.names[0]).await.as_deref(),
+            Some(newer.as_str()),
+            "{}",
+            n.name
+        );
+    }
+    assert_eq!(fleet.pebble.orders(), orders, "no order for it");
+}

@@ -89,7 +89,21 @@ pub async fn open_shared(
         key: cluster.key(&key),
         message: e.to_string(),
     })?;
-    let (kept, revision) = cluster.put_if_absent(&key, json.clone()).await?;
+    // Registered at the CA: the credentials must reach the store, or the
+    // next attempt registers another account (the CA limits how many).
+    // The write is idempotent: tried again for a while.
+    let mut tries = 0;
+    let (kept, revision) = loop {
+        match cluster.put_if_absent(&key, json.clone()).await {
+            Ok(done) => break done,
+            Err(e @ ClusterError::Unreachable(_)) if tries < 3 => {
+                tries += 1;
+                warn!(error = %e, "the new ACME account could not be written to the cluster store yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if kept == json {
         info!(directory = %config.directory, account = %account.id(), "ACME account registered for the cluster");
         return Ok((account, revision));

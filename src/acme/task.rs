@@ -198,7 +198,15 @@ impl HostTask {
                 continue;
             }
             if let Some(Ask::Adopt(record)) = request {
+                let behind = self.unpublished.is_none();
                 self.adopt(*record);
+                // The store turned out behind this node: written at once.
+                if behind && self.unpublished.is_some() {
+                    tokio::select! {
+                        _ = self.publish_again() => {},
+                        _ = stop.cancelled() => return,
+                    }
+                }
                 continue;
             }
             if let Some(Ask::Renew(request)) = request {
@@ -744,6 +752,20 @@ impl HostTask {
             || self.order_now.is_some()
             || record.not_after > served.info.not_after;
         if served.info.serial == record.serial || !newer {
+            // This node serves a newer one than the store holds (ordered
+            // here while the store could not be written, then restarted):
+            // written to the store at the next look.
+            let ahead = served.source == Source::Acme
+                && served.info.serial != record.serial
+                && served.info.not_after > record.not_after;
+            if ahead && self.unpublished.is_none() {
+                let stored = self.local_record();
+                // Only what is on disk can be written, and only if newer.
+                if let Some(mine) = stored.filter(|m| m.not_after > record.not_after) {
+                    info!(serial = %mine.serial, "this node serves a newer certificate than the cluster store holds: writing it there");
+                    self.unpublished = Some(mine);
+                }
+            }
             return None;
         }
         let dir = &self.shared.state_dir;
@@ -799,6 +821,35 @@ impl HostTask {
             serial: info.serial,
             not_after: info.not_after,
             node: record.node,
+        })
+    }
+
+    /// The certificate stored in `state_dir` for this host, as a record
+    /// for the cluster store.
+    fn local_record(&self) -> Option<CertRecord> {
+        let dir = store::host_dir(&self.shared.state_dir, &self.names);
+        let chain_pem = std::fs::read_to_string(dir.join("fullchain.pem")).ok()?;
+        let key_pem = std::fs::read_to_string(dir.join("privkey.pem")).ok()?;
+        let meta: store::Meta =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).ok()?).ok()?;
+        let cert = store::check(
+            &self.shared.state_dir,
+            &self.names,
+            &chain_pem,
+            &key_pem,
+            &self.shared.provider,
+        )
+        .ok()?;
+        let node = self.shared.cluster.as_ref()?.node().to_string();
+        Some(CertRecord {
+            names: meta.names,
+            directory: meta.directory,
+            issued_at: meta.issued_at,
+            serial: cert.info.serial.clone(),
+            not_after: cert.info.not_after,
+            chain_pem,
+            key_pem,
+            node,
         })
     }
 
