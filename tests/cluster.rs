@@ -413,7 +413,13 @@ async fn etcd_failures_cost_no_handshake_and_no_extra_order() {
     let second = fleet
         .all_serving(Some(&first), Duration::from_secs(10))
         .await
-        .unwrap_or_else(|| panic!("the renewal did not reach all three\n{}", fleet.logs()));
+        .unwrap_or_else(|| {
+            let mine = common::log_lines(&["cluster"]).join("\n");
+            panic!(
+                "the renewal did not reach all three\n{mine}\n{}",
+                fleet.logs()
+            )
+        });
     assert_eq!(
         fleet.pebble.orders(),
         orders + 1,

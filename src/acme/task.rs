@@ -748,9 +748,12 @@ impl HostTask {
             return None;
         }
         let served = self.slot.load();
+        // Two certificates issued in the same second expire in the same
+        // second: the store's, the one written last, wins the tie, so every
+        // node ends up serving the same one.
         let newer = served.source != Source::Acme
             || self.order_now.is_some()
-            || record.not_after > served.info.not_after;
+            || record.not_after >= served.info.not_after;
         if served.info.serial == record.serial || !newer {
             // This node serves a newer one than the store holds (ordered
             // here while the store could not be written, then restarted):
@@ -787,7 +790,7 @@ impl HostTask {
         let info = cert.info.clone();
         let newer = served.source != Source::Acme
             || self.order_now.is_some()
-            || info.not_after > served.info.not_after;
+            || info.not_after >= served.info.not_after;
         if served.info.serial == info.serial || !newer {
             return None;
         }

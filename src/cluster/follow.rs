@@ -208,6 +208,15 @@ impl Cluster {
                         if resp.canceled() {
                             return Err(format!("cancelled by etcd: {}", resp.cancel_reason()));
                         }
+                        tracing::trace!(
+                            node = %self.node(),
+                            watch_id = resp.watch_id(),
+                            created = resp.created(),
+                            events = resp.events().len(),
+                            header = resp.header().map(|h| h.revision()),
+                            revision,
+                            "watch answer"
+                        );
                         let mut seen = Vec::with_capacity(resp.events().len());
                         for event in resp.events() {
                             let Some(kv) = event.kv() else { continue };
