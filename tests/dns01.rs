@@ -19,6 +19,10 @@ fn tools(test: &str) -> bool {
     common::acme::tools(test) && common::bind::tools(test)
 }
 
+/// One test at a time: they stop and start BIND servers, and a port one
+/// test's stopped server left may be handed to another test's new one.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// BIND for `wild.test`, Pebble resolving through it, and portcullis with
 /// a wildcard host and a plain one, both by dns-01.
 struct Setup {
@@ -162,6 +166,7 @@ async fn a_wildcard_and_a_plain_name_are_issued_by_dns_01_through_bind() {
     if !tools("a_wildcard_and_a_plain_name_are_issued_by_dns_01_through_bind") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let s = Setup::start().await;
     let root = s.pebble.root_der().await;
     // Any name under the wildcard gets the wildcard certificate.
@@ -195,6 +200,7 @@ async fn dns_failures_name_the_key_the_zone_and_the_server() {
     if !tools("dns_failures_name_the_key_the_zone_and_the_server") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut s = Setup::start().await;
     let good = s.issued(PLAIN, None).await;
     // The wildcard's order done too: the reloads below restart the ACME
@@ -293,6 +299,7 @@ async fn a_record_left_by_a_crash_is_removed_at_the_next_start() {
     if !tools("a_record_left_by_a_crash_is_removed_at_the_next_start") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let s = Setup::start().await;
     s.issued(PLAIN, None).await;
     s.no_records_left().await;
@@ -343,6 +350,7 @@ async fn a_secondary_that_does_not_serve_the_record_is_named() {
     if !tools("a_secondary_that_does_not_serve_the_record_is_named") {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let s = Setup::start().await;
     let good = s.issued(PLAIN, None).await;
     s.issued("a.wild.test", None).await;
@@ -359,7 +367,12 @@ async fn a_secondary_that_does_not_serve_the_record_is_named() {
     s.proxy.write_config(&yaml);
     s.proxy.reload().await.expect("reload");
     let row = s.renew(PLAIN).await;
-    assert_eq!(row.outcome, "failed", "{row:?}");
+    assert_eq!(
+        row.outcome,
+        "failed",
+        "{row:?}\n{}",
+        common::log_lines(&["portcullis::"]).join("\n")
+    );
     let want = format!(
         "_acme-challenge.mail.wild.test TXT was added at {}, but {} did not serve it within 2 s",
         s.bind.addr(),
