@@ -8,78 +8,20 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bind::{tools, Bind, LOCKED_ZONE, NOERROR, NXDOMAIN, REFUSED, SOA};
+use common::bind::{key_arg, tools, Bind, LOCKED_ZONE, NOERROR, NXDOMAIN, REFUSED, SOA};
 use common::tool;
-
-/// Hard bound on one `nsupdate` run (its own timeouts are shorter).
-const NSUPDATE: Duration = Duration::from_secs(15);
 
 /// Whether `named` and `nsupdate` are both installed; skips loudly if not.
 fn with_nsupdate(test: &str) -> bool {
     tools(test) && tool("nsupdate", test)
 }
 
-/// Runs `nsupdate ARGS` with `commands` (after `server 127.0.0.1 PORT` and
-/// `zone ZONE`, before `send`) on stdin: (exit status 0, stdout + stderr).
-/// Every message goes to the harness's server, none to a resolver.
-fn nsupdate(bind: &Bind, args: &[&str], zone: &str, commands: &[&str]) -> (bool, String) {
-    let mut script = format!("server 127.0.0.1 {}\nzone {zone}\n", bind.port());
-    for c in commands {
-        script.push_str(c);
-        script.push('\n');
-    }
-    script.push_str("send\n");
-    let file = bind
-        .dir()
-        .join(format!("nsupdate-{}.txt", fastrand::u32(..)));
-    std::fs::write(&file, &script).unwrap();
-    let mut child = Command::new("nsupdate")
-        .args(args)
-        .arg(&file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn nsupdate");
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + NSUPDATE;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("nsupdate ran past {NSUPDATE:?}:\n{script}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let text = format!("{}{}", out.join().unwrap(), err.join().unwrap());
-    (status.success(), text)
-}
-
-/// `-y hmac-sha256:NAME:SECRET`.
-fn key_arg(name: &str, secret: &str) -> String {
-    format!("hmac-sha256:{name}:{secret}")
-}
-
 /// An update signed with the harness's key that must succeed.
-fn update(bind: &Bind, zone: &str, commands: &[&str]) {
-    let key = key_arg(bind.key_name(), bind.secret_b64());
-    let (ok, out) = nsupdate(bind, &["-y", &key], zone, commands);
+async fn update(bind: &Bind, zone: &str, commands: &[&str]) {
+    let (ok, out) = bind.update(zone, commands).await;
     assert!(ok, "nsupdate {commands:?} failed: {out}\n{}", bind.log());
 }
 
@@ -154,7 +96,8 @@ async fn harness_tsig_key_adds_and_deletes_txt_records() {
         &bind,
         "example.test",
         &[&format!("update add {name}. 60 IN TXT \"token-one\"")],
-    );
+    )
+    .await;
     eprintln!("an update answered after {:?}", started.elapsed());
     // Visible to the very next query.
     assert_eq!(bind.txt(name), ["token-one"]);
@@ -164,7 +107,8 @@ async fn harness_tsig_key_adds_and_deletes_txt_records() {
         &bind,
         "example.test",
         &[&format!("update add {name}. 60 IN TXT \"token-two\"")],
-    );
+    )
+    .await;
     assert_eq!(bind.txt(name), ["token-one", "token-two"]);
     let r = bind.query(name, common::bind::TXT).unwrap();
     assert!(r.answers.iter().all(|a| a.ttl == 60), "{r:?}");
@@ -172,12 +116,13 @@ async fn harness_tsig_key_adds_and_deletes_txt_records() {
     // The key file named reads, as `nsupdate -k` reads it; one value deleted.
     let key_file = bind.dir().join("key.conf");
     std::fs::write(&key_file, bind.key_conf()).unwrap();
-    let (ok, out) = nsupdate(
-        &bind,
-        &["-k", key_file.to_str().unwrap()],
-        "example.test",
-        &[&format!("update delete {name}. IN TXT \"token-one\"")],
-    );
+    let (ok, out) = bind
+        .nsupdate(
+            &["-k", key_file.to_str().unwrap()],
+            "example.test",
+            &[&format!("update delete {name}. IN TXT \"token-one\"")],
+        )
+        .await;
     assert!(ok, "{out}\n{}", bind.log());
     assert_eq!(bind.txt(name), ["token-two"]);
 
@@ -186,7 +131,8 @@ async fn harness_tsig_key_adds_and_deletes_txt_records() {
         &bind,
         "example.test",
         &[&format!("update delete {name}. TXT")],
-    );
+    )
+    .await;
     assert!(bind.txt(name).is_empty());
     let r = bind.query(name, common::bind::TXT).unwrap();
     assert_eq!(r.rcode, NXDOMAIN, "{r:?}");
@@ -230,25 +176,29 @@ async fn harness_refuses_what_the_key_may_not_do() {
 
     // The other key: known, granted nothing.
     let other = key_arg(other_name, other_secret);
-    let (ok, out) = nsupdate(&bind, &["-y", &other], "example.test", &[&add]);
+    let (ok, out) = bind
+        .nsupdate(&["-y", &other], "example.test", &[&add])
+        .await;
     assert!(!ok && out.contains("update failed: REFUSED"), "{out}");
 
     // The right key, a zone it may not update.
-    let (ok, out) = nsupdate(
-        &bind,
-        &["-y", &own],
-        LOCKED_ZONE,
-        &["update add _acme-challenge.www.locked.test. 60 IN TXT \"nope\""],
-    );
+    let (ok, out) = bind
+        .nsupdate(
+            &["-y", &own],
+            LOCKED_ZONE,
+            &["update add _acme-challenge.www.locked.test. 60 IN TXT \"nope\""],
+        )
+        .await;
     assert!(!ok && out.contains("update failed: REFUSED"), "{out}");
 
     // The right key, a record type it may not touch.
-    let (ok, out) = nsupdate(
-        &bind,
-        &["-y", &own],
-        "example.test",
-        &["update add evil.example.test. 60 IN A 127.0.0.2"],
-    );
+    let (ok, out) = bind
+        .nsupdate(
+            &["-y", &own],
+            "example.test",
+            &["update add evil.example.test. 60 IN A 127.0.0.2"],
+        )
+        .await;
     assert!(!ok && out.contains("update failed: REFUSED"), "{out}");
 
     // A wrong secret, and a key named never: TSIG errors.
@@ -256,10 +206,14 @@ async fn harness_refuses_what_the_key_may_not_do() {
         bind.key_name(),
         "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
     );
-    let (ok, out) = nsupdate(&bind, &["-y", &wrong], "example.test", &[&add]);
+    let (ok, out) = bind
+        .nsupdate(&["-y", &wrong], "example.test", &[&add])
+        .await;
     assert!(!ok && out.contains("NOTAUTH(BADSIG)"), "{out}");
     let unknown = key_arg("nobody", bind.secret_b64());
-    let (ok, out) = nsupdate(&bind, &["-y", &unknown], "example.test", &[&add]);
+    let (ok, out) = bind
+        .nsupdate(&["-y", &unknown], "example.test", &[&add])
+        .await;
     assert!(!ok && out.contains("NOTAUTH(BADKEY)"), "{out}");
 
     // Nothing changed.
@@ -296,7 +250,8 @@ async fn harness_stopped_server_is_gone_and_a_restart_keeps_updates() {
             &bind,
             "example.test",
             &[&format!("update add {name}. 60 IN TXT \"kept\"")],
-        );
+        )
+        .await;
         assert_eq!(bind.txt(name), ["kept"]);
     }
 
@@ -329,7 +284,8 @@ async fn harness_stopped_server_is_gone_and_a_restart_keeps_updates() {
             &bind,
             "example.test",
             &[&format!("update delete {name}. TXT")],
-        );
+        )
+        .await;
         assert!(bind.txt(name).is_empty());
     }
     assert_eq!(bind.log().matches("--- restart ---").count(), 1);
@@ -353,12 +309,13 @@ async fn harness_frozen_server_times_out_and_thaws_with_queued_updates() {
     // One UDP try, 1 s: nsupdate gives up...
     let key = key_arg(bind.key_name(), bind.secret_b64());
     let started = Instant::now();
-    let (ok, out) = nsupdate(
-        &bind,
-        &["-y", &key, "-u", "1", "-r", "0", "-t", "1"],
-        "example.test",
-        &[&format!("update add {name}. 60 IN TXT \"late\"")],
-    );
+    let (ok, out) = bind
+        .nsupdate(
+            &["-y", &key, "-u", "1", "-r", "0", "-t", "1"],
+            "example.test",
+            &[&format!("update add {name}. 60 IN TXT \"late\"")],
+        )
+        .await;
     eprintln!(
         "nsupdate to a frozen server: {out:?} after {:?}",
         started.elapsed()

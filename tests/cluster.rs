@@ -12,15 +12,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use portcullis::ops::control::{self, CertRow, ClusterRow, RenewRow, Request, Response};
+use portcullis::ops::control::{self, Request, Response};
 
 use common::acme::{chains_to, free_port, Pebble};
 use common::etcd::EtcdCluster;
+use common::node::Node;
 use common::site::{eventually, is_placeholder, serial, served_chain, CONTROL, ISSUE};
 use common::{admin_get, log_line, tls_connect, Backend, Proxy};
 
@@ -31,60 +31,8 @@ fn tools(test: &str) -> bool {
     common::acme::tools(test) && common::etcd::tools(test)
 }
 
-/// One portcullis of the fleet.
-struct Node {
-    /// `n1`, `n2`, `n3`: its `store.etcd.node`.
-    name: String,
-    /// 127.0.0.11, .12, .13.
-    ip: String,
-    admin: String,
-    dir: PathBuf,
-    proxy: Proxy,
-}
-
+/// What this file asks of a node beyond [`common::node`].
 impl Node {
-    fn imaps(&self) -> SocketAddr {
-        self.proxy.addr("imaps")
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    async fn ask(&self, request: &Request) -> Response {
-        control::request(&self.state_dir(), request, CONTROL)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {request:?}: {e}", self.name))
-    }
-
-    async fn renew(&self, names: &[String]) -> RenewRow {
-        let request = Request::Renew {
-            force: true,
-            name: Some(names[0].clone()),
-        };
-        match self.ask(&request).await {
-            Response::Renew(mut rows) if rows.len() == 1 => rows.remove(0),
-            other => panic!("{}: renew: {other:?}", self.name),
-        }
-    }
-
-    async fn cert_row(&self, names: &[String]) -> CertRow {
-        match self.ask(&Request::Certs).await {
-            Response::Certs(rows) => rows
-                .into_iter()
-                .find(|r| r.names == names)
-                .expect("the host is listed"),
-            other => panic!("{}: certs: {other:?}", self.name),
-        }
-    }
-
-    async fn cluster(&self) -> ClusterRow {
-        match self.ask(&Request::Cluster).await {
-            Response::Cluster(row) => row,
-            other => panic!("{}: cluster: {other:?}", self.name),
-        }
-    }
-
     /// The serial this node serves for `sni`, `None` for the placeholder.
     async fn serving(&self, sni: &str) -> Option<String> {
         let chain = served_chain(self.imaps(), sni).await.ok()?;

@@ -16,20 +16,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use portcullis::ops::control::{self, CertRow, ClusterRow, RenewRow, Request, Response};
-
 use common::acme::{chains_to, free_port, Pebble};
 use common::etcd::EtcdCluster;
+use common::node::Node;
 use common::site::{eventually, is_placeholder, serial, served_chain, ISSUE};
 use common::{admin_get, log_line, Backend, Proxy};
 
-/// Bound on one control-socket request (a forced renewal that etcd
-/// refuses answers within seconds, after the attempt before it).
-const CONTROL: Duration = Duration::from_secs(60);
 /// Bound on an instance noticing that etcd refuses it, in the store's
 /// health and in its host's attempt to order.
 const NOTICE: Duration = Duration::from_secs(20);
@@ -41,58 +36,8 @@ fn tools(test: &str) -> bool {
     common::acme::tools(test) && common::etcd::tools(test)
 }
 
-/// One portcullis instance.
-struct Node {
-    /// Its `store.etcd.node`.
-    name: String,
-    admin: String,
-    dir: PathBuf,
-    proxy: Proxy,
-}
-
+/// What this file asks of a node beyond [`common::node`].
 impl Node {
-    fn imaps(&self) -> SocketAddr {
-        self.proxy.addr("imaps")
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    async fn ask(&self, request: &Request) -> Response {
-        control::request(&self.state_dir(), request, CONTROL)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {request:?}: {e}", self.name))
-    }
-
-    async fn cluster(&self) -> ClusterRow {
-        match self.ask(&Request::Cluster).await {
-            Response::Cluster(row) => row,
-            other => panic!("{}: cluster: {other:?}", self.name),
-        }
-    }
-
-    async fn cert_row(&self, names: &[String]) -> CertRow {
-        match self.ask(&Request::Certs).await {
-            Response::Certs(rows) => rows
-                .into_iter()
-                .find(|r| r.names == names)
-                .expect("the host is listed"),
-            other => panic!("{}: certs: {other:?}", self.name),
-        }
-    }
-
-    async fn renew(&self, names: &[String]) -> RenewRow {
-        let request = Request::Renew {
-            force: true,
-            name: Some(names[0].clone()),
-        };
-        match self.ask(&request).await {
-            Response::Renew(mut rows) if rows.len() == 1 => rows.remove(0),
-            other => panic!("{}: renew: {other:?}", self.name),
-        }
-    }
-
     /// The chain served for `sni`, leaf first.
     async fn chain(&self, sni: &str) -> Vec<Vec<u8>> {
         served_chain(self.imaps(), sni)
@@ -183,6 +128,7 @@ hosts:
         let proxy = Proxy::start_in(dir, &yaml).await;
         Node {
             name: store.node.to_string(),
+            ip: store.ip.to_string(),
             admin,
             dir: proxy.dir.path().to_path_buf(),
             proxy,

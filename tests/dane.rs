@@ -215,23 +215,14 @@ async fn key_rollover_waits_for_the_tlsa_record_then_switches() {
     assert_eq!(k1, current, "the next key is not served yet");
 
     // Published (TTL 1 s): seen now, but used only after 2 TTLs.
-    let mut script = format!("server 127.0.0.1 {}\nzone dane3.test\n", bind.port());
-    for name in &site.names {
-        script.push_str(&format!(
-            "update add _{}._tcp.{name} 1 TLSA 3 1 1 {next}\n",
-            site.imaps
-        ));
-    }
-    script.push_str("send\n");
-    let key = format!("hmac-sha256:{}:{}", bind.key_name(), bind.secret_b64());
-    let (ok, o, e) = common::run_cmd(
-        "nsupdate",
-        &["-y", &key],
-        script.as_bytes(),
-        Duration::from_secs(10),
-    )
-    .await;
-    assert!(ok, "nsupdate: {o}{e}");
+    let adds: Vec<String> = site
+        .names
+        .iter()
+        .map(|name| format!("update add _{}._tcp.{name} 1 TLSA 3 1 1 {next}", site.imaps))
+        .collect();
+    let adds: Vec<&str> = adds.iter().map(String::as_str).collect();
+    let (ok, out) = bind.update("dane3.test", &adds).await;
+    assert!(ok, "nsupdate: {out}");
     let (s2, k2) = renewed(s1).await;
     assert_eq!(k2, current, "served, but not for 2 TTLs yet");
     let row = cert_row(&site).await;

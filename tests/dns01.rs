@@ -308,21 +308,9 @@ async fn a_record_left_by_a_crash_is_removed_at_the_next_start() {
     std::fs::create_dir_all(state.join("acme")).unwrap();
     // What a crash mid-order leaves: the record up, the ledger listing it.
     let stale = "_acme-challenge.mail.wild.test";
-    let nsupdate = format!(
-        "server 127.0.0.1 {}\nzone wild.test\nupdate add {stale} 60 TXT \"left-behind\"\nsend\n",
-        s.bind.port()
-    );
-    let (ok, out, err) = common::run_cmd(
-        "nsupdate",
-        &[
-            "-y",
-            &format!("hmac-sha256:{}:{}", s.bind.key_name(), s.bind.secret_b64()),
-        ],
-        nsupdate.as_bytes(),
-        Duration::from_secs(10),
-    )
-    .await;
-    assert!(ok, "nsupdate: {out}{err}");
+    let add = format!("update add {stale} 60 TXT \"left-behind\"");
+    let (ok, out) = s.bind.update("wild.test", &[&add]).await;
+    assert!(ok, "nsupdate: {out}");
     assert_eq!(s.bind.txt(stale), ["left-behind"]);
     let ledger = serde_json::json!([{
         "server": s.bind.addr().to_string(), "zone": "wild.test", "name": stale, "value": "left-behind"

@@ -249,7 +249,7 @@ mod tests {
         assert_eq!(unhex("é0"), None, "not on a char boundary");
         let digest = [0x5au8, 0x01, 0xff];
         assert_eq!(
-            unhex(&crate::acme::order::hex(&digest)),
+            unhex(&crate::tls::certs::hex(&digest)),
             Some(digest.to_vec())
         );
     }

@@ -17,7 +17,7 @@ use crate::cluster::keys::Key;
 use crate::cluster::lock::Lock;
 use crate::cluster::ClusterError;
 use crate::config::names::{self, HostPattern};
-use crate::config::{Challenge, Dns, KeyPolicy, KeyType};
+use crate::config::{Challenge, Dns, KeyPolicy};
 
 /// How long the CA may take to settle an order while we poll it.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -320,18 +320,14 @@ impl Shared {
 
     /// A new key of `acme.key_type`.
     fn new_key(&self) -> Result<rcgen::KeyPair, rcgen::Error> {
-        match self.config.key_type {
-            KeyType::EcdsaP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
-            KeyType::EcdsaP384 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
-            KeyType::Rsa2048 => rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256),
-        }
+        rcgen::KeyPair::generate_for(crate::tls::certs::key_algorithm(self.config.key_type))
     }
 
     /// The stored certificate's key, when it is of `acme.key_type`; `None`
     /// (and a new key) when there is none, it does not load, or the type
     /// changed — said in the log, as the TLSA record must change then.
     fn stored_key(&self, names: &[HostPattern]) -> Option<rcgen::KeyPair> {
-        let path = store::host_dir(&self.state_dir, names).join("privkey.pem");
+        let path = store::key_path(&self.state_dir, names);
         let pem = match std::fs::read_to_string(&path) {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -347,12 +343,7 @@ impl Shared {
                 return None;
             }
         };
-        let wanted = match self.config.key_type {
-            KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-            KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-            KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
-        };
-        if key.algorithm() != wanted {
+        if key.algorithm() != crate::tls::certs::key_algorithm(self.config.key_type) {
             warn!(key_type = ?self.config.key_type, "acme key: reuse, but the stored key is of another type than acme.key_type: a new key (publish its TLSA record)");
             return None;
         }
@@ -504,7 +495,8 @@ impl Shared {
                 let digest = key_auth.digest();
                 if let Some(lock) = lock {
                     let key = Key::TlsAlpn01(name.to_ascii_lowercase());
-                    lock.post(&key, &hex(digest.as_ref())).await?;
+                    lock.post(&key, &crate::tls::certs::hex(digest.as_ref()))
+                        .await?;
                 }
                 let cert = challenge::tls_alpn_cert(name, digest.as_ref(), &self.provider)?;
                 self.challenges.post_tls_alpn(name, cert)
@@ -518,11 +510,6 @@ impl Shared {
             }
         })
     }
-}
-
-/// Lower-case hex, as the cluster keeps tls-alpn-01 digests.
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether an authorization is validated already (maybe earlier, with

@@ -67,12 +67,8 @@ pub fn ensure(state_dir: &Path, first: &str, key_type: KeyType) -> Result<(Next,
     if let Some(dir) = pem_path.parent() {
         store::create_private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let alg = match key_type {
-        KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-        KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-        KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
-    };
-    let key = rcgen::KeyPair::generate_for(alg).map_err(|e| e.to_string())?;
+    let key = rcgen::KeyPair::generate_for(crate::tls::certs::key_algorithm(key_type))
+        .map_err(|e| e.to_string())?;
     store::write_atomic(&pem_path, key.serialize_pem().as_bytes(), 0o600)
         .map_err(|e| format!("{}: {e}", pem_path.display()))?;
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);

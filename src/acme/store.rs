@@ -216,6 +216,23 @@ pub fn save(
     Ok(Stored { cert, meta })
 }
 
+/// The stored pair of a host as PEM text, with its metadata: what is on
+/// disk, not checked (`check` it before serving it).
+pub fn load_pem(state_dir: &Path, names: &[HostPattern]) -> Option<(String, String, Meta)> {
+    let (chain, key, meta) = paths(&host_dir(state_dir, names));
+    let meta = serde_json::from_str(&std::fs::read_to_string(meta).ok()?).ok()?;
+    Some((
+        std::fs::read_to_string(chain).ok()?,
+        std::fs::read_to_string(key).ok()?,
+        meta,
+    ))
+}
+
+/// `state_dir/certs/<first name>/privkey.pem`.
+pub fn key_path(state_dir: &Path, names: &[HostPattern]) -> PathBuf {
+    paths(&host_dir(state_dir, names)).1
+}
+
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (
         dir.join("fullchain.pem"),

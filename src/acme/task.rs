@@ -830,11 +830,7 @@ impl HostTask {
     /// The certificate stored in `state_dir` for this host, as a record
     /// for the cluster store.
     fn local_record(&self) -> Option<CertRecord> {
-        let dir = store::host_dir(&self.shared.state_dir, &self.names);
-        let chain_pem = std::fs::read_to_string(dir.join("fullchain.pem")).ok()?;
-        let key_pem = std::fs::read_to_string(dir.join("privkey.pem")).ok()?;
-        let meta: store::Meta =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).ok()?).ok()?;
+        let (chain_pem, key_pem, meta) = store::load_pem(&self.shared.state_dir, &self.names)?;
         let cert = store::check(
             &self.shared.state_dir,
             &self.names,

@@ -109,5 +109,4 @@ impl Config {
     }
 }
 
-#[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 //! The config's unit tests: good configs parse into the values meant, and
 //! every mistake is reported with its key path.
+#![cfg(test)]
 
 use std::time::Duration;
 

@@ -182,17 +182,9 @@ impl Updater {
                 key: self.key.clone(),
                 why: e.to_string(),
             })?;
-        let request = message.to_vec().map_err(|e| DnsError::Malformed {
-            server,
-            what: what.to_string(),
-            why: e.to_string(),
-        })?;
+        let request = message.to_vec().map_err(malformed(server, what))?;
         let bytes = exchange(server, &request).await?;
-        let answer = Message::from_vec(&bytes).map_err(|e| DnsError::Malformed {
-            server,
-            what: what.to_string(),
-            why: e.to_string(),
-        })?;
+        let answer = Message::from_vec(&bytes).map_err(malformed(server, what))?;
         if answer.id != message.id || answer.message_type != MessageType::Response {
             return Err(DnsError::Malformed {
                 server,
@@ -311,7 +303,7 @@ pub async fn tlsa(server: SocketAddr, name: &str) -> Result<Vec<Tlsa>, DnsError>
                 usage: t.cert_usage.into(),
                 selector: t.selector.into(),
                 matching: t.matching.into(),
-                data_hex: t.cert_data.iter().map(|b| format!("{b:02x}")).collect(),
+                data_hex: crate::tls::certs::hex(&t.cert_data),
                 ttl: r.ttl,
             }),
             _ => None,
@@ -322,25 +314,13 @@ pub async fn tlsa(server: SocketAddr, name: &str) -> Result<Vec<Tlsa>, DnsError>
 /// One non-recursive query and its checked answer (NOERROR or NXDOMAIN).
 async fn query(server: SocketAddr, name: &str, kind: RecordType) -> Result<Message, DnsError> {
     let what = format!("the query for {kind} {name}");
-    let owner = fqdn(name).map_err(|e| DnsError::Malformed {
-        server,
-        what: what.clone(),
-        why: e.to_string(),
-    })?;
+    let owner = fqdn(name).map_err(malformed(server, &what))?;
     let mut message = Message::query();
     message.metadata.recursion_desired = false;
     message.add_query(Query::query(owner, kind));
-    let request = message.to_vec().map_err(|e| DnsError::Malformed {
-        server,
-        what: what.clone(),
-        why: e.to_string(),
-    })?;
+    let request = message.to_vec().map_err(malformed(server, &what))?;
     let bytes = exchange(server, &request).await?;
-    let answer = Message::from_vec(&bytes).map_err(|e| DnsError::Malformed {
-        server,
-        what: what.clone(),
-        why: e.to_string(),
-    })?;
+    let answer = Message::from_vec(&bytes).map_err(malformed(server, &what))?;
     if answer.id != message.id {
         return Err(DnsError::Malformed {
             server,
@@ -355,6 +335,15 @@ async fn query(server: SocketAddr, name: &str, kind: RecordType) -> Result<Messa
             what,
             rcode: rcode.to_string(),
         }),
+    }
+}
+
+/// Maps any error to [`DnsError::Malformed`] about `what` at `server`.
+fn malformed<E: std::fmt::Display>(server: SocketAddr, what: &str) -> impl Fn(E) -> DnsError + '_ {
+    move |e| DnsError::Malformed {
+        server,
+        what: what.to_string(),
+        why: e.to_string(),
     }
 }
 

@@ -184,7 +184,7 @@ pub fn cert_info(der: &CertificateDer<'_>, names: &[HostPattern]) -> Result<Cert
         issuer: cert.issuer().to_string(),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
-        serial: hex(cert.tbs_certificate.raw_serial()),
+        serial: hex_upper(cert.tbs_certificate.raw_serial()),
         uncovered,
     })
 }
@@ -204,7 +204,8 @@ fn pem_message(e: &rustls_pki_types::pem::Error) -> String {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Upper-case hex, as serials are shown.
+fn hex_upper(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
@@ -323,8 +324,23 @@ pub fn sha256_hex(data: &[u8]) -> String {
     else {
         unreachable!("a TLS 1.3 suite")
     };
-    let digest = suite.common.hash_provider.hash(data);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex(suite.common.hash_provider.hash(data).as_ref())
+}
+
+/// The signature algorithm of keys of `key_type`: the one place a
+/// `key_type` becomes a key.
+pub fn key_algorithm(key_type: crate::config::KeyType) -> &'static rcgen::SignatureAlgorithm {
+    use crate::config::KeyType;
+    match key_type {
+        KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
+    }
+}
+
+/// Lower-case hex: DANE data, tls-alpn-01 digests in the cluster store.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -144,7 +144,35 @@ pub struct Record {
     pub data: Vec<u8>,
 }
 
+/// Hard bound on one `nsupdate` run (its own timeouts are shorter).
+pub const NSUPDATE: Duration = Duration::from_secs(15);
+
+/// `hmac-sha256:NAME:SECRET`, as `nsupdate -y` takes a key.
+pub fn key_arg(name: &str, secret: &str) -> String {
+    format!("hmac-sha256:{name}:{secret}")
+}
+
 impl Bind {
+    /// Runs `nsupdate ARGS` with `commands` (after `server 127.0.0.1 PORT`
+    /// and `zone ZONE`, before `send`) on stdin: (exit status 0, stdout +
+    /// stderr). Every message goes to this server, none to a resolver.
+    pub async fn nsupdate(&self, args: &[&str], zone: &str, commands: &[&str]) -> (bool, String) {
+        let mut script = format!("server 127.0.0.1 {}\nzone {zone}\n", self.port());
+        for c in commands {
+            script.push_str(c);
+            script.push('\n');
+        }
+        script.push_str("send\n");
+        let (ok, out, err) = super::run_cmd("nsupdate", args, script.as_bytes(), NSUPDATE).await;
+        (ok, format!("{out}{err}"))
+    }
+
+    /// [`Bind::nsupdate`] signed with this server's key.
+    pub async fn update(&self, zone: &str, commands: &[&str]) -> (bool, String) {
+        let key = key_arg(self.key_name(), self.secret_b64());
+        self.nsupdate(&["-y", &key], zone, commands).await
+    }
+
     /// Starts named on a free port serving `zones` (and [`LOCKED_ZONE`]),
     /// with an A record 127.0.0.1 for each of `names` (each must lie in one
     /// of the zones; `*.ZONE` is a wildcard; the zone's own name gives the

@@ -9,6 +9,7 @@ pub mod acme;
 pub mod bind;
 pub mod etcd;
 pub mod mail;
+pub mod node;
 pub mod process;
 pub mod site;
 
