@@ -5,7 +5,7 @@
 //! until a shutdown future resolves, so tests start it on `127.0.0.1:0`.
 //!
 //! Layers, low to high, each importing only those below it: [`protocol`] and
-//! [`metrics`], [`config`], [`tls`], [`cluster`], [`acme`], [`proxy`], [`ops`], [`server`]
+//! [`metrics`], [`config`], [`tls`], [`discovery`], [`cluster`], [`acme`], [`proxy`], [`ops`], [`server`]
 //! (README "Layout"; `tests/layout.rs` keeps it so).
 
 pub mod metrics;
@@ -14,6 +14,8 @@ pub mod protocol;
 pub mod config;
 
 pub mod tls;
+
+pub mod discovery;
 
 pub mod cluster;
 pub mod dns;

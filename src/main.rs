@@ -75,6 +75,16 @@ enum Command {
         /// A name of the host.
         name: String,
     },
+    /// Print the DNS records for a mail domain of `domains:`, in zone-file
+    /// form: the MTA-STS `_mta-sts` TXT (its id changes with the policy),
+    /// the TLS-RPT `_smtp._tls` TXT, and the RFC 6186 SRV records of the
+    /// services clients can use.
+    Dns {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The mail domain (the part after the @).
+        domain: String,
+    },
     /// Print the version.
     Version,
 }
@@ -96,6 +106,7 @@ fn main() -> ExitCode {
             issuer,
             name,
         } => tlsa(&config, &name, issuer),
+        Command::Dns { config, domain } => dns(&config, &domain),
         Command::Version => {
             println!("portcullis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -165,6 +176,9 @@ fn check(path: &Path) -> ExitCode {
              if that backend allows AUTH without TLS, credentials can cross in plaintext; give {plain} its own backend without SASL",
             path.display()
         );
+    }
+    for warning in config.mta_sts_warnings() {
+        eprintln!("{}: warning: {warning}", path.display());
     }
     for warning in config.acme_port_warnings() {
         eprintln!("{}: warning: acme: {warning}", path.display());
@@ -296,7 +310,19 @@ fn tlsa(path: &Path, name: &str, issuer: bool) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::FAILURE;
     };
-    match portcullis::ops::tlsa::records(&config, name, issuer) {
+    print_lines(portcullis::ops::tlsa::records(&config, name, issuer))
+}
+
+fn dns(path: &Path, domain: &str) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    print_lines(portcullis::discovery::records(&config, domain))
+}
+
+/// Records to stdout, or the reason there are none to stderr and exit 1.
+fn print_lines(lines: Result<Vec<String>, String>) -> ExitCode {
+    match lines {
         Ok(lines) => {
             for l in lines {
                 println!("{l}");

@@ -32,7 +32,7 @@ fn check_accepts_the_example_with_a_one_line_summary() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(
-        out.contains("ok: 10 listeners on 11 addresses, 3 hosts with 5 names"),
+        out.contains("ok: 10 listeners on 11 addresses, 4 hosts with 8 names"),
         "{out}"
     );
     assert!(err.is_empty(), "no warnings for the example: {err}");

@@ -212,7 +212,14 @@ async fn dns_failures_name_the_key_the_zone_and_the_server() {
     let right = std::fs::read(&s.secret).unwrap();
     std::fs::write(&s.secret, "d3Jvbmcgc2VjcmV0IGJ5dGVzIGhlcmUh\n").unwrap();
     let row = s.renew(PLAIN).await;
-    assert_eq!(row.outcome, "failed", "{row:?}");
+    assert_eq!(
+        row.outcome,
+        "failed",
+        "{row:?}\nportcullis:\n{}\npebble:\n{}\nbind:\n{}",
+        common::log_lines(&[PLAIN]).join("\n"),
+        s.pebble.log(),
+        s.bind.log()
+    );
     assert!(
         row.detail
             .contains(&format!("did not accept TSIG key {key}: BADSIG")),

@@ -23,6 +23,9 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     // Certificates, their store, the host table and the resolver.
     &["tls"],
+    // What senders and mail clients learn about each mail domain: MTA-STS
+    // policies, autoconfig documents, the DNS records pointing to them.
+    &["discovery"],
     // The store several instances share (etcd): locks, records, the watch;
     // DNS updates and queries for dns-01.
     &["cluster", "dns"],

@@ -32,6 +32,16 @@ pub fn tlsa_owners(listeners: &BTreeMap<String, Listener>, host: &Host) -> Vec<S
     out
 }
 
+impl Listener {
+    /// Whether HTTPS for `domains:` (MTA-STS, autoconfig) is answered here:
+    /// implicit TLS, `tcp`, speaking HTTP/1.1 (or taking any ALPN).
+    pub fn is_web(&self) -> bool {
+        self.protocol == Protocol::Tcp
+            && self.tls == TlsMode::Implicit
+            && (self.alpn.is_empty() || self.alpn.iter().any(|a| a == b"http/1.1"))
+    }
+}
+
 impl Config {
     /// Sessions a listener can route: (listener, host) pairs with a backend.
     pub fn route_count(&self) -> usize {
@@ -115,6 +125,39 @@ impl Config {
 
     /// Listener names that some host has no backend for: a client reaching that
     /// host there is turned away. Not an error (a webmail host needs no IMAP).
+    /// Whether `host` is the one `domains:` added for its service names
+    /// (`mta-sts.`, `autoconfig.`, `autodiscover.`), which has no backends.
+    pub fn is_domains_host(&self, host: &Host) -> bool {
+        host.backends.is_empty()
+            && host.names.iter().all(|n| {
+                self.domains
+                    .iter()
+                    .any(|d| d.service_names().iter().any(|s| *s == n.to_string()))
+            })
+    }
+
+    /// MTA-STS `mx` names no host serves: a sender checks the MX's
+    /// certificate against them, so that certificate comes from elsewhere.
+    pub fn mta_sts_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &self.domains {
+            let Some(p) = &d.mta_sts else { continue };
+            for mx in &p.mx {
+                let served = self.hosts.iter().any(|h| match mx {
+                    HostPattern::Exact(n) => h.names.iter().any(|p| p.matches(n)),
+                    HostPattern::Wildcard(_) => h.names.contains(mx),
+                });
+                if !served {
+                    out.push(format!(
+                        "domains.{}.mta_sts.mx: {mx} is not a name of any host here: senders will check its certificate, which portcullis does not serve",
+                        d.name
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     pub fn unrouted(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for l in self
@@ -122,7 +165,7 @@ impl Config {
             .values()
             .filter(|l| l.protocol != Protocol::Http)
         {
-            for h in &self.hosts {
+            for h in self.hosts.iter().filter(|h| !self.is_domains_host(h)) {
                 if !h.backends.contains_key(&l.name) {
                     out.push((l.name.clone(), h.names[0].to_string()));
                 }

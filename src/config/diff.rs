@@ -20,7 +20,7 @@ pub struct Changes {
     pub listeners_added: Vec<String>,
     pub listeners_removed: Vec<String>,
     pub listeners_changed: Vec<String>,
-    /// `default_host`, `unknown_sni`, `acme`, `timeouts`: in effect at once.
+    /// `default_host`, `unknown_sni`, `acme`, `timeouts`, `domains`: in effect at once.
     pub settings_changed: Vec<String>,
     /// Settings read only at start.
     pub need_restart: Vec<String>,
@@ -104,6 +104,7 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         ("unknown_sni", old.unknown_sni != new.unknown_sni),
         ("acme", old.acme != new.acme),
         ("notify", old.notify != new.notify),
+        ("domains", old.domains != new.domains),
     ] {
         if differs {
             changes.settings_changed.push(what.to_string());

@@ -119,16 +119,8 @@ impl Walk<'_> {
     ) -> Option<Host> {
         let m = self.mapping(v, path, HOST_KEYS)?;
         let names_path = join(path, "names");
-        let names: Vec<HostPattern> = match self.required(m, path, "names") {
-            Some(v) => self
-                .strings(v, &names_path)
-                .into_iter()
-                .filter_map(|(p, s)| {
-                    HostPattern::parse(&s)
-                        .map_err(|e| self.err(&p, format!("{s:?}: {e}")))
-                        .ok()
-                })
-                .collect(),
+        let names = match self.required(m, path, "names") {
+            Some(v) => self.patterns(v, &names_path),
             None => Vec::new(),
         };
         if names.is_empty() && field(m, "names").is_some() {

@@ -16,6 +16,7 @@ mod acme;
 mod checks;
 pub mod defaults;
 pub mod diff;
+mod domains;
 mod hosts;
 mod listeners;
 pub mod names;

@@ -33,6 +33,8 @@ pub struct Config {
     pub notify: Option<Notify>,
     /// Shared ACME state for several instances; `None`: `state_dir` alone.
     pub store: Option<Etcd>,
+    /// MTA-STS and client autoconfiguration, per mail domain.
+    pub domains: Vec<MailDomain>,
 }
 
 /// `store: { etcd: … }`: the etcd cluster several instances share.
@@ -362,4 +364,82 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter (`info`, `portcullis=debug`); `RUST_LOG` wins when set.
     pub level: String,
+}
+
+/// `domains.<name>`: what portcullis tells senders and mail clients about
+/// one mail domain (the part after the `@`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailDomain {
+    pub name: Hostname,
+    /// Served at `https://mta-sts.<name>/.well-known/mta-sts.txt`.
+    pub mta_sts: Option<MtaSts>,
+    /// Served at `autoconfig.<name>` (Thunderbird) and `autodiscover.<name>`
+    /// (Outlook).
+    pub autoconfig: Option<Autoconfig>,
+}
+
+impl MailDomain {
+    /// The names portcullis answers HTTPS for on the domain's behalf.
+    pub fn service_names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.mta_sts.is_some() {
+            out.push(format!("mta-sts.{}", self.name));
+        }
+        if self.autoconfig.is_some() {
+            out.push(format!("autoconfig.{}", self.name));
+            out.push(format!("autodiscover.{}", self.name));
+        }
+        out
+    }
+}
+
+/// An MTA-STS policy (RFC 8461 §3.2) and where TLS reports go (RFC 8460).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MtaSts {
+    pub mode: StsMode,
+    /// The MX host names (or `*.example.org`) a sender may deliver to.
+    pub mx: Vec<HostPattern>,
+    pub max_age: Duration,
+    /// `rua` of the `_smtp._tls` record: `mailto:` or `https:` URIs.
+    pub report_to: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StsMode {
+    Enforce,
+    Testing,
+    None,
+}
+
+impl StsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StsMode::Enforce => "enforce",
+            StsMode::Testing => "testing",
+            StsMode::None => "none",
+        }
+    }
+}
+
+/// Client autoconfiguration: which server clients connect to, and how
+/// they log in. The ports and TLS modes come from the listeners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Autoconfig {
+    /// The name clients connect to; a name of one of `hosts`.
+    pub server: Hostname,
+    /// What a client shows for the account.
+    pub display_name: String,
+    pub username: LoginName,
+}
+
+/// What a user logs in with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoginName {
+    /// The whole address, `user@example.org`.
+    #[default]
+    Address,
+    /// The part before the `@`.
+    Localpart,
 }

@@ -29,6 +29,7 @@ const TOP_KEYS: &[&str] = &[
     "notify",
     "limits",
     "store",
+    "domains",
 ];
 const TIMEOUT_KEYS: &[&str] = &["handshake", "dialogue", "connect", "idle", "shutdown_grace"];
 
@@ -167,6 +168,18 @@ impl Walk<'_> {
         }
     }
 
+    /// A name or a list of names, each a host name or `*.` wildcard.
+    pub(super) fn patterns(&mut self, v: &Value, path: &str) -> Vec<HostPattern> {
+        self.strings(v, path)
+            .into_iter()
+            .filter_map(|(p, s)| {
+                HostPattern::parse(&s)
+                    .map_err(|e| self.err(&p, format!("{s:?}: {e}")))
+                    .ok()
+            })
+            .collect()
+    }
+
     pub(super) fn path(&self, s: &str) -> PathBuf {
         let p = Path::new(s);
         if p.is_absolute() {
@@ -235,8 +248,15 @@ impl Walk<'_> {
         let m = self.mapping(root, "", TOP_KEYS)?;
         let state_dir = self.state_dir(m);
         let acme = field(m, "acme").and_then(|v| self.acme(v));
-        let (listeners, hosts, timeouts) = self.routes(m);
+        let (listeners, mut hosts, timeouts) = self.routes(m);
         let default_host = self.default_host_of(m, &hosts);
+        let domains = match field(m, "domains") {
+            Some(v) => {
+                let acme = field(m, "acme").is_some();
+                self.domains(v, &mut hosts, acme, default_host.as_ref())
+            }
+            None => Vec::new(),
+        };
         let unknown_sni = field(m, "unknown_sni")
             .map(|v| self.de(v, "unknown_sni"))
             .unwrap_or(Some(UnknownSni::Default));
@@ -245,6 +265,12 @@ impl Walk<'_> {
         let admin = field(m, "admin").and_then(|v| self.admin(v));
         let store = field(m, "store").and_then(|v| self.store(v));
 
+        if !domains.is_empty() && !listeners.values().any(Listener::is_web) {
+            self.err(
+                "domains",
+                "MTA-STS and autoconfig are served over HTTPS: add a listener with protocol: tcp, tls: implicit (port 443)",
+            );
+        }
         if listeners.is_empty() && field(m, "listeners").is_some() {
             self.err("listeners", "at least one listener is needed");
         }
@@ -281,6 +307,7 @@ impl Walk<'_> {
             admin,
             notify,
             store,
+            domains,
         })
     }
 

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::limiter::ClientLimiter;
 use crate::acme::challenge::Challenges;
 use crate::config::{Listener, Timeouts};
+use crate::discovery::Discovery;
 use crate::metrics::ListenerMetrics;
 use crate::tls::hosts::HostTable;
 
@@ -21,6 +22,11 @@ pub struct ListenerCtx {
     /// from two different configurations.
     pub tls: Arc<ServerConfig>,
     pub table: Arc<HostTable>,
+    /// What `domains:` serves over HTTPS; empty but on a web listener.
+    pub discovery: Arc<Discovery>,
+    /// `tls` with HTTP/1.1 as the only ALPN, for the names `discovery`
+    /// answers itself; `None` where it answers none.
+    pub web_tls: Option<Arc<ServerConfig>>,
     pub timeouts: Timeouts,
     /// The name STARTTLS greetings and SMTP goodbyes use before SNI is known.
     pub hostname: String,

@@ -132,8 +132,13 @@ pub(super) async fn handshake(
         };
         // The listener's config resolves the certificate from the same
         // table snapshot (see `ListenerCtx::tls`): the routed host's.
+        // Names portcullis answers itself speak HTTP/1.1 only.
+        let config = match (&ctx.web_tls, &sni) {
+            (Some(web), Some(name)) if ctx.discovery.serves(&name.to_ascii_lowercase()) => web,
+            _ => &ctx.tls,
+        };
         let stream = start
-            .into_stream(ctx.tls.clone())
+            .into_stream(config.clone())
             .await
             .map_err(Refused::Handshake)?;
         Ok((stream, host, matched))

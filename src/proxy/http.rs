@@ -49,6 +49,18 @@ pub struct Head {
     pub host: Option<Hostname>,
     /// Bytes of the head including the blank line.
     pub len: usize,
+    /// The body that follows, as its headers say.
+    pub body: BodyLength,
+}
+
+/// How long a request's body is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No Content-Length and no Transfer-Encoding: none.
+    None,
+    Exactly(u64),
+    /// Chunked, or a Content-Length that is not one number.
+    Unknown,
 }
 
 /// Parses a request head; `Ok(None)`: incomplete, read more.
@@ -82,11 +94,25 @@ pub fn parse(buf: &[u8]) -> Result<Option<Head>, &'static str> {
         let name = v.rsplit_once(':').map_or(v, |(n, _)| n);
         Hostname::parse(name).ok()
     });
+    let mut body = BodyLength::None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            body = BodyLength::Unknown;
+        } else if h.name.eq_ignore_ascii_case("content-length") && body == BodyLength::None {
+            body = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map_or(BodyLength::Unknown, BodyLength::Exactly);
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            body = BodyLength::Unknown;
+        }
+    }
     Ok(Some(Head {
         method: req.method.unwrap_or_default().to_string(),
         path: path.to_string(),
         host,
         len,
+        body,
     }))
 }
 
@@ -284,7 +310,7 @@ pub(crate) enum Unread {
 /// Reads until a whole request head is in (at most `limit` bytes); returns
 /// everything read so far.
 pub(crate) async fn read_head(
-    socket: &mut TcpStream,
+    socket: &mut (impl tokio::io::AsyncRead + Unpin),
     limit: usize,
 ) -> Result<(Vec<u8>, Head), Unread> {
     let mut buf = Vec::with_capacity(1024);

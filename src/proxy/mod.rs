@@ -7,6 +7,7 @@
 //!   limiter            │                                  ├─▶ handshake ─▶ backend ─▶ relay
 //!                      └──────────────────────────────────┘    (tls::hosts)  proxy_header
 //!                      └─ http (port 80: ACME http-01, redirect, forward) ─▶ backend ─▶ relay
+//!                      handshake ─▶ web (443: MTA-STS, autoconfig for `domains:`)
 //! ```
 //!
 //! `context` (what every connection of a listener reads) and `outcome`
@@ -25,3 +26,4 @@ pub mod read_ahead;
 pub mod relay;
 mod session;
 pub mod starttls;
+mod web;

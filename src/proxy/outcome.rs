@@ -76,6 +76,11 @@ impl Outcome {
         self.up += n as u64;
     }
 
+    /// Bytes the session sent before (or instead of) a relay: an answer.
+    pub(crate) fn count_down(&mut self, n: usize) {
+        self.down += n as u64;
+    }
+
     pub(crate) fn log(&self) {
         // tracing fixes an event's level at compile time: one field list, two levels.
         macro_rules! line {

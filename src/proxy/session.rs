@@ -164,6 +164,10 @@ async fn prepare(
             return None;
         }
     };
+    if let Some(name) = super::web::answered_here(&client, ctx) {
+        super::web::serve(client, &name, ctx, stop, session).await;
+        return None;
+    }
     routed(client, &host, matched, greeting, &at, session).await
 }
 

@@ -14,6 +14,7 @@ use crate::acme::challenge::Challenges;
 use crate::acme::{self, Managed};
 use crate::config::names::{self, HostPattern};
 use crate::config::{self, CertSource, Config, Listener};
+use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::ops::control;
 use crate::ops::notify::Notifier;
@@ -295,10 +296,27 @@ pub(super) fn listener_ctx(
         .collect();
     backends.sort();
     backends.dedup();
+    let resolver = Arc::new(CertResolver::new(table.clone()));
+    let discovery = match l.is_web() {
+        true => Arc::new(Discovery::new(config)),
+        false => Arc::default(),
+    };
+    let web_tls = match discovery.is_empty() {
+        true => None,
+        false => {
+            let http1 = Listener {
+                alpn: vec![b"http/1.1".to_vec()],
+                ..l.clone()
+            };
+            Some(tls.server_config(&http1, resolver.clone())?)
+        }
+    };
     Ok(ListenerCtx {
         listener: l.clone(),
-        tls: tls.server_config(l, Arc::new(CertResolver::new(table.clone())))?,
+        tls: tls.server_config(l, resolver)?,
         table: table.clone(),
+        discovery,
+        web_tls,
         timeouts: config.timeouts,
         hostname: l
             .hostname
