@@ -46,6 +46,9 @@ pub struct Published {
     updater: Arc<Updater>,
     entry: Entry,
     state_dir: PathBuf,
+    /// The addition got no answer: the server may still apply it, even
+    /// after the removal (a frozen BIND runs its queue in any order).
+    late: bool,
 }
 
 impl std::fmt::Debug for Published {
@@ -161,17 +164,18 @@ pub async fn publish(
             l.push(entry.clone())
         }
     });
-    let guard = || Published {
+    let guard = |late| Published {
         updater: updater.clone(),
         entry: entry.clone(),
         state_dir: state_dir.to_path_buf(),
+        late,
     };
     match updater.add_txt(&name, value).await {
         Ok(()) => {}
         // No answer: the update may still be applied, so a guard removes
         // it as it drops (or the next start does).
         Err(e @ DnsError::Timeout { .. }) => {
-            drop(guard());
+            drop(guard(true));
             return Err(e.into());
         }
         // Refused, or never sent: nothing was added.
@@ -180,7 +184,7 @@ pub async fn publish(
             return Err(e.into());
         }
     }
-    let published = guard();
+    let published = guard(false);
     info!(name = %name, server = %dns.server, "dns-01 record added");
     wait_visible(dns, &name, value).await?;
     Ok(published)
@@ -223,15 +227,16 @@ async fn wait_visible(dns: &Dns, name: &str, value: &str) -> Result<(), Dns01Err
 
 impl Drop for Published {
     fn drop(&mut self) {
-        let (updater, entry, dir) = (
+        let (updater, entry, dir, late) = (
             self.updater.clone(),
             self.entry.clone(),
             self.state_dir.clone(),
+            self.late,
         );
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return; // left in the ledger: removed at the next start
         };
-        rt.spawn(async move { remove(&updater, &entry, &dir).await });
+        rt.spawn(async move { remove(&updater, &entry, &dir, late).await });
     }
 }
 
@@ -243,27 +248,56 @@ const REMOVE_TRIES: [Duration; 4] = [
     Duration::from_secs(120),
 ];
 
-/// Removes a record and strikes it off the ledger; one that cannot be
-/// removed after [`REMOVE_TRIES`] stays listed, for the next start. (A
-/// removal that got no answer is made again: the server may apply it, or
-/// a late addition, after it answers again.)
-async fn remove(updater: &Updater, entry: &Entry, state_dir: &Path) -> bool {
+/// Removes a record and strikes it off the ledger once the server no
+/// longer serves it; one that cannot be removed after [`REMOVE_TRIES`]
+/// stays listed, for the next start. A removal that got no answer is made
+/// again: the server may apply it, or a late addition, after it answers
+/// again. After a `late` addition (one that got no answer), the record is
+/// looked for once more at the next try, and removed again if it came back.
+async fn remove(updater: &Updater, entry: &Entry, state_dir: &Path, late: bool) -> bool {
+    let (mut removed, mut recheck) = (false, late);
     for (i, wait) in REMOVE_TRIES.iter().enumerate() {
         tokio::time::sleep(*wait).await;
+        let last = i + 1 == REMOVE_TRIES.len();
+        let then = if last { "at the next start" } else { "shortly" };
+        if removed {
+            if !served(updater, entry).await {
+                break;
+            }
+            // The late addition came after the removal: there is one.
+            (removed, recheck) = (false, false);
+        }
         match updater.delete_txt(&entry.name, &entry.value).await {
+            Ok(()) if served(updater, entry).await => {
+                // The late addition, applied after this removal.
+                recheck = false;
+                warn!(name = %entry.name, "dns-01 record still served after its removal: removed again {then}");
+            }
             Ok(()) => {
                 info!(name = %entry.name, server = %entry.server, "dns-01 record removed");
-                ledger(state_dir, |l| l.retain(|e| e != entry));
-                return true;
+                removed = true;
+                if !recheck {
+                    break;
+                }
             }
             Err(e) => {
-                let last = i + 1 == REMOVE_TRIES.len();
-                let then = if last { "at the next start" } else { "shortly" };
                 warn!(name = %entry.name, error = %e, "dns-01 record not removed: tried again {then}");
             }
         }
     }
-    false
+    if removed {
+        ledger(state_dir, |l| l.retain(|e| e != entry));
+    }
+    removed
+}
+
+/// Whether the primary still serves the record (a late addition applied
+/// after its removal). `false` when it does not answer: the removal it
+/// answered stands.
+async fn served(updater: &Updater, entry: &Entry) -> bool {
+    dns::txt(updater.server(), &entry.name)
+        .await
+        .is_ok_and(|values| values.contains(&entry.value))
 }
 
 /// Removes what an earlier run left up (a crash, a restart mid-order), with
@@ -283,7 +317,7 @@ pub async fn clean_up(state_dir: &Path, acme: &Acme) {
         };
         match updater(dns) {
             Ok(u) => {
-                remove(&u, &entry, state_dir).await;
+                remove(&u, &entry, state_dir, true).await;
             }
             Err(e) => {
                 warn!(name = %entry.name, error = %e, "a dns-01 record left by an earlier run cannot be removed now")
