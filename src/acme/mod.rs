@@ -125,6 +125,18 @@ struct Shared {
     hooks: Hooks,
     /// The store several instances share, when there is one.
     cluster: Option<Arc<Cluster>>,
+    /// By first name: a host's lineages order one at a time, as their
+    /// challenges are for the same names (a tls-alpn-01 answer is one per
+    /// name, a dns-01 record is removed by name).
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Shared {
+    /// The turn `first`'s host's orders take one at a time.
+    fn turn(&self, first: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+        turns.entry(first.to_string()).or_default().clone()
+    }
 }
 
 /// The account every host orders with.
@@ -373,6 +385,7 @@ impl Runner {
                 account: tokio::sync::Mutex::default(),
                 cluster: hooks.cluster.clone(),
                 hooks,
+                turns: Mutex::default(),
             }),
             tasks: Vec::new(),
             tracker,

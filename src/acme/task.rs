@@ -409,6 +409,9 @@ impl HostTask {
         // because it was refused without becoming an order — a forgotten
         // account, `replaces` — costs nothing more.)
         self.shared.hooks.orders.take().await;
+        // The host's other key type may be ordering: its turn first.
+        let turn = self.shared.turn(&self.lineage.first());
+        let _turn = turn.lock().await;
         let lock = match self.shared.cluster.clone() {
             None => None,
             Some(cluster) => match self.lock(&cluster, force).await {
