@@ -24,6 +24,10 @@ use crate::tls::hosts::{CertSlot, Host, HostTable, Served, Source};
 use crate::tls::resolver::CertResolver;
 use crate::tls::TlsContext;
 
+/// A host's certificate and, for a host with two file pairs, its second;
+/// `None` where nothing is loaded (ACME, self-signed under `check`, errors).
+pub type HostCerts = Option<(LoadedCert, Option<LoadedCert>)>;
+
 /// Loads the certificate of every host (and the second pair of a host with
 /// two); self-signed ones are created (and stored) when `generate` is
 /// true, skipped otherwise (`portcullis check`). Returns every failure,
@@ -32,10 +36,7 @@ pub fn load_certificates(
     config: &Config,
     provider: &rustls::crypto::CryptoProvider,
     generate: bool,
-) -> (
-    Vec<Option<(LoadedCert, Option<LoadedCert>)>>,
-    Vec<BuildError>,
-) {
+) -> (Vec<HostCerts>, Vec<BuildError>) {
     let mut loaded = Vec::new();
     let mut errors = Vec::new();
     for (index, host) in config.hosts.iter().enumerate() {
