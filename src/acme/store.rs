@@ -344,6 +344,49 @@ mod tests {
     }
 
     #[test]
+    fn a_second_key_type_has_its_own_directory_and_versions() {
+        let d = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let rsa = Lineage {
+            key_type: crate::config::KeyType::Rsa2048,
+            second: true,
+            ..names()
+        };
+        assert_eq!(rsa.id(), "mail.example.test~rsa-2048");
+        assert!(host_dir(d.path(), &rsa).ends_with("certs/mail.example.test~rsa-2048"));
+        let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
+        let first = save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
+        // Three versions of the second: the first's version stays.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
+            last = save(d.path(), &rsa, &chain, &key, meta(), &provider)
+                .unwrap()
+                .cert
+                .info
+                .serial;
+        }
+        let back = load(d.path(), &names(), &provider).unwrap().unwrap();
+        assert_eq!(back.cert.info.serial, first.cert.info.serial);
+        let back = load(d.path(), &rsa, &provider).unwrap().unwrap();
+        assert_eq!(back.cert.info.serial, last);
+        let versions = std::fs::read_dir(d.path().join("certs"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count();
+        assert_eq!(
+            versions, 3,
+            "the first's one, the second's current and previous"
+        );
+    }
+
+    #[test]
     fn a_version_that_cannot_be_written_whole_leaves_nothing_behind() {
         let d = tempfile::tempdir().unwrap();
         let provider = rustls::crypto::aws_lc_rs::default_provider();
