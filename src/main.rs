@@ -160,7 +160,11 @@ fn check(path: &Path) -> ExitCode {
     for w in &tsig_warnings {
         eprintln!("{}: {w}", path.display());
     }
-    for cert in loaded.iter().flatten() {
+    for cert in loaded
+        .iter()
+        .flatten()
+        .flat_map(|(a, b)| std::iter::once(a).chain(b))
+    {
         if !cert.info.uncovered.is_empty() {
             eprintln!(
                 "{}: warning: certificate for {} does not cover {}",
@@ -254,15 +258,20 @@ fn certs(path: &Path, json: bool) -> ExitCode {
         println!("(no running instance: certificates on disk, no renewal times)");
     }
     println!(
-        "{:<40} {:<12} {:<22} {:<22} ISSUER",
-        "NAMES", "SOURCE", "NOT AFTER", "NEXT RENEWAL"
+        "{:<40} {:<12} {:<11} {:<22} {:<22} ISSUER",
+        "NAMES", "SOURCE", "KEY", "NOT AFTER", "NEXT RENEWAL"
     );
     for row in &rows {
         let next = row.next_renewal.as_deref().unwrap_or("-");
         println!(
-            "{:<40} {:<12} {:<22} {:<22} {}",
+            "{:<40} {:<12} {:<11} {:<22} {:<22} {}",
             row.names.join(","),
             row.source,
+            if row.key_type.is_empty() {
+                "-"
+            } else {
+                &row.key_type
+            },
             if row.not_after.is_empty() {
                 "-"
             } else {

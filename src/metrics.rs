@@ -57,11 +57,14 @@ struct CertLabels {
     host: String,
     name: String,
     source: String,
+    /// A host may serve two certificates (`ecdsa-p256` and `rsa-2048`).
+    key_type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HostLabel {
+struct RenewalLabels {
     host: String,
+    key_type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,7 +113,7 @@ pub struct Metrics {
     /// The same, readable: the family cannot be iterated.
     accept_state: Mutex<BTreeMap<String, bool>>,
     not_after: Family<CertLabels, Gauge>,
-    next_renewal: Family<HostLabel, Gauge>,
+    next_renewal: Family<RenewalLabels, Gauge>,
     renewals: Family<Outcome, Counter>,
     reloads: Family<Outcome, Counter>,
     state_dir_writable: Gauge,
@@ -412,12 +415,14 @@ impl Metrics {
                     host: host.clone(),
                     name: name.clone(),
                     source: cert.source.clone(),
+                    key_type: cert.key_type.clone(),
                 };
                 self.not_after.get_or_create(&labels).set(cert.not_after);
             }
             if let Some(next) = cert.next_renewal {
+                let key_type = cert.key_type.clone();
                 self.next_renewal
-                    .get_or_create(&HostLabel { host })
+                    .get_or_create(&RenewalLabels { host, key_type })
                     .set(next);
             }
         }
@@ -435,6 +440,8 @@ pub struct CertGauge {
     pub names: Vec<String>,
     /// files, self-signed, acme, placeholder.
     pub source: String,
+    /// `ecdsa-p256`, `rsa-2048`, …
+    pub key_type: String,
     /// Unix time.
     pub not_after: i64,
     /// Unix time; `None` for certificates portcullis does not renew.
@@ -516,6 +523,7 @@ mod tests {
         let rows = vec![CertGauge {
             names: vec!["mail.example.org".into(), "imap.example.org".into()],
             source: "acme".into(),
+            key_type: "ecdsa-p256".into(),
             not_after: 1893456000,          // 2030-01-01T00:00:00Z
             next_renewal: Some(1890777600), // 2029-12-01T00:00:00Z
         }];
@@ -537,8 +545,8 @@ mod tests {
             "portcullis_certificate_renewals_total{outcome=\"failed\"} 0",
             "portcullis_sessions_total{listener=\"imaps\",outcome=\"backend_unavailable\"} 0",
             "portcullis_backend_connect_failures_total{backend=\"127.0.0.1:20144\"} 0",
-            "portcullis_certificate_not_after_seconds{host=\"mail.example.org\",name=\"imap.example.org\",source=\"acme\"} 1893456000",
-            "portcullis_certificate_next_renewal_seconds{host=\"mail.example.org\"} 1890777600",
+            "portcullis_certificate_not_after_seconds{host=\"mail.example.org\",name=\"imap.example.org\",source=\"acme\",key_type=\"ecdsa-p256\"} 1893456000",
+            "portcullis_certificate_next_renewal_seconds{host=\"mail.example.org\",key_type=\"ecdsa-p256\"} 1890777600",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\nnot in\n{text}");
         }

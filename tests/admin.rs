@@ -332,7 +332,7 @@ hosts:
         ("down.example.test", "down.example.test", &down_crt),
     ] {
         expect(
-            format!("portcullis_certificate_not_after_seconds{{host=\"{host}\",name=\"{name}\",source=\"files\"}}"),
+            format!("portcullis_certificate_not_after_seconds{{host=\"{host}\",name=\"{name}\",source=\"files\",key_type=\"ecdsa-p256\"}}"),
             not_after(file).to_string(),
         );
     }
@@ -575,7 +575,7 @@ hosts:
     assert_eq!(
         value(
             &metrics,
-            "portcullis_certificate_not_after_seconds{host=\"mail.example.test\",name=\"imap.example.test\",source=\"files\"}"
+            "portcullis_certificate_not_after_seconds{host=\"mail.example.test\",name=\"imap.example.test\",source=\"files\",key_type=\"ecdsa-p256\"}"
         ),
         Some("1609459200"),
         "{metrics}"

@@ -635,7 +635,7 @@ fn every_config_in_the_migration_guide_passes_check() {
         // certbot's files, for the same names, where the test can write them.
         let mut local = yaml.clone();
         for (h, host) in config.hosts.iter().enumerate() {
-            if let CertSource::Files { cert, key } = &host.certificate {
+            if let CertSource::Files { cert, key, .. } = &host.certificate {
                 let names: Vec<String> = host.names.iter().map(|n| n.to_string()).collect();
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
                 let (c, k) = common::cert_files(dir.path(), &format!("{i}-{h}"), &names);

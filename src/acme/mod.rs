@@ -59,10 +59,55 @@ use challenge::Challenges;
 pub use order::{IssueError, Unstored};
 use task::HostTask;
 
-/// A host with `certificate: acme`, as the server built it.
+/// One certificate of a `certificate: acme` host: its names and its key
+/// type. A host with two `key_types` has two lineages, each ordered,
+/// stored, renewed and shown on its own, by a task of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    pub names: Vec<HostPattern>,
+    pub key_type: config::KeyType,
+    /// The host's second key type: stored beside the first, apart.
+    pub second: bool,
+}
+
+impl Lineage {
+    /// The lineages of a host ordered with `key_types`, first one first.
+    pub fn of(names: &[HostPattern], key_types: &[config::KeyType]) -> Vec<Lineage> {
+        key_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Lineage {
+                names: names.to_vec(),
+                key_type: *t,
+                second: i > 0,
+            })
+            .collect()
+    }
+
+    /// The host's first name.
+    pub fn first(&self) -> String {
+        self.names
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
+    /// What it is stored and known by: the first name, as a host with one
+    /// key type always was; `<first name>~<key type>` for the second
+    /// (`~` is in no host name, so it cannot meet another host's).
+    pub fn id(&self) -> String {
+        if self.second {
+            format!("{}~{}", self.first(), self.key_type.as_str())
+        } else {
+            self.first()
+        }
+    }
+}
+
+/// A lineage of a host with `certificate: acme`, as the server built it.
 #[derive(Debug)]
 pub struct Managed {
-    pub names: Vec<HostPattern>,
+    pub lineage: Lineage,
     pub slot: Arc<CertSlot>,
     /// Why a new order is needed right away (no certificate yet, names
     /// changed, …); `None` when the served one just needs renewing in time.
@@ -80,6 +125,18 @@ struct Shared {
     hooks: Hooks,
     /// The store several instances share, when there is one.
     cluster: Option<Arc<Cluster>>,
+    /// By first name: a host's lineages order one at a time, as their
+    /// challenges are for the same names (a tls-alpn-01 answer is one per
+    /// name, a dns-01 record is removed by name).
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Shared {
+    /// The turn `first`'s host's orders take one at a time.
+    fn turn(&self, first: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+        turns.entry(first.to_string()).or_default().clone()
+    }
 }
 
 /// The account every host orders with.
@@ -145,15 +202,17 @@ pub struct Hooks {
     pub events: Arc<dyn Observer>,
     /// Process-wide: every new order, `portcullis renew` included, takes from it.
     pub orders: Arc<OrderBudget>,
-    /// By the host's names: what to write once `state_dir` can be written.
-    pub unstored: Arc<Mutex<HashMap<Vec<String>, Unstored>>>,
+    /// By lineage ([`Lineage::id`]): what to write once `state_dir` can
+    /// be written.
+    pub unstored: Arc<Mutex<HashMap<String, Unstored>>>,
     /// Where certificates from the cluster store go: each host's task.
     pub routes: Arc<Routes>,
     /// The store several instances share, when there is one.
     pub cluster: Option<Arc<Cluster>>,
 }
 
-/// The way from the cluster store to each host's task, by first name;
+/// The way from the cluster store to each lineage's task, by
+/// [`Lineage::id`] (the first name for a host with one key type);
 /// kept across runners, as the store is followed for the server's life.
 #[derive(Debug, Default)]
 pub struct Routes(Mutex<HashMap<String, mpsc::Sender<Ask>>>);
@@ -191,15 +250,15 @@ impl Hooks {
         self.events.report(event);
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Unstored>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Unstored>> {
         self.unstored.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// When the served certificate `serial` of `names` was issued, if it is
-    /// waiting to be stored.
-    fn unstored_issued_at(&self, names: &[String], serial: &str) -> Option<SystemTime> {
+    /// When the served certificate `serial` of lineage `id` was issued, if
+    /// it is waiting to be stored.
+    fn unstored_issued_at(&self, id: &str, serial: &str) -> Option<SystemTime> {
         let pending = self.pending();
-        let u = pending.get(names).filter(|u| u.serial == serial)?;
+        let u = pending.get(id).filter(|u| u.serial == serial)?;
         humantime::parse_rfc3339(&u.meta.issued_at).ok()
     }
 }
@@ -255,10 +314,13 @@ pub struct Status {
     pub key: Option<String>,
 }
 
-/// The control socket's way into one host's ACME task.
+/// The control socket's way into one lineage's ACME task.
 #[derive(Clone, Debug)]
 pub struct HostHandle {
     pub names: Vec<String>,
+    /// [`Lineage::id`].
+    pub id: String,
+    pub key_type: config::KeyType,
     requests: mpsc::Sender<Ask>,
     status: Arc<Mutex<Status>>,
 }
@@ -323,6 +385,7 @@ impl Runner {
                 account: tokio::sync::Mutex::default(),
                 cluster: hooks.cluster.clone(),
                 hooks,
+                turns: Mutex::default(),
             }),
             tasks: Vec::new(),
             tracker,
@@ -334,23 +397,31 @@ impl Runner {
         &self.shared.config
     }
 
-    /// Starts the task of one host.
+    /// Starts the task of one lineage.
     pub fn add(&mut self, host: Managed) {
         let (tx, rx) = mpsc::channel(8);
         let status = Arc::new(Mutex::new(Status::default()));
-        let names = names::to_strings(&host.names);
+        let names = names::to_strings(&host.lineage.names);
+        let id = host.lineage.id();
+        let key_type = host.lineage.key_type;
         let stop = self.stop.child_token();
         self.tasks.push((
             HostHandle {
-                names: names.clone(),
+                names,
+                id: id.clone(),
+                key_type,
                 requests: tx.clone(),
                 status: status.clone(),
             },
             stop.clone(),
         ));
-        let first = names.first().cloned().unwrap_or_default();
-        self.shared.hooks.routes.map().insert(first.clone(), tx);
-        let span = tracing::info_span!("acme", host = %first);
+        self.shared.hooks.routes.map().insert(id, tx);
+        let first = host.lineage.first();
+        let span = if host.lineage.second {
+            tracing::info_span!("acme", host = %first, key_type = key_type.as_str())
+        } else {
+            tracing::info_span!("acme", host = %first)
+        };
         let task = HostTask::new(self.shared.clone(), host, status);
         self.tracker.spawn(task.run(rx, stop).instrument(span));
     }
@@ -362,35 +433,39 @@ impl Runner {
         for (handle, _) in self
             .tasks
             .iter()
-            .filter(|(h, _)| pending.contains_key(&h.names))
+            .filter(|(h, _)| pending.contains_key(&h.id))
         {
             // A full queue has work for the task already; the next probe asks again.
             let _ = handle.requests.try_send(Ask::Store);
         }
     }
 
-    /// Stops the tasks of hosts `keep` says no to.
-    pub fn retain(&mut self, keep: impl Fn(&[String]) -> bool) {
+    /// Stops the tasks of lineages (by [`Lineage::id`] and names) `keep`
+    /// says no to.
+    pub fn retain(&mut self, keep: impl Fn(&str, &[String]) -> bool) {
         let routes = &self.shared.hooks.routes;
         self.tasks.retain(|(handle, stop)| {
-            let kept = keep(&handle.names);
+            let kept = keep(&handle.id, &handle.names);
             if !kept {
                 stop.cancel();
-                routes.remove(handle.first(), &handle.requests);
+                routes.remove(&handle.id, &handle.requests);
             }
             kept
         });
     }
 
-    pub fn handle(&self, names: &[String]) -> Option<HostHandle> {
+    /// The task of the lineage `id` for `names`.
+    pub fn handle(&self, id: &str, names: &[String]) -> Option<HostHandle> {
         self.tasks
             .iter()
-            .find(|(h, _)| h.names == names)
+            .find(|(h, _)| h.id == id && h.names == names)
             .map(|(h, _)| h.clone())
     }
 
-    pub fn has(&self, names: &[String]) -> bool {
-        self.tasks.iter().any(|(h, _)| h.names == names)
+    pub fn has(&self, id: &str, names: &[String]) -> bool {
+        self.tasks
+            .iter()
+            .any(|(h, _)| h.id == id && h.names == names)
     }
 }
 
@@ -401,7 +476,7 @@ impl Drop for Runner {
             self.shared
                 .hooks
                 .routes
-                .remove(handle.first(), &handle.requests);
+                .remove(&handle.id, &handle.requests);
         }
     }
 }

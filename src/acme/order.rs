@@ -12,12 +12,17 @@ use instant_acme::{
 use tracing::{debug, info, warn};
 
 use super::retry::{self, retrying};
-use super::{account, challenge, dns01, rollover, store, transport, Shared};
+use super::{account, challenge, dns01, rollover, store, transport, Lineage, Shared};
 use crate::cluster::keys::Key;
 use crate::cluster::lock::Lock;
 use crate::cluster::ClusterError;
 use crate::config::names::{self, HostPattern};
 use crate::config::{Challenge, Dns, KeyPolicy};
+
+/// A new key of `key_type`.
+fn new_key(key_type: crate::config::KeyType) -> Result<rcgen::KeyPair, rcgen::Error> {
+    rcgen::KeyPair::generate_for(crate::tls::certs::key_algorithm(key_type))
+}
 
 /// How long the CA may take to settle an order while we poll it.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -176,21 +181,21 @@ impl Shared {
     /// again, once, now.
     pub(super) async fn order(
         &self,
-        names: &[HostPattern],
+        lineage: &Lineage,
         replaces: Option<CertificateIdentifier<'static>>,
         challenges: &[Challenge],
         lock: Option<&Lock>,
     ) -> Result<Issued, IssueError> {
         let account = self.account().await?;
         match self
-            .issue(&account, names, replaces.clone(), challenges, lock)
+            .issue(&account, lineage, replaces.clone(), challenges, lock)
             .await
         {
             Err(e) if e.is_unknown_account() => {
                 self.forget_account(&account).await;
                 let account = self.account().await?;
                 let again = self
-                    .issue(&account, names, replaces, challenges, lock)
+                    .issue(&account, lineage, replaces, challenges, lock)
                     .await;
                 if again.as_ref().is_err_and(IssueError::is_unknown_account) {
                     self.forget_account(&account).await;
@@ -201,15 +206,18 @@ impl Shared {
         }
     }
 
-    /// Orders a certificate for `names` with `account` and checks it.
+    /// Orders a certificate for the lineage's names, with a key of its
+    /// type, with `account`, and checks it.
     async fn issue(
         &self,
         account: &Account,
-        names: &[HostPattern],
+        lineage: &Lineage,
         replaces: Option<CertificateIdentifier<'static>>,
         challenges: &[Challenge],
         lock: Option<&Lock>,
     ) -> Result<Issued, IssueError> {
+        let names = &lineage.names[..];
+        let key_type = lineage.key_type;
         let mut order = self.new_order(account, names, replaces).await?;
         let first = names.first().map(ToString::to_string).unwrap_or_default();
         let dns = self.config.dns_for(&first);
@@ -226,38 +234,38 @@ impl Shared {
         let policy = self.config.key_for(&first);
         let mut rolled = false;
         let key = match policy {
-            KeyPolicy::Reuse => match self.stored_key(names) {
+            KeyPolicy::Reuse => match self.stored_key(lineage) {
                 Some(k) => {
                     debug!("reusing the certificate's key (acme key: reuse): TLSA 3 1 1 records stay valid");
                     k
                 }
-                None => self.new_key()?,
+                None => new_key(key_type)?,
             },
             KeyPolicy::Rollover => match self.next_key_if_served(&first).await {
                 Some(k) => {
                     rolled = true;
                     k
                 }
-                None => match self.stored_key(names) {
+                None => match self.stored_key(lineage) {
                     Some(k) => k,
-                    None => self.new_key()?,
+                    None => new_key(key_type)?,
                 },
             },
-            KeyPolicy::New => self.new_key()?,
+            KeyPolicy::New => new_key(key_type)?,
         };
         let csr = csr(names, &key)?;
         finalize(&mut order, &csr).await?;
         let chain = retrying!("certificate", order.poll_certificate(&retry))?;
         let key_pem = key.serialize_pem();
-        let cert = store::check(&self.state_dir, names, &chain, &key_pem, &self.provider)?;
+        let cert = store::check(&self.state_dir, lineage, &chain, &key_pem, &self.provider)?;
         if policy == KeyPolicy::Rollover {
             // The next key is this certificate's now (or still to come):
             // there is always one waiting to be published.
             let made = if rolled {
                 info!("key rollover: the certificate has the next key now; a new next key is made");
-                rollover::rolled(&self.state_dir, &first, self.config.key_type)
+                rollover::rolled(&self.state_dir, &first, key_type)
             } else {
-                rollover::ensure(&self.state_dir, &first, self.config.key_type)
+                rollover::ensure(&self.state_dir, &first, key_type)
             };
             match made {
                 Ok((next, true)) => self.announce_next_key(names, &first, &next),
@@ -318,16 +326,12 @@ impl Shared {
         });
     }
 
-    /// A new key of `acme.key_type`.
-    fn new_key(&self) -> Result<rcgen::KeyPair, rcgen::Error> {
-        rcgen::KeyPair::generate_for(crate::tls::certs::key_algorithm(self.config.key_type))
-    }
-
-    /// The stored certificate's key, when it is of `acme.key_type`; `None`
-    /// (and a new key) when there is none, it does not load, or the type
-    /// changed — said in the log, as the TLSA record must change then.
-    fn stored_key(&self, names: &[HostPattern]) -> Option<rcgen::KeyPair> {
-        let path = store::key_path(&self.state_dir, names);
+    /// The stored certificate's key, when it is of the lineage's key type;
+    /// `None` (and a new key) when there is none, it does not load, or the
+    /// type changed — said in the log, as the TLSA record must change then.
+    fn stored_key(&self, lineage: &Lineage) -> Option<rcgen::KeyPair> {
+        let key_type = lineage.key_type;
+        let path = store::key_path(&self.state_dir, lineage);
         let pem = match std::fs::read_to_string(&path) {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -343,8 +347,8 @@ impl Shared {
                 return None;
             }
         };
-        if key.algorithm() != crate::tls::certs::key_algorithm(self.config.key_type) {
-            warn!(key_type = ?self.config.key_type, "acme key: reuse, but the stored key is of another type than acme.key_type: a new key (publish its TLSA record)");
+        if key.algorithm() != crate::tls::certs::key_algorithm(key_type) {
+            warn!(key_type = key_type.as_str(), "acme key: reuse, but the stored key is of another type than acme.key_types says: a new key (publish its TLSA record)");
             return None;
         }
         Some(key)

@@ -4,6 +4,8 @@
 //! state_dir/certs/<first name>/fullchain.pem   leaf first, then the chain (0644)
 //!                              privkey.pem     PKCS#8 (0600)
 //!                              meta.json       names, directory, issued_at
+//! state_dir/certs/<first name>~<key type>/      the same, for a host's second
+//!                                               key type (`key_types: [a, b]`)
 //! ```
 //!
 //! `certs/<first name>` is a symlink to a version directory
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use rustls::crypto::CryptoProvider;
 use serde::{Deserialize, Serialize};
 
-use crate::config::names::HostPattern;
+use super::Lineage;
 use crate::tls::certs::{self, CertError, LoadedCert};
 use crate::tls::store;
 
@@ -54,19 +56,19 @@ pub enum StoreError {
     },
 }
 
-/// `state_dir/certs/<first name>`.
-pub fn host_dir(state_dir: &Path, names: &[HostPattern]) -> PathBuf {
-    let first = names.first().map(|n| n.to_string()).unwrap_or_default();
-    state_dir.join("certs").join(first)
+/// `state_dir/certs/<first name>` (`~<key type>` for a second key type).
+pub fn host_dir(state_dir: &Path, lineage: &Lineage) -> PathBuf {
+    state_dir.join("certs").join(lineage.id())
 }
 
 /// The stored certificate of a host, `Ok(None)` when there is none yet.
 pub fn load(
     state_dir: &Path,
-    names: &[HostPattern],
+    lineage: &Lineage,
     provider: &CryptoProvider,
 ) -> Result<Option<Stored>, StoreError> {
-    let dir = host_dir(state_dir, names);
+    let names = &lineage.names;
+    let dir = host_dir(state_dir, lineage);
     let (chain, key, meta) = paths(&dir);
     if !chain.exists() && !key.exists() {
         return Ok(None);
@@ -87,10 +89,10 @@ pub fn load(
 /// clock), if it is the one stored for `names`.
 pub fn issued_at(
     state_dir: &Path,
-    names: &[HostPattern],
+    lineage: &Lineage,
     serial: &str,
 ) -> Option<std::time::SystemTime> {
-    let link = host_dir(state_dir, names);
+    let link = host_dir(state_dir, lineage);
     let version = std::fs::read_link(&link).ok()?;
     let name = version.file_name()?.to_str()?;
     if !name.ends_with(&format!(".{serial}")) {
@@ -105,18 +107,18 @@ pub fn issued_at(
 /// names are covered.
 pub fn check(
     state_dir: &Path,
-    names: &[HostPattern],
+    lineage: &Lineage,
     chain_pem: &str,
     key_pem: &str,
     provider: &CryptoProvider,
 ) -> Result<LoadedCert, StoreError> {
-    let (chain, key, _) = paths(&host_dir(state_dir, names));
+    let (chain, key, _) = paths(&host_dir(state_dir, lineage));
     Ok(certs::load_pem(
         chain_pem.as_bytes(),
         key_pem.as_bytes(),
         &chain,
         &key,
-        names,
+        &lineage.names,
         provider,
     )?)
 }
@@ -125,14 +127,16 @@ pub fn check(
 /// `certs/<first name>` to it in one rename.
 pub fn write(
     state_dir: &Path,
-    names: &[HostPattern],
+    lineage: &Lineage,
     chain_pem: &str,
     key_pem: &str,
     meta: &Meta,
     serial: &str,
 ) -> Result<(), StoreError> {
-    let link = host_dir(state_dir, names);
-    let first = names.first().map(|n| n.to_string()).unwrap_or_default();
+    let link = host_dir(state_dir, lineage);
+    // `.<first>~<key type>.<SERIAL>` for a second key type: the cleanup
+    // below tells it from the first's `.<first>.<SERIAL>`.
+    let first = lineage.id();
     let certs = state_dir.join("certs");
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -198,16 +202,16 @@ pub fn write(
 /// [`check`], then [`write`].
 pub fn save(
     state_dir: &Path,
-    names: &[HostPattern],
+    lineage: &Lineage,
     chain_pem: &str,
     key_pem: &str,
     meta: Meta,
     provider: &CryptoProvider,
 ) -> Result<Stored, StoreError> {
-    let cert = check(state_dir, names, chain_pem, key_pem, provider)?;
+    let cert = check(state_dir, lineage, chain_pem, key_pem, provider)?;
     write(
         state_dir,
-        names,
+        lineage,
         chain_pem,
         key_pem,
         &meta,
@@ -218,8 +222,8 @@ pub fn save(
 
 /// The stored pair of a host as PEM text, with its metadata: what is on
 /// disk, not checked (`check` it before serving it).
-pub fn load_pem(state_dir: &Path, names: &[HostPattern]) -> Option<(String, String, Meta)> {
-    let (chain, key, meta) = paths(&host_dir(state_dir, names));
+pub fn load_pem(state_dir: &Path, lineage: &Lineage) -> Option<(String, String, Meta)> {
+    let (chain, key, meta) = paths(&host_dir(state_dir, lineage));
     let meta = serde_json::from_str(&std::fs::read_to_string(meta).ok()?).ok()?;
     Some((
         std::fs::read_to_string(chain).ok()?,
@@ -229,8 +233,8 @@ pub fn load_pem(state_dir: &Path, names: &[HostPattern]) -> Option<(String, Stri
 }
 
 /// `state_dir/certs/<first name>/privkey.pem`.
-pub fn key_path(state_dir: &Path, names: &[HostPattern]) -> PathBuf {
-    paths(&host_dir(state_dir, names)).1
+pub fn key_path(state_dir: &Path, lineage: &Lineage) -> PathBuf {
+    paths(&host_dir(state_dir, lineage)).1
 }
 
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -246,11 +250,21 @@ mod tests {
     use super::*;
     use rustls_pki_types::pem::PemObject;
 
-    fn names() -> Vec<HostPattern> {
+    use crate::config::names::HostPattern;
+
+    fn host_names() -> Vec<HostPattern> {
         ["mail.example.test", "imap.example.test"]
             .iter()
             .map(|n| HostPattern::parse(n).unwrap())
             .collect()
+    }
+
+    fn names() -> Lineage {
+        Lineage {
+            names: host_names(),
+            key_type: crate::config::KeyType::EcdsaP256,
+            second: false,
+        }
     }
 
     fn meta() -> Meta {
@@ -266,7 +280,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         assert!(load(d.path(), &names(), &provider).unwrap().is_none());
-        let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+        let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
         save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
         let back = load(d.path(), &names(), &provider).unwrap().unwrap();
         assert_eq!(back.meta, meta());
@@ -295,7 +309,7 @@ mod tests {
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let mut serials = Vec::new();
         for _ in 0..3 {
-            let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+            let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
             let s = save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
             let back = load(d.path(), &names(), &provider).unwrap().unwrap();
             assert_eq!(back.cert.info.serial, s.cert.info.serial);
@@ -324,20 +338,63 @@ mod tests {
         let dir = host_dir(plain.path(), &names());
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("fullchain.pem"), "old").unwrap();
-        let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+        let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
         save(plain.path(), &names(), &chain, &key, meta(), &provider).unwrap();
         assert!(load(plain.path(), &names(), &provider).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_second_key_type_has_its_own_directory_and_versions() {
+        let d = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let rsa = Lineage {
+            key_type: crate::config::KeyType::Rsa2048,
+            second: true,
+            ..names()
+        };
+        assert_eq!(rsa.id(), "mail.example.test~rsa-2048");
+        assert!(host_dir(d.path(), &rsa).ends_with("certs/mail.example.test~rsa-2048"));
+        let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
+        let first = save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
+        // Three versions of the second: the first's version stays.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
+            last = save(d.path(), &rsa, &chain, &key, meta(), &provider)
+                .unwrap()
+                .cert
+                .info
+                .serial;
+        }
+        let back = load(d.path(), &names(), &provider).unwrap().unwrap();
+        assert_eq!(back.cert.info.serial, first.cert.info.serial);
+        let back = load(d.path(), &rsa, &provider).unwrap().unwrap();
+        assert_eq!(back.cert.info.serial, last);
+        let versions = std::fs::read_dir(d.path().join("certs"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count();
+        assert_eq!(
+            versions, 3,
+            "the first's one, the second's current and previous"
+        );
     }
 
     #[test]
     fn a_version_that_cannot_be_written_whole_leaves_nothing_behind() {
         let d = tempfile::tempdir().unwrap();
         let provider = rustls::crypto::aws_lc_rs::default_provider();
-        let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+        let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
         let first = save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
         // The next version's directory is taken by a file: its files cannot
         // be written (as a full disk would refuse them).
-        let (chain2, key2) = certs::generate_self_signed(&names()).unwrap();
+        let (chain2, key2) = certs::generate_self_signed(&host_names()).unwrap();
         let next = check(d.path(), &names(), &chain2, &key2, &provider).unwrap();
         let version = d
             .path()
@@ -359,9 +416,9 @@ mod tests {
     fn a_broken_pair_is_refused_before_anything_is_overwritten() {
         let d = tempfile::tempdir().unwrap();
         let provider = rustls::crypto::aws_lc_rs::default_provider();
-        let (chain, key) = certs::generate_self_signed(&names()).unwrap();
+        let (chain, key) = certs::generate_self_signed(&host_names()).unwrap();
         save(d.path(), &names(), &chain, &key, meta(), &provider).unwrap();
-        let (_, other_key) = certs::generate_self_signed(&names()).unwrap();
+        let (_, other_key) = certs::generate_self_signed(&host_names()).unwrap();
         let err = save(d.path(), &names(), &chain, &other_key, meta(), &provider).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
         let half = &chain[..chain.len() / 2];

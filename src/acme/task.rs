@@ -13,7 +13,9 @@ use tracing::{debug, error, info, warn};
 
 use super::order::{IssueError, Issued};
 use super::schedule::{self, Lifetime, Window};
-use super::{causes, rollover, store, Ask, Event, Managed, Outcome, Shared, Status, Unstored};
+use super::{
+    causes, rollover, store, Ask, Event, Lineage, Managed, Outcome, Shared, Status, Unstored,
+};
 use crate::cluster::keys::{CertRecord, Key};
 use crate::cluster::lock::{Acquired, Lock};
 use crate::cluster::{Cluster, ClusterError};
@@ -57,6 +59,8 @@ enum Ari {
 pub(super) struct HostTask {
     shared: Arc<Shared>,
     names: Vec<HostPattern>,
+    /// Which of the host's certificates this task keeps.
+    lineage: Lineage,
     slot: Arc<CertSlot>,
     status: Arc<Mutex<Status>>,
     current: Option<Current>,
@@ -98,16 +102,17 @@ impl HostTask {
         // start order again. (A certificate for other names or from another
         // CA is replaced at once.) An issuance "in the future" means the
         // clock was ahead and has been fixed since: no floor then.
-        let names = names::to_strings(&host.names);
+        let names = names::to_strings(&host.lineage.names);
+        let id = host.lineage.id();
         let issued = current
             .as_ref()
             .filter(|_| host.order_now.is_none())
             .and_then(|_| {
                 shared
                     .hooks
-                    .unstored_issued_at(&names, &served.info.serial)
+                    .unstored_issued_at(&id, &served.info.serial)
                     .or_else(|| {
-                        store::issued_at(&shared.state_dir, &host.names, &served.info.serial)
+                        store::issued_at(&shared.state_dir, &host.lineage, &served.info.serial)
                     })
             });
         let now = SystemTime::now();
@@ -118,7 +123,8 @@ impl HostTask {
             Some(std::time::Instant::now() + left)
         });
         HostTask {
-            names: host.names,
+            names: host.lineage.names.clone(),
+            lineage: host.lineage,
             slot: host.slot,
             status,
             current,
@@ -299,15 +305,15 @@ impl HostTask {
     /// issued, if there is one: a restart then serves it instead of
     /// ordering again.
     fn store_again(&mut self) {
-        let names = names::to_strings(&self.names);
+        let id = self.lineage.id();
         let mut pending = self.shared.hooks.pending();
-        let Some(u) = pending.get(&names) else {
+        let Some(u) = pending.get(&id) else {
             return;
         };
         let dir = &self.shared.state_dir;
         match store::write(
             dir,
-            &self.names,
+            &self.lineage,
             &u.chain_pem,
             &u.key_pem,
             &u.meta,
@@ -315,7 +321,7 @@ impl HostTask {
         ) {
             Ok(()) => {
                 info!(serial = %u.serial, "the certificate that could not be stored is stored now");
-                pending.remove(&names);
+                pending.remove(&id);
                 drop(pending);
                 self.shared.hooks.report(Event::Stored);
                 // Only the store's own error goes: a failed renewal since stays.
@@ -403,6 +409,9 @@ impl HostTask {
         // because it was refused without becoming an order — a forgotten
         // account, `replaces` — costs nothing more.)
         self.shared.hooks.orders.take().await;
+        // The host's other key type may be ordering: its turn first.
+        let turn = self.shared.turn(&self.lineage.first());
+        let _turn = turn.lock().await;
         let lock = match self.shared.cluster.clone() {
             None => None,
             Some(cluster) => match self.lock(&cluster, force).await {
@@ -425,7 +434,7 @@ impl HostTask {
         let challenges = self.challenges.clone();
         let work = self
             .shared
-            .order(&self.names, replaces, &challenges, lock.as_ref());
+            .order(&self.lineage, replaces, &challenges, lock.as_ref());
         let lost = async {
             match &lock {
                 Some(l) => l.lost().await,
@@ -460,7 +469,7 @@ impl HostTask {
     /// The host's order lock, and a look at the store under it: `Err` with
     /// what to answer when this node is not to order now.
     async fn lock(&mut self, cluster: &Arc<Cluster>, force: bool) -> Result<Lock, Outcome> {
-        let first = self.first();
+        let first = self.lineage.id();
         // Looked at again after a while, at a time of its own (nodes that
         // waited together do not all come back together).
         let waiting = |task: &mut HostTask, why: String, wait: Duration| {
@@ -586,10 +595,10 @@ impl HostTask {
         else {
             return;
         };
-        let Ok(Acquired::Held(lock)) = cluster.lock(&self.first()).await else {
+        let Ok(Acquired::Held(lock)) = cluster.lock(&self.lineage.id()).await else {
             return;
         };
-        let stored = cluster.get(&Key::Cert(self.first())).await;
+        let stored = cluster.get(&Key::Cert(self.lineage.id())).await;
         if let Ok(found) = stored {
             let there = found.and_then(|(b, _)| serde_json::from_slice::<CertRecord>(&b).ok());
             match there {
@@ -675,10 +684,10 @@ impl HostTask {
     /// started again, and no renewal sooner than the floor after it.
     fn install(&mut self, new: Issued, issued_at: SystemTime) {
         let info = new.cert.info.clone();
-        let names = names::to_strings(&self.names);
+        let id = self.lineage.id();
         let written = store::write(
             &self.shared.state_dir,
-            &self.names,
+            &self.lineage,
             &new.chain_pem,
             &new.key_pem,
             &new.meta,
@@ -693,7 +702,7 @@ impl HostTask {
             );
             self.shared.hooks.report(Event::NotStored);
             self.shared.hooks.pending().insert(
-                names.clone(),
+                id.clone(),
                 Unstored {
                     chain_pem: new.chain_pem,
                     key_pem: new.key_pem,
@@ -705,7 +714,7 @@ impl HostTask {
         });
         if write_error.is_none() {
             self.shared.hooks.report(Event::Stored);
-            self.shared.hooks.pending().remove(&names);
+            self.shared.hooks.pending().remove(&id);
         }
         let current = current(&new.cert.key.cert, &info);
         // The floor after an issuance "in the future" (another node's clock
@@ -717,11 +726,8 @@ impl HostTask {
         let left = until.duration_since(now).unwrap_or_default();
         self.earliest = Some(std::time::Instant::now() + left);
         self.current = Some(current);
-        self.slot.store(Served {
-            key: new.cert.key,
-            info,
-            source: Source::Acme,
-        });
+        self.slot
+            .store(Served::new(new.cert.key, info, Source::Acme));
         self.order_now = None;
         self.failures = 0;
         self.retry_at = None;
@@ -774,7 +780,7 @@ impl HostTask {
         let dir = &self.shared.state_dir;
         let checked = store::check(
             dir,
-            &self.names,
+            &self.lineage,
             &record.chain_pem,
             &record.key_pem,
             &self.shared.provider,
@@ -830,10 +836,10 @@ impl HostTask {
     /// The certificate stored in `state_dir` for this host, as a record
     /// for the cluster store.
     fn local_record(&self) -> Option<CertRecord> {
-        let (chain_pem, key_pem, meta) = store::load_pem(&self.shared.state_dir, &self.names)?;
+        let (chain_pem, key_pem, meta) = store::load_pem(&self.shared.state_dir, &self.lineage)?;
         let cert = store::check(
             &self.shared.state_dir,
-            &self.names,
+            &self.lineage,
             &chain_pem,
             &key_pem,
             &self.shared.provider,

@@ -25,6 +25,7 @@ const ACME_KEYS: &[&str] = &[
     "profile",
     "eab",
     "key_type",
+    "key_types",
     "renew_before",
     "dns",
     "key",
@@ -32,7 +33,7 @@ const ACME_KEYS: &[&str] = &[
 ];
 const TLSA_KEYS: &[&str] = &["check", "wait_ttls"];
 const EAB_KEYS: &[&str] = &["kid", "hmac_key"];
-const HOST_ACME_KEYS: &[&str] = &["challenges", "dns", "key"];
+const HOST_ACME_KEYS: &[&str] = &["challenges", "dns", "key", "key_type", "key_types"];
 const DNS_KEYS: &[&str] = &["server", "zone", "tsig", "check", "propagation_timeout"];
 const TSIG_KEYS: &[&str] = &["name", "algorithm", "secret_file"];
 /// Whether `name` lies in `zone` (both lower-case, no trailing dot).
@@ -75,9 +76,9 @@ impl Walk<'_> {
         let profile = field(m, "profile").and_then(|v| self.string(v, "acme.profile"));
         // Outer None: not written; inner None: written with problems.
         let eab = field(m, "eab").map(|v| self.eab(v));
-        let key_type = field(m, "key_type")
-            .map(|v| self.de(v, "acme.key_type"))
-            .unwrap_or(Some(KeyType::default()));
+        let key_types = self
+            .key_types(m, "acme")
+            .unwrap_or(Some(vec![KeyType::default()]));
         let renew_before = field(m, "renew_before")
             .map(|v| self.duration_upto(v, "acme.renew_before", MAX_RENEW_BEFORE));
         Some(Acme {
@@ -87,7 +88,7 @@ impl Walk<'_> {
             ca_roots,
             profile,
             eab: eab.map_or(Some(None), |e| e.map(Some))?,
-            key_type: key_type?,
+            key_types: key_types?,
             renew_before: renew_before.map_or(Some(None), |d| d.map(Some))?,
             dns: dns.map_or(Some(None), |d| d.map(Some))?,
             key: key?,
@@ -103,12 +104,58 @@ impl Walk<'_> {
             field(m, "challenges").map(|_| self.challenges(m, &join(path, "challenges")));
         let dns = field(m, "dns").map(|v| self.dns(v, &join(path, "dns")));
         let key = field(m, "key").map(|v| self.de::<KeyPolicy>(v, &join(path, "key")));
+        let key_types = self.key_types(m, path);
         Some(HostAcme {
             challenges: challenges.map_or(Some(None), |c| c.map(Some))?,
             dns: dns.map_or(Some(None), |d| d.map(Some))?,
             key: key.map_or(Some(None), |k| k.map(Some))?,
+            key_types: key_types.map_or(Some(None), |k| k.map(Some))?,
             tlsa_owners: Vec::new(),
         })
+    }
+
+    /// `key_type: T` or `key_types: [T, U]` under `path`: outer `None`
+    /// when neither is written. Two at most, not both ECDSA or both RSA
+    /// (a client takes either kind, so a second of the same kind would
+    /// never be served).
+    fn key_types(&mut self, m: &Mapping, path: &str) -> Option<Option<Vec<KeyType>>> {
+        let one = field(m, "key_type");
+        let list = field(m, "key_types");
+        let list_path = join(path, "key_types");
+        if one.is_some() && list.is_some() {
+            self.err(
+                &list_path,
+                "give key_type (one) or key_types (a list), not both",
+            );
+            return Some(None);
+        }
+        if let Some(v) = one {
+            return Some(
+                self.de::<KeyType>(v, &join(path, "key_type"))
+                    .map(|t| vec![t]),
+            );
+        }
+        let list: Vec<KeyType> = match self.de(list?, &list_path) {
+            Some(l) => l,
+            None => return Some(None),
+        };
+        let problem = match list.as_slice() {
+            [] => Some("at least one key type is needed".to_string()),
+            [_] => None,
+            [a, b] if a.is_ecdsa() == b.is_ecdsa() => Some(format!(
+                "{} and {} are both {}: give one ECDSA and one RSA type (a client that can take one can take the other)",
+                a.as_str(),
+                b.as_str(),
+                if a.is_ecdsa() { "ECDSA" } else { "RSA" }
+            )),
+            [_, _] => None,
+            _ => Some("at most two: one ECDSA and one RSA type".to_string()),
+        };
+        if let Some(p) = problem {
+            self.err(&list_path, p);
+            return Some(None);
+        }
+        Some(Some(list))
     }
 
     /// `tlsa: { check: [IP:PORT…], wait_ttls }`.
@@ -380,6 +427,13 @@ impl Walk<'_> {
                 }
             }
             let rollover = own.key.unwrap_or(acme.key) == KeyPolicy::Rollover;
+            let two = own.key_types.as_ref().unwrap_or(&acme.key_types).len() > 1;
+            if rollover && two {
+                self.err(
+                    &format!("hosts[{i}]"),
+                    "key: rollover with two key_types is not supported yet: roll one key type over, or use key: reuse",
+                );
+            }
             if rollover {
                 own.tlsa_owners = super::tlsa_owners(listeners, host);
                 if acme.tlsa.is_none() {

@@ -143,9 +143,13 @@ fn added<V>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>) -> Vec<String>
 pub fn watched_files(config_file: &Path, config: &Config) -> Vec<PathBuf> {
     let mut files = vec![config_file.to_path_buf()];
     for h in &config.hosts {
-        if let CertSource::Files { cert, key } = &h.certificate {
+        if let CertSource::Files { cert, key, second } = &h.certificate {
             files.push(cert.clone());
             files.push(key.clone());
+            if let Some((cert, key)) = second {
+                files.push(cert.clone());
+                files.push(key.clone());
+            }
         }
     }
     files

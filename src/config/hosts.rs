@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
@@ -182,29 +183,57 @@ impl Walk<'_> {
                 None
             }
             Value::Mapping(_) => {
-                let m = self.mapping(v, path, CERT_FILE_KEYS)?;
-                let cert = self
-                    .required(m, path, "cert")
-                    .and_then(|c| self.string(c, &join(path, "cert")));
-                let key = self
-                    .required(m, path, "key")
-                    .and_then(|k| self.string(k, &join(path, "key")));
+                let (cert, key) = self.file_pair(v, path)?;
                 Some(CertSource::Files {
-                    cert: self.path(&cert?),
-                    key: self.path(&key?),
+                    cert,
+                    key,
+                    second: None,
+                })
+            }
+            // Two pairs, one ECDSA and one RSA (checked when they load).
+            Value::Sequence(items) => {
+                if items.len() != 2 {
+                    self.err(
+                        path,
+                        format!(
+                            "a list of certificate files has two {{ cert, key }} pairs (one ECDSA, one RSA), found {}",
+                            items.len()
+                        ),
+                    );
+                    return None;
+                }
+                let first = self.file_pair(&items[0], &format!("{path}[0]"));
+                let second = self.file_pair(&items[1], &format!("{path}[1]"));
+                let ((cert, key), second) = (first?, second?);
+                Some(CertSource::Files {
+                    cert,
+                    key,
+                    second: Some(second),
                 })
             }
             other => {
                 self.err(
                     path,
                     format!(
-                        "expected self-signed, acme or {{ cert, key }}, found {}",
+                        "expected self-signed, acme, {{ cert, key }} or a list of two, found {}",
                         kind(other)
                     ),
                 );
                 None
             }
         }
+    }
+
+    /// `{ cert: FILE, key: FILE }`, paths made absolute.
+    fn file_pair(&mut self, v: &Value, path: &str) -> Option<(PathBuf, PathBuf)> {
+        let m = self.mapping(v, path, CERT_FILE_KEYS)?;
+        let cert = self
+            .required(m, path, "cert")
+            .and_then(|c| self.string(c, &join(path, "cert")));
+        let key = self
+            .required(m, path, "key")
+            .and_then(|k| self.string(k, &join(path, "key")));
+        Some((self.path(&cert?), self.path(&key?)))
     }
 
     /// `default_host`, or the first host's first exact name.

@@ -146,9 +146,12 @@ pub struct Backend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CertSource {
     SelfSigned,
+    /// `{ cert, key }`, or a list of two such pairs of different key
+    /// types (one ECDSA, one RSA): `second` is the other pair.
     Files {
         cert: PathBuf,
         key: PathBuf,
+        second: Option<(PathBuf, PathBuf)>,
     },
     /// Obtained and renewed over ACME; stored under `state_dir/certs/`.
     Acme,
@@ -167,7 +170,10 @@ pub struct Acme {
     pub ca_roots: Option<PathBuf>,
     pub profile: Option<String>,
     pub eab: Option<Eab>,
-    pub key_type: KeyType,
+    /// `acme.key_types` (or `key_type`): one or two, at most one ECDSA and
+    /// one RSA; each is a certificate of its own. The first is stored as a
+    /// single `key_type` always was.
+    pub key_types: Vec<KeyType>,
     /// Renew this long before expiry instead of at a third of the lifetime
     /// remaining (ignored where the CA offers ARI).
     pub renew_before: Option<Duration>,
@@ -223,6 +229,14 @@ impl Acme {
             .unwrap_or(self.key)
     }
 
+    /// The key types `first`'s host is ordered with, first one first.
+    pub fn key_types_for(&self, first: &str) -> &[KeyType] {
+        self.per_host
+            .get(first)
+            .and_then(|h| h.key_types.as_deref())
+            .unwrap_or(&self.key_types)
+    }
+
     /// Where `first`'s host adds its dns-01 records.
     pub fn dns_for(&self, first: &str) -> Option<&Dns> {
         self.per_host
@@ -238,6 +252,7 @@ pub struct HostAcme {
     pub challenges: Option<Vec<Challenge>>,
     pub dns: Option<Dns>,
     pub key: Option<KeyPolicy>,
+    pub key_types: Option<Vec<KeyType>>,
     /// Filled in for `key: rollover`: the owners of its TLSA records
     /// (`_25._tcp.mx.example.org`), from the listeners that carry it.
     pub tlsa_owners: Vec<String>,
@@ -320,6 +335,20 @@ pub enum KeyType {
     EcdsaP384,
     #[serde(rename = "rsa-2048")]
     Rsa2048,
+}
+
+impl KeyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::Rsa2048 => "rsa-2048",
+        }
+    }
+
+    pub fn is_ecdsa(self) -> bool {
+        matches!(self, KeyType::EcdsaP256 | KeyType::EcdsaP384)
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -132,7 +132,8 @@ fn a_good_config_parses_into_typed_values() {
         c.hosts[1].certificate,
         CertSource::Files {
             cert: "/etc/ssl/org.pem".into(),
-            key: "/etc/portcullis/org.key".into()
+            key: "/etc/portcullis/org.key".into(),
+            second: None,
         }
     );
     assert_eq!(c.timeouts.idle, Duration::from_secs(45 * 60));
@@ -219,7 +220,7 @@ fn the_acme_block_parses_with_its_defaults() {
     let a = c.acme.unwrap();
     assert_eq!(a.directory, defaults::LETSENCRYPT_STAGING);
     assert_eq!(a.challenges, [Challenge::TlsAlpn01, Challenge::Http01]);
-    assert_eq!(a.key_type, KeyType::EcdsaP384);
+    assert_eq!(a.key_types, [KeyType::EcdsaP384]);
     assert_eq!(a.eab.unwrap().hmac_key, b"secret-key");
     assert_eq!(a.renew_before, Some(Duration::from_secs(30 * 86400)));
     assert_eq!(c.hosts[0].certificate, CertSource::Acme);
@@ -651,4 +652,128 @@ fn the_store_block_parses_with_its_defaults_and_names_its_mistakes() {
     );
     let errs = parse(&format!("{GOOD}store: {{ redis: x }}\n")).unwrap_err();
     assert_problems(&errs, &["store.redis: unknown key", "store.etcd: missing"]);
+}
+
+#[test]
+fn key_types_are_one_ecdsa_and_one_rsa_globally_or_per_host() {
+    let two = ACME.replace(
+        "  key_type: ecdsa-p384\n",
+        "  key_types: [ecdsa-p384, rsa-2048]\n",
+    );
+    let a = parse(&two).unwrap().acme.unwrap();
+    assert_eq!(a.key_types, [KeyType::EcdsaP384, KeyType::Rsa2048]);
+    assert_eq!(
+        a.key_types_for("mail.example.test"),
+        [KeyType::EcdsaP384, KeyType::Rsa2048]
+    );
+    // A host's own, in its own order; the others keep the global one.
+    let own = ACME.replace(
+        "    backends: { http: 127.0.0.1:8080 }\n",
+        "    backends: { http: 127.0.0.1:8080 }\n    acme: { key_types: [rsa-2048, ecdsa-p256] }\n",
+    );
+    let a = parse(&own).unwrap().acme.unwrap();
+    assert_eq!(
+        a.key_types_for("mail.example.test"),
+        [KeyType::Rsa2048, KeyType::EcdsaP256]
+    );
+    assert_eq!(a.key_types_for("other.example.test"), [KeyType::EcdsaP384]);
+
+    for (list, want) in [
+        (
+            "[rsa-2048, rsa-2048]",
+            "acme.key_types: rsa-2048 and rsa-2048 are both RSA",
+        ),
+        (
+            "[ecdsa-p256, ecdsa-p384]",
+            "acme.key_types: ecdsa-p256 and ecdsa-p384 are both ECDSA",
+        ),
+        ("[]", "acme.key_types: at least one key type is needed"),
+        (
+            "[ecdsa-p256, rsa-2048, ecdsa-p384]",
+            "acme.key_types: at most two",
+        ),
+        (
+            "[ecdsa-p256, rsa-4096]",
+            "acme.key_types: unknown variant `rsa-4096`",
+        ),
+    ] {
+        let text = ACME.replace(
+            "  key_type: ecdsa-p384\n",
+            &format!("  key_types: {list}\n"),
+        );
+        assert_problems(&parse(&text).unwrap_err(), &[want]);
+    }
+    let both = ACME.replace(
+        "  key_type: ecdsa-p384\n",
+        "  key_type: ecdsa-p384\n  key_types: [ecdsa-p256, rsa-2048]\n",
+    );
+    assert_problems(
+        &parse(&both).unwrap_err(),
+        &["acme.key_types: give key_type (one) or key_types (a list), not both"],
+    );
+    let host_both = own.replace(
+        "acme: { key_types: [rsa-2048, ecdsa-p256] }",
+        "acme: { key_types: [rsa-2048, rsa-2048] }",
+    );
+    assert_problems(
+        &parse(&host_both).unwrap_err(),
+        &[
+            "hosts[0].acme.key_types: rsa-2048 and rsa-2048 are both RSA",
+            "hosts: at least one host is needed",
+        ],
+    );
+    // Not (yet) with a key rollover or a cluster store.
+    let rolling = two.replace(
+        "  renew_before: 30d\n",
+        "  renew_before: 30d\n  key: rollover\n  tlsa: { check: [\"127.0.0.1:5353\"] }\n",
+    );
+    assert_problems(
+        &parse(&rolling).unwrap_err(),
+        &["hosts[0]: key: rollover with two key_types is not supported yet"],
+    );
+    let clustered = two.replace(
+        "listeners:",
+        "store: { etcd: { endpoints: [\"http://127.0.0.1:2379\"], node: a } }\nlisteners:",
+    );
+    assert_problems(
+        &parse(&clustered).unwrap_err(),
+        &["store: two key_types do not work with store.etcd yet"],
+    );
+}
+
+#[test]
+fn a_host_may_have_two_certificate_file_pairs() {
+    let two = GOOD.replace(
+        "certificate: { cert: /etc/ssl/org.pem, key: org.key }",
+        "certificate: [{ cert: /etc/ssl/org.pem, key: org.key }, { cert: org-rsa.pem, key: org-rsa.key }]",
+    );
+    assert_ne!(two, GOOD, "the GOOD config has this host");
+    let c = parse(&two).unwrap();
+    assert_eq!(
+        c.hosts[1].certificate,
+        CertSource::Files {
+            cert: "/etc/ssl/org.pem".into(),
+            key: "/etc/portcullis/org.key".into(),
+            second: Some((
+                "/etc/portcullis/org-rsa.pem".into(),
+                "/etc/portcullis/org-rsa.key".into()
+            )),
+        }
+    );
+    let three = GOOD.replace(
+        "certificate: { cert: /etc/ssl/org.pem, key: org.key }",
+        "certificate: [{ cert: a.pem, key: a.key }, { cert: b.pem, key: b.key }, { cert: c.pem, key: c.key }]",
+    );
+    assert_problems(
+        &parse(&three).unwrap_err(),
+        &["hosts[1].certificate: a list of certificate files has two { cert, key } pairs (one ECDSA, one RSA), found 3"],
+    );
+    let typo = GOOD.replace(
+        "certificate: { cert: /etc/ssl/org.pem, key: org.key }",
+        "certificate: [{ cert: a.pem, key: a.key }, { cert: b.pem }]",
+    );
+    assert_problems(
+        &parse(&typo).unwrap_err(),
+        &["hosts[1].certificate[1].key: missing"],
+    );
 }

@@ -289,6 +289,16 @@ impl Walk<'_> {
                     "key: rollover does not work with store.etcd yet (each node would make its own next key): use key: reuse",
                 );
             }
+            let two = a.key_types.len() > 1
+                || a.per_host
+                    .values()
+                    .any(|h| h.key_types.as_ref().is_some_and(|t| t.len() > 1));
+            if two {
+                self.err(
+                    "store",
+                    "two key_types do not work with store.etcd yet (the store keeps one certificate per host): give each host one key type",
+                );
+            }
         }
         let notify = match (field(m, "notify"), &default_host) {
             (Some(v), Some(d)) => self.notify(v, acme.as_ref(), d, timeouts.connect),

@@ -178,6 +178,7 @@ fn gauges(rows: &[CertRow]) -> Vec<CertGauge> {
         .map(|row| CertGauge {
             names: row.names.clone(),
             source: row.source.clone(),
+            key_type: row.key_type.clone(),
             not_after: unix(&row.not_after),
             next_renewal: row.next_renewal.as_deref().map(unix),
         })
@@ -254,6 +255,7 @@ mod tests {
         CertRow {
             names: names.iter().map(|s| s.to_string()).collect(),
             source: "files".into(),
+            key_type: "ecdsa-p256".into(),
             issuer: "CN=x".into(),
             serial: "01".into(),
             not_after: not_after.into(),

@@ -20,7 +20,7 @@ use super::{View, Views};
 use crate::acme::{self, HostHandle, Outcome};
 use crate::cluster::Cluster;
 use crate::config::{names, CertSource, Config};
-use crate::tls::certs;
+use crate::tls::certs::{self, LoadedCert};
 
 const SOCKET: &str = "control.sock";
 /// A request line is small; anything longer is not ours.
@@ -59,6 +59,10 @@ pub struct CertRow {
     pub names: Vec<String>,
     /// files, self-signed, acme, placeholder (acme, nothing issued yet).
     pub source: String,
+    /// The served certificate's key: `ecdsa-p256`, `rsa-2048`, … (a host
+    /// with two key types has a row for each).
+    #[serde(default)]
+    pub key_type: String,
     pub issuer: String,
     pub serial: String,
     /// RFC 3339.
@@ -264,7 +268,7 @@ async fn handle(
                         let outcome = tokio::time::timeout(RENEW_TIMEOUT, h.renew(force))
                             .await
                             .unwrap_or_else(|_| Outcome::Failed("timed out".into()));
-                        renew_row(&h.names[0], outcome)
+                        renew_row(&h.id, outcome)
                     })
                 })
                 .collect();
@@ -322,6 +326,11 @@ pub fn row(view: &View) -> CertRow {
     CertRow {
         names: view.names.clone(),
         source: served.source.as_str().into(),
+        // An ACME lineage's own type: its placeholder is of another.
+        key_type: view.acme.as_ref().map_or_else(
+            || served.info.key_type.clone(),
+            |h| h.key_type.as_str().to_string(),
+        ),
         issuer: served.info.issuer.clone(),
         serial: served.info.serial.clone(),
         not_after: rfc3339(served.info.not_after),
@@ -424,52 +433,65 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
     let mut rows = Vec::new();
     for host in &config.hosts {
         let names = names::to_strings(&host.names);
-        let (source, loaded) = match &host.certificate {
-            CertSource::Files { cert, key } => (
-                "files",
-                certs::load_files(cert, key, &host.names, provider).map_err(|e| e.to_string()),
-            ),
+        // (source, key type when known beforehand, what is on disk)
+        let mut found: Vec<(&str, Option<&str>, Result<LoadedCert, String>)> = Vec::new();
+        match &host.certificate {
+            CertSource::Files { cert, key, second } => {
+                for (cert, key) in
+                    std::iter::once((cert, key)).chain(second.iter().map(|(c, k)| (c, k)))
+                {
+                    let loaded = certs::load_files(cert, key, &host.names, provider);
+                    found.push(("files", None, loaded.map_err(|e| e.to_string())));
+                }
+            }
             CertSource::SelfSigned => {
                 let dir = certs::self_signed_dir(&config.state_dir, &host.names);
                 let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
-                (
-                    "self-signed",
-                    certs::load_files(&c, &k, &host.names, provider).map_err(|e| e.to_string()),
-                )
+                let loaded = certs::load_files(&c, &k, &host.names, provider);
+                found.push(("self-signed", None, loaded.map_err(|e| e.to_string())));
             }
-            CertSource::Acme => (
-                "acme",
-                match acme::store::load(&config.state_dir, &host.names, provider) {
-                    Ok(Some(s)) => Ok(s.cert),
-                    Ok(None) => Err("nothing issued yet".to_string()),
-                    Err(e) => Err(e.to_string()),
-                },
-            ),
-        };
-        rows.push(match loaded {
-            Ok(c) => CertRow {
-                names,
+            CertSource::Acme => {
+                let first = names.first().map_or("", String::as_str);
+                let types = config
+                    .acme
+                    .as_ref()
+                    .map_or(&[crate::config::KeyType::EcdsaP256][..], |a| {
+                        a.key_types_for(first)
+                    });
+                for lineage in acme::Lineage::of(&host.names, types) {
+                    let loaded = match acme::store::load(&config.state_dir, &lineage, provider) {
+                        Ok(Some(s)) => Ok(s.cert),
+                        Ok(None) => Err("nothing issued yet".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    found.push(("acme", Some(lineage.key_type.as_str()), loaded));
+                }
+            }
+        }
+        for (source, key_type, loaded) in found {
+            let mut row = CertRow {
+                names: names.clone(),
                 source: source.into(),
-                issuer: c.info.issuer,
-                serial: c.info.serial,
-                not_after: rfc3339(c.info.not_after),
-                next_renewal: None,
-                last_error: None,
-                locked_by: None,
-                key: None,
-            },
-            Err(e) => CertRow {
-                names,
-                source: source.into(),
+                key_type: key_type.unwrap_or_default().to_string(),
                 issuer: String::new(),
                 serial: String::new(),
                 not_after: String::new(),
                 next_renewal: None,
-                last_error: Some(e),
+                last_error: None,
                 locked_by: None,
                 key: None,
-            },
-        });
+            };
+            match loaded {
+                Ok(c) => {
+                    row.key_type = c.info.key_type;
+                    row.issuer = c.info.issuer;
+                    row.serial = c.info.serial;
+                    row.not_after = rfc3339(c.info.not_after);
+                }
+                Err(e) => row.last_error = Some(e),
+            }
+            rows.push(row);
+        }
     }
     rows
 }

@@ -5,6 +5,8 @@
 //! `2 1 1`, the key of the CA that issued it. With `acme: { key: reuse }`
 //! the `3 1 1` record stays valid across renewals; with `key: rollover`
 //! the next key's record is printed too, to be published ahead of it.
+//! A host with two certificates (`key_types: [ecdsa-p256, rsa-2048]`, two
+//! file pairs) gets the records of both: a DANE client may be served either.
 
 use std::path::PathBuf;
 
@@ -21,13 +23,16 @@ pub fn records(config: &Config, name: &str, issuer: bool) -> Result<Vec<String>,
         .iter()
         .find(|h| h.names.iter().any(|n| n.to_string() == wanted))
         .ok_or_else(|| format!("no host is named {name}"))?;
-    let path = chain_file(config, host)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| format!("{}: {e:?}", path.display()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| format!("{}: no certificate in it", path.display()))?;
+    let mut chains = Vec::new();
+    for path in chain_files(config, host)? {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("{}: {e:?}", path.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{}: no certificate in it", path.display()));
+        }
+        chains.push((path, chain));
+    }
     // A `key: rollover` host's next key, waiting to be published.
     let first = host
         .names
@@ -52,7 +57,10 @@ pub fn records(config: &Config, name: &str, issuer: bool) -> Result<Vec<String>,
             .map(|owner| format!("{owner}. IN TLSA {usage} 1 1 {digest}{note}"))
             .collect()
     };
-    let mut out = lines(3, &spki_sha256(leaf)?, "");
+    let mut out = Vec::new();
+    for (_, chain) in &chains {
+        out.extend(lines(3, &spki_sha256(&chain[0])?, ""));
+    }
     if let Some(next) = next {
         out.extend(lines(
             3,
@@ -61,29 +69,50 @@ pub fn records(config: &Config, name: &str, issuer: bool) -> Result<Vec<String>,
         ));
     }
     if issuer {
-        let ca = chain
-            .get(1)
-            .ok_or_else(|| format!("{}: no issuer certificate after the leaf", path.display()))?;
-        out.extend(lines(2, &spki_sha256(ca)?, ""));
+        for (path, chain) in &chains {
+            let ca = chain.get(1).ok_or_else(|| {
+                format!("{}: no issuer certificate after the leaf", path.display())
+            })?;
+            for line in lines(2, &spki_sha256(ca)?, "") {
+                // Both certificates may come from one issuer.
+                if !out.contains(&line) {
+                    out.push(line);
+                }
+            }
+        }
     }
     Ok(out)
 }
 
-/// Where the host's certificate chain is, leaf first.
-fn chain_file(config: &Config, host: &Host) -> Result<PathBuf, String> {
+/// Where the host's certificate chains are (two for a host with two key
+/// types or file pairs), leaf first.
+fn chain_files(config: &Config, host: &Host) -> Result<Vec<PathBuf>, String> {
     match &host.certificate {
-        CertSource::Files { cert, .. } => Ok(cert.clone()),
+        CertSource::Files { cert, second, .. } => Ok(std::iter::once(cert.clone())
+            .chain(second.iter().map(|(c, _)| c.clone()))
+            .collect()),
         CertSource::Acme => {
-            let dir = crate::acme::store::host_dir(&config.state_dir, &host.names);
-            let chain = dir.join("fullchain.pem");
-            if chain.exists() {
-                Ok(chain)
-            } else {
-                Err(format!(
-                    "{}: no certificate issued yet for this host",
-                    chain.display()
-                ))
+            let first = host.names[0].to_string();
+            let types = config
+                .acme
+                .as_ref()
+                .map_or(&[crate::config::KeyType::EcdsaP256][..], |a| {
+                    a.key_types_for(&first)
+                });
+            let mut files = Vec::new();
+            for lineage in crate::acme::Lineage::of(&host.names, types) {
+                let dir = crate::acme::store::host_dir(&config.state_dir, &lineage);
+                let chain = dir.join("fullchain.pem");
+                if !chain.exists() {
+                    return Err(format!(
+                        "{}: no {} certificate issued yet for this host",
+                        chain.display(),
+                        lineage.key_type.as_str()
+                    ));
+                }
+                files.push(chain);
             }
+            Ok(files)
         }
         CertSource::SelfSigned => Err(
             "a self-signed certificate is made anew when it cannot be kept: no TLSA record can follow it"

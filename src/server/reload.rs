@@ -96,7 +96,10 @@ impl Running {
         // Everything is built: swap.
         let mut changes = changes;
         for s in &snapshot.slots {
-            let before = self.slots.iter().find(|o| o.names == s.names);
+            let before = self
+                .slots
+                .iter()
+                .find(|o| o.names == s.names && o.second == s.second);
             if before.is_some_and(|o| o.slot.key().cert != s.slot.key().cert) {
                 changes.certificates_replaced.push(diff::host_key(&s.names));
             }

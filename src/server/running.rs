@@ -249,11 +249,11 @@ impl Running {
 
     /// Starts tasks for new ACME hosts, stops those of hosts that are gone.
     pub(super) fn sync_acme(&mut self, new: Vec<Managed>) {
-        let wanted: Vec<Vec<String>> = self
+        let wanted: Vec<(String, Vec<String>)> = self
             .slots
             .iter()
-            .filter(|s| s.acme)
-            .map(|s| names::to_strings(&s.names))
+            .filter_map(|s| s.lineage.as_ref())
+            .map(|l| (l.id(), names::to_strings(&l.names)))
             .collect();
         let Some(config) = self.config.acme.clone().filter(|_| !wanted.is_empty()) else {
             self.acme = None;
@@ -279,14 +279,18 @@ impl Running {
                 self.acme_hooks.clone(),
             )
         });
-        runner.retain(|names| wanted.iter().any(|w| w == names));
+        runner.retain(|id, names| wanted.iter().any(|(i, n)| i == id && n == names));
         let mut new = new;
         if fresh {
             // Hosts whose slot was kept need their task again.
-            for s in self.slots.iter().filter(|s| s.acme) {
-                if !new.iter().any(|m| m.names == s.names) {
+            for (s, lineage) in self
+                .slots
+                .iter()
+                .filter_map(|s| Some((s, s.lineage.as_ref()?)))
+            {
+                if !new.iter().any(|m| m.lineage == *lineage) {
                     new.push(Managed {
-                        names: s.names.clone(),
+                        lineage: lineage.clone(),
                         slot: s.slot.clone(),
                         order_now: if s.slot.load().source != Source::Acme {
                             Some("no certificate issued yet".to_string())
@@ -300,7 +304,7 @@ impl Running {
             }
         }
         for m in new {
-            if !runner.has(&names::to_strings(&m.names)) {
+            if !runner.has(&m.lineage.id(), &names::to_strings(&m.lineage.names)) {
                 runner.add(m);
             }
         }
@@ -312,8 +316,12 @@ impl Running {
             .iter()
             .map(|s| {
                 let names = names::to_strings(&s.names);
+                let acme = s.lineage.as_ref().and_then(|l| {
+                    let runner = self.acme.as_ref()?;
+                    runner.handle(&l.id(), &names)
+                });
                 View {
-                    acme: self.acme.as_ref().and_then(|r| r.handle(&names)),
+                    acme,
                     names,
                     slot: s.slot.clone(),
                 }

@@ -11,9 +11,9 @@ use tracing::{error, info, warn};
 
 use super::BuildError;
 use crate::acme::challenge::Challenges;
-use crate::acme::{self, Managed};
+use crate::acme::{self, Lineage, Managed};
 use crate::config::names::{self, HostPattern};
-use crate::config::{self, CertSource, Config, Listener};
+use crate::config::{self, CertSource, Config, KeyType, Listener};
 use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::ops::control;
@@ -25,21 +25,36 @@ use crate::tls::hosts::{CertSlot, Host, HostTable, Served, Source};
 use crate::tls::resolver::CertResolver;
 use crate::tls::TlsContext;
 
-/// Loads the certificate of every host; self-signed ones are created (and
-/// stored) when `generate` is true, skipped otherwise (`portcullis check`).
-/// Returns every failure, not just the first.
+/// A host's certificate and, for a host with two file pairs, its second;
+/// `None` where nothing is loaded (ACME, self-signed under `check`, errors).
+pub type HostCerts = Option<(LoadedCert, Option<LoadedCert>)>;
+
+/// Loads the certificate of every host (and the second pair of a host with
+/// two); self-signed ones are created (and stored) when `generate` is
+/// true, skipped otherwise (`portcullis check`). Returns every failure,
+/// not just the first.
 pub fn load_certificates(
     config: &Config,
     provider: &rustls::crypto::CryptoProvider,
     generate: bool,
-) -> (Vec<Option<LoadedCert>>, Vec<BuildError>) {
+) -> (Vec<HostCerts>, Vec<BuildError>) {
     let mut loaded = Vec::new();
     let mut errors = Vec::new();
     for (index, host) in config.hosts.iter().enumerate() {
         let result = match &host.certificate {
-            CertSource::Files { cert, key } => certs::load_files(cert, key, &host.names, provider),
+            CertSource::Files {
+                cert,
+                key,
+                second: None,
+            } => certs::load_files(cert, key, &host.names, provider).map(|c| (c, None)),
+            CertSource::Files {
+                cert,
+                key,
+                second: Some((cert2, key2)),
+            } => certs::load_two((cert, key), (cert2, key2), &host.names, provider)
+                .map(|(a, b)| (a, Some(b))),
             CertSource::SelfSigned if generate => {
-                certs::self_signed(&config.state_dir, &host.names, provider)
+                certs::self_signed(&config.state_dir, &host.names, provider).map(|c| (c, None))
             }
             CertSource::SelfSigned | CertSource::Acme => {
                 loaded.push(None);
@@ -61,13 +76,23 @@ pub fn load_certificates(
     (loaded, errors)
 }
 
-/// A host's certificate slot, kept across reloads for ACME hosts whose names
-/// do not change (their task and certificate go on as they were).
+/// A host's certificate slot (two for a host with two key types or two
+/// file pairs), kept across reloads for ACME hosts whose names and key
+/// types do not change (their task and certificate go on as they were).
 #[derive(Clone, Debug)]
 pub(super) struct HostSlot {
     pub(super) names: Vec<HostPattern>,
     pub(super) slot: Arc<CertSlot>,
-    pub(super) acme: bool,
+    /// `certificate: acme`: the lineage its task keeps.
+    pub(super) lineage: Option<Lineage>,
+    /// The host's second certificate.
+    pub(super) second: bool,
+}
+
+impl HostSlot {
+    pub(super) fn acme(&self) -> bool {
+        self.lineage.is_some()
+    }
 }
 
 /// Everything built from one config, before anything is swapped in.
@@ -93,36 +118,62 @@ pub(super) fn build(
     let mut new_acme = Vec::new();
     let mut slots = Vec::new();
     for (index, (host, cert)) in config.hosts.iter().zip(loaded).enumerate() {
-        let mut names = host.names.clone();
-        let served = match (&host.certificate, cert) {
+        let mut served = Vec::new();
+        match (&host.certificate, cert) {
             (CertSource::Acme, _) => {
-                match previous
-                    .iter()
-                    .find(|p| p.acme && same_names(&p.names, &names))
-                {
-                    Some(p) => {
-                        // Keep the names as the running task knows them.
-                        names = p.names.clone();
-                        p.slot.clone()
-                    }
-                    None => {
-                        let (slot, managed) = acme_slot(config, tls, previous, index, host)?;
-                        new_acme.push(managed);
-                        slot
-                    }
+                let first = host.names[0].to_string();
+                let key_types = config
+                    .acme
+                    .as_ref()
+                    .map_or(&[KeyType::EcdsaP256][..], |a| a.key_types_for(&first));
+                for lineage in Lineage::of(&host.names, key_types) {
+                    let kept = previous.iter().find(|p| {
+                        p.lineage.as_ref().is_some_and(|l| {
+                            (l.key_type, l.second) == (lineage.key_type, lineage.second)
+                                && same_names(&l.names, &lineage.names)
+                        })
+                    });
+                    // Kept: with the names as the running task knows them.
+                    let (slot, lineage) = match kept {
+                        Some(p) => (p.slot.clone(), p.lineage.clone().unwrap_or(lineage)),
+                        None => {
+                            let (slot, managed) =
+                                acme_slot(config, tls, previous, index, host, &lineage)?;
+                            new_acme.push(managed);
+                            (slot, lineage)
+                        }
+                    };
+                    slots.push(HostSlot {
+                        names: lineage.names.clone(),
+                        slot: slot.clone(),
+                        second: lineage.second,
+                        lineage: Some(lineage),
+                    });
+                    served.push(slot);
                 }
             }
-            (source, Some(cert)) => files_slot(host, source, cert),
+            (source, Some((cert, second))) => {
+                for (i, cert) in std::iter::once(cert).chain(second).enumerate() {
+                    let slot = files_slot(host, source, cert);
+                    slots.push(HostSlot {
+                        names: host.names.clone(),
+                        slot: slot.clone(),
+                        lineage: None,
+                        second: i > 0,
+                    });
+                    served.push(slot);
+                }
+            }
             (_, None) => continue,
         };
-        slots.push(HostSlot {
-            names,
-            slot: served.clone(),
-            acme: host.certificate == CertSource::Acme,
-        });
+        let mut served = served.into_iter();
+        let Some(cert) = served.next() else {
+            continue;
+        };
         hosts.push(Host {
             names: host.names.clone(),
-            cert: served,
+            cert,
+            alt: served.next(),
             backends: host.backends.clone(),
         });
     }
@@ -143,6 +194,7 @@ fn acme_slot(
     previous: &[HostSlot],
     index: usize,
     host: &config::Host,
+    lineage: &Lineage,
 ) -> Result<(Arc<CertSlot>, Managed), Vec<BuildError>> {
     let directory = config.acme.as_ref().map(|a| a.directory.as_str());
     // A host switched from certificate files to acme
@@ -150,11 +202,11 @@ fn acme_slot(
     // certificate until the first ACME one is issued.
     let before = previous
         .iter()
-        .find(|p| !p.acme && same_names(&p.names, &host.names))
+        .find(|p| !p.acme() && p.second == lineage.second && same_names(&p.names, &host.names))
         .map(|p| p.slot.load());
     let (served, order_now) = acme_start(
         &config.state_dir,
-        &host.names,
+        lineage,
         directory,
         &tls.provider,
         before.as_deref(),
@@ -168,7 +220,7 @@ fn acme_slot(
     })?;
     let slot = Arc::new(CertSlot::new(served));
     let managed = Managed {
-        names: host.names.clone(),
+        lineage: lineage.clone(),
         slot: slot.clone(),
         order_now,
     };
@@ -188,11 +240,7 @@ fn files_slot(host: &config::Host, source: &CertSource, cert: LoadedCert) -> Arc
         CertSource::Files { .. } => Source::Files,
         _ => Source::SelfSigned,
     };
-    Arc::new(CertSlot::new(Served {
-        key: cert.key,
-        info: cert.info,
-        source,
-    }))
+    Arc::new(CertSlot::new(Served::new(cert.key, cert.info, source)))
 }
 
 /// What an ACME host serves at start-up, and why it needs an order now (if
@@ -203,15 +251,16 @@ fn files_slot(host: &config::Host, source: &CertSource, cert: LoadedCert) -> Arc
 /// served.
 fn acme_start(
     state_dir: &std::path::Path,
-    names: &[HostPattern],
+    lineage: &Lineage,
     directory: Option<&str>,
     provider: &rustls::crypto::CryptoProvider,
     files: Option<&Served>,
 ) -> Result<(Served, Option<String>), CertError> {
+    let names = &lineage.names[..];
     let wanted = names::to_strings(names);
     let valid_files =
         files.filter(|f| f.source == Source::Files && f.info.not_after > certs::unix_now());
-    let reason = match acme::store::load(state_dir, names, provider) {
+    let reason = match acme::store::load(state_dir, lineage, provider) {
         Ok(Some(stored)) => {
             let expired = stored.cert.info.not_after <= certs::unix_now();
             // An operator's change is ordered at once. An expired one is
@@ -223,6 +272,8 @@ fn acme_start(
                 Some("the host's names changed since the stored certificate was issued")
             } else if Some(stored.meta.directory.as_str()) != directory {
                 Some("the stored certificate is from another ACME directory")
+            } else if stored.cert.info.key_type != lineage.key_type.as_str() {
+                Some("the stored certificate's key is of another type than acme.key_types says")
             } else {
                 None
             };
@@ -234,11 +285,7 @@ fn acme_start(
                 warn!(host = %wanted[0], serial = %serial, not_after = %not_after, "the stored ACME certificate has expired by this machine's clock: serving it until its replacement is issued");
             }
             if !expired || valid_files.is_none() {
-                let served = Served {
-                    key: stored.cert.key,
-                    info: stored.cert.info,
-                    source: Source::Acme,
-                };
+                let served = Served::new(stored.cert.key, stored.cert.info, Source::Acme);
                 return Ok((served, order_now.map(String::from)));
             }
             "the stored certificate has expired".to_string()
@@ -252,22 +299,14 @@ fn acme_start(
     if let Some(f) = valid_files {
         info!(host = %wanted[0], reason = %reason, not_after = %control::rfc3339(f.info.not_after), "serving the previous certificate files until the ACME certificate is issued");
         return Ok((
-            Served {
-                key: f.key.clone(),
-                info: f.info.clone(),
-                source: f.source,
-            },
+            Served::new(f.key.clone(), f.info.clone(), f.source),
             Some(reason),
         ));
     }
     let placeholder = certs::self_signed(state_dir, names, provider)?;
     warn!(host = %wanted[0], reason = %reason, "serving a self-signed placeholder until the ACME certificate is issued");
     Ok((
-        Served {
-            key: placeholder.key,
-            info: placeholder.info,
-            source: Source::Placeholder,
-        },
+        Served::new(placeholder.key, placeholder.info, Source::Placeholder),
         Some(reason),
     ))
 }

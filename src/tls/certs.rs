@@ -44,6 +44,9 @@ pub struct CertInfo {
     pub serial: String,
     /// The host's names this certificate does not cover (logged as a warning).
     pub uncovered: Vec<String>,
+    /// The key's algorithm and size, spelled as `acme.key_types` spells
+    /// them where it can: `ecdsa-p256`, `ecdsa-p384`, `rsa-2048`, `rsa-4096`.
+    pub key_type: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,12 @@ pub enum CertError {
         names: String,
         sans: String,
     },
+    #[error("{} and {} are both {kind}: two certificates of a host are one ECDSA and one RSA", first.display(), second.display())]
+    SameKind {
+        first: PathBuf,
+        second: PathBuf,
+        kind: &'static str,
+    },
     #[error("generating a self-signed certificate: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{}: cannot write: {source}", path.display())]
@@ -82,6 +91,35 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Two pairs of one host (`certificate: [ {cert, key}, {cert, key} ]`):
+/// each loads as [`load_files`] does, and they are of different kinds,
+/// one ECDSA and one RSA (a client that takes one of two ECDSA
+/// certificates takes either, so the second would never be served).
+pub fn load_two(
+    first: (&Path, &Path),
+    second: (&Path, &Path),
+    names: &[HostPattern],
+    provider: &CryptoProvider,
+) -> Result<(LoadedCert, LoadedCert), CertError> {
+    let a = load_files(first.0, first.1, names, provider)?;
+    let b = load_files(second.0, second.1, names, provider)?;
+    let family = |c: &LoadedCert| c.info.key_type.split('-').next().unwrap_or("").to_string();
+    if family(&a) == family(&b) {
+        return Err(CertError::SameKind {
+            first: first.0.to_path_buf(),
+            second: second.0.to_path_buf(),
+            kind: if family(&a) == "rsa" {
+                "RSA"
+            } else if family(&a) == "ecdsa" {
+                "ECDSA"
+            } else {
+                "of one kind"
+            },
+        });
+    }
+    Ok((a, b))
 }
 
 /// Loads a full chain and its key from PEM files and checks them against `names`.
@@ -186,7 +224,22 @@ pub fn cert_info(der: &CertificateDer<'_>, names: &[HostPattern]) -> Result<Cert
         not_after: cert.validity().not_after.timestamp(),
         serial: hex_upper(cert.tbs_certificate.raw_serial()),
         uncovered,
+        key_type: key_type_of(cert.public_key()),
     })
+}
+
+/// `ecdsa-p256`, `rsa-2048`, …: what a certificate's key is.
+fn key_type_of(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
+    use x509_parser::public_key::PublicKey;
+    match spki.parsed() {
+        Ok(PublicKey::RSA(k)) if k.key_size() > 0 => format!("rsa-{}", k.key_size()),
+        Ok(PublicKey::RSA(_)) => "rsa".to_string(),
+        Ok(PublicKey::EC(k)) => format!("ecdsa-p{}", k.key_size()),
+        _ if spki.algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519 => {
+            "ed25519".to_string()
+        }
+        _ => "unknown".to_string(),
+    }
 }
 
 /// rustls-pki-types prints markers and lines as byte lists; say them as text.

@@ -26,6 +26,6 @@ impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // None makes rustls abort the handshake with a fatal alert.
         let (host, _) = self.table.lookup(hello.server_name());
-        host.map(|h| h.cert.key())
+        host.map(|h| h.key_for(hello.signature_schemes()))
     }
 }

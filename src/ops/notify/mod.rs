@@ -262,17 +262,32 @@ pub async fn expiry_watch(
         let Some(n) = notifier.load_full() else {
             continue;
         };
-        let certs: Vec<(String, Vec<String>, SystemTime, String)> = views
-            .load()
-            .iter()
-            .map(super::control::row)
-            .filter_map(|r| {
-                let not_after = humantime::parse_rfc3339(&r.not_after).ok()?;
-                Some((r.names.first()?.clone(), r.names, not_after, r.source))
-            })
-            .collect();
-        n.check_expiry(&certs, SystemTime::now());
+        let rows: Vec<_> = views.load().iter().map(super::control::row).collect();
+        n.check_expiry(&expiry_rows(rows), SystemTime::now());
     }
+}
+
+/// What the expiry watch looks at: (host, names, not_after, source) of
+/// each certificate served. A host's second certificate (another key
+/// type) is its own entry, `<first name>~<key type>`: keyed by the host
+/// alone, one certificate renewed in time would reset the other's warning
+/// at every check.
+fn expiry_rows(
+    rows: Vec<super::control::CertRow>,
+) -> Vec<(String, Vec<String>, SystemTime, String)> {
+    let mut seen = std::collections::HashSet::new();
+    rows.into_iter()
+        .filter_map(|r| {
+            let not_after = humantime::parse_rfc3339(&r.not_after).ok()?;
+            let first = r.names.first()?.clone();
+            let host = if seen.insert(first.clone()) {
+                first
+            } else {
+                format!("{first}~{}", r.key_type)
+            };
+            Some((host, r.names, not_after, r.source))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -339,5 +354,35 @@ mod tests {
         let certs = [cert("soon.example", noon() + 10 * DAY, "acme")];
         assert_eq!(n.check_expiry(&certs, noon()), 1);
         assert_eq!(n.check_expiry(&certs, noon()), 0);
+    }
+
+    #[test]
+    fn a_hosts_second_certificate_is_warned_about_on_its_own() {
+        let n = notifier();
+        let t0 = noon();
+        let row = |key_type: &str, not_after: SystemTime| super::super::control::CertRow {
+            names: vec!["mx.example.test".into()],
+            source: "acme".into(),
+            key_type: key_type.into(),
+            issuer: String::new(),
+            serial: String::new(),
+            not_after: humantime::format_rfc3339_seconds(not_after).to_string(),
+            next_renewal: None,
+            last_error: None,
+            locked_by: None,
+            key: None,
+        };
+        let rows = || {
+            expiry_rows(vec![
+                row("ecdsa-p256", t0 + 60 * DAY),
+                row("rsa-2048", t0 + 2 * DAY),
+            ])
+        };
+        assert_eq!(rows()[1].0, "mx.example.test~rsa-2048");
+        assert_eq!(n.expiring(&rows(), t0).len(), 1, "the RSA one");
+        // The ECDSA one, far from expiry, does not reset the RSA one's.
+        assert!(n
+            .expiring(&rows(), t0 + Duration::from_secs(3600))
+            .is_empty());
     }
 }
