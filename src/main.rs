@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
 
+/// Where every subcommand looks for the config without `--config`.
+const CONFIG: &str = portcullis::config::defaults::CONFIG_PATH;
+
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -30,18 +33,18 @@ struct Cli {
 enum Command {
     /// Run in the foreground; SIGHUP reloads, SIGTERM or SIGINT drains and exits.
     Run {
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
     },
     /// Validate a config file and its certificates; exit 1 on any problem.
     Check {
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
     },
     /// List every host's certificate: names, source, issuer, expiry and next
     /// renewal (asks the running instance; reads the disk when none runs).
     Certs {
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
         /// One JSON object per host, for scripts.
         #[arg(long)]
@@ -50,7 +53,7 @@ enum Command {
     /// Ask the running instance to renew ACME certificates that are due, or
     /// all of them with --force; waits for the outcome. Exit 1 if any failed.
     Renew {
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
         /// Renew even if not due.
         #[arg(long)]
@@ -61,13 +64,13 @@ enum Command {
     /// Ask the running instance to reload its config and certificate files
     /// and print what changed (exit 1 if the new config was refused).
     Reload {
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
     },
     /// Print the DANE TLSA records of a host's certificate on disk, in
     /// zone-file form: `3 1 1` for each TLS port the host is served on.
     Tlsa {
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
         /// Also the issuing CA's key (`2 1 1`).
         #[arg(long)]
@@ -80,7 +83,7 @@ enum Command {
     /// the TLS-RPT `_smtp._tls` TXT, and the RFC 6186 SRV records of the
     /// services clients can use.
     Dns {
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
         /// The mail domain (the part after the @).
         domain: String,

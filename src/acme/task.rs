@@ -122,7 +122,7 @@ impl HostTask {
             let left = until.duration_since(now).ok().filter(|_| at <= now)?;
             Some(std::time::Instant::now() + left)
         });
-        HostTask {
+        let task = HostTask {
             names: host.lineage.names.clone(),
             lineage: host.lineage,
             slot: host.slot,
@@ -143,7 +143,11 @@ impl HostTask {
             key_look: None,
             unpublished: None,
             shared,
-        }
+        };
+        // Known before the task first runs: `certs` may ask at once.
+        let due = task.renew_at(SystemTime::now());
+        task.set_status(|s| s.next_renewal = Some(due));
+        task
     }
 
     /// When the served certificate should be replaced (never before

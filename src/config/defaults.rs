@@ -13,6 +13,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Each proxied session costs two descriptors; 20,000 per process is common.
 pub const MAX_CONNECTIONS: usize = 9_000;
 pub const STATE_DIR: &str = "./state";
+
+/// The config file every subcommand reads unless `--config` names another.
+pub const CONFIG_PATH: &str = "/etc/portcullis/config.yaml";
 /// Per client address and listener: an office of a hundred behind one
 /// NAT address (Thunderbird keeps up to five IMAP connections per
 /// account, a phone two or three) stays below it; eight mail listeners
