@@ -122,8 +122,11 @@ fn the_systemd_unit_runs_the_proxy_as_the_readme_says() {
     // A bad config fails the start, with the reason, before anything binds.
     assert_eq!(setting(&s, "ExecStartPre"), run_with("check"));
     assert_eq!(setting(&s, "ExecStart"), run_with("run"));
-    // `systemctl reload` is SIGHUP, which reloads without dropping a session.
-    assert_eq!(setting(&s, "ExecReload"), "/bin/kill -HUP $MAINPID");
+    // `systemctl reload` asks over the control socket and fails when the
+    // reload is refused; readiness and reloads are notified (tests/systemd.rs).
+    assert_eq!(setting(&s, "ExecReload"), run_with("reload"));
+    assert_eq!(setting(&s, "Type"), "notify");
+    assert_eq!(setting(&s, "NotifyAccess"), "main");
     assert_eq!(setting(&s, "KillSignal"), "SIGTERM");
     assert_eq!(setting(&s, "Restart"), "on-failure");
     // systemd must not SIGKILL a drain it was told to wait for.
@@ -163,8 +166,8 @@ fn systemd_analyze_accepts_the_unit_without_a_warning() {
     // binary just built, and change nothing else.
     assert_eq!(
         unit.matches(INSTALLED_BIN).count(),
-        2,
-        "ExecStartPre, ExecStart"
+        3,
+        "ExecStartPre, ExecStart, ExecReload"
     );
     let copy = unit.replace(INSTALLED_BIN, BIN);
     let original: Vec<&str> = unit.lines().collect();
@@ -733,6 +736,16 @@ fn the_container_image_builds_and_runs_what_the_unit_runs() {
     let stages: Vec<usize> = (0..file.len()).filter(|&i| file[i].0 == "FROM").collect();
     assert_eq!(stages.len(), 2, "a build stage and a final stage");
     let (build, last) = (&file[stages[0]..stages[1]], &file[stages[1]..]);
+    // Fully qualified: podman (Debian's, without short-name aliases)
+    // refuses `FROM debian:…`; a registry host has a dot.
+    for &i in &stages {
+        let image = file[i].1.split_whitespace().next().unwrap_or_default();
+        let registry = image.split('/').next().unwrap_or_default();
+        assert!(
+            image.matches('/').count() >= 2 && registry.contains('.'),
+            "FROM {image}: name the registry, e.g. docker.io/library/{image}"
+        );
+    }
 
     // The binary links against the build stage's glibc: same Debian release.
     let release = |from: &str| {

@@ -4,7 +4,8 @@
 //!
 //! It reads the running server's state through one small interface, a
 //! [`View`] per host that the server publishes, and hears what the ACME
-//! tasks do through [`reports::AcmeReports`]. Nothing below imports it.
+//! tasks do through [`reports::AcmeReports`]; it tells systemd how the
+//! server is (`systemd`). Nothing below imports it.
 
 pub mod admin;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod logging;
 pub mod notify;
 pub mod reload;
 pub mod reports;
+pub mod systemd;
 pub mod tlsa;
 
 use std::sync::Arc;

@@ -239,6 +239,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (mut state, mut reload_rx) = Running::start(self);
+        crate::ops::systemd::ready("serving");
         tokio::pin!(shutdown);
         let mut probe =
             tokio::time::interval_at(tokio::time::Instant::now() + STATE_PROBE, STATE_PROBE);
@@ -256,6 +257,7 @@ impl Server {
             }
         }
 
+        crate::ops::systemd::stopping();
         state.shut_down().await;
     }
 }

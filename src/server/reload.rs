@@ -14,7 +14,7 @@ use super::running::Running;
 use super::snapshot::{build, listener_ctx, notifier};
 use super::BuildError;
 use crate::config::{diff, Config};
-use crate::ops::reload;
+use crate::ops::{reload, systemd};
 use crate::proxy::context::ListenerCtx;
 use crate::tls::hosts::HostTable;
 
@@ -26,7 +26,12 @@ type Fresh = Vec<(BindKey, String, TcpListener)>;
 
 impl Running {
     pub(super) async fn reload(&mut self, request: reload::Request) {
+        systemd::reloading();
         let result = self.try_reload();
+        systemd::ready(match &result {
+            Ok(_) => "serving; configuration reloaded",
+            Err(_) => "serving the previous configuration: the reload failed",
+        });
         self.metrics.reload(result.is_ok());
         match &result {
             Ok(changes) => info!(

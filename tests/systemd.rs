@@ -1,0 +1,115 @@
+//! `Type=notify` (deploy/portcullis.service): portcullis tells systemd,
+//! through `$NOTIFY_SOCKET`, when it serves (`READY=1`, only after every
+//! listener is bound), when a reload runs (`RELOADING=1` with the
+//! monotonic time, then `READY=1` saying how it went) and when it drains
+//! (`STOPPING=1`). The test plays systemd: a datagram socket of its own.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+use common::process::Running;
+
+const CONFIG: &str = r#"
+state_dir: state
+listeners:
+  imaps: { bind: "127.0.0.1:0", protocol: imap, tls: implicit }
+backends:
+  imaps: 127.0.0.1:9
+hosts:
+  - names: [mail.notify.test]
+    certificate: self-signed
+"#;
+
+/// The next notification, within 20 s.
+fn next(socket: &UnixDatagram, run: &Running) -> String {
+    let mut buf = [0u8; 4096];
+    match socket.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => panic!("no notification: {e}\n{}", run.log()),
+    }
+}
+
+fn hup(run: &Running) {
+    let sent = Command::new("kill")
+        .args(["-HUP", &run.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let dir = common::scratch();
+    let config = dir.path().join("portcullis.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let path = dir.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut run = Running::start(&config, &[("NOTIFY_SOCKET", path.display().to_string())]);
+
+    let ready = next(&systemd, &run);
+    assert_eq!(ready, "READY=1\nSTATUS=serving");
+    assert!(
+        run.log().contains("listening"),
+        "ready before bound:\n{}",
+        run.log()
+    );
+
+    // systemctl reload: RELOADING=1 with CLOCK_MONOTONIC in µs, then READY=1.
+    hup(&run);
+    let reloading = next(&systemd, &run);
+    let usec = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .unwrap_or_else(|| panic!("{reloading:?}"));
+    let usec: u64 = usec.parse().unwrap();
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (usec as f64 / 1e6 - uptime).abs() < 5.0,
+        "MONOTONIC_USEC={usec} is not this boot's monotonic clock ({uptime} s)"
+    );
+    assert_eq!(
+        next(&systemd, &run),
+        "READY=1\nSTATUS=serving; configuration reloaded"
+    );
+
+    // A refused config: still serving the old one, and systemd is told so.
+    std::fs::write(&config, "listeners: [").unwrap();
+    hup(&run);
+    assert!(next(&systemd, &run).starts_with("RELOADING=1\n"));
+    assert_eq!(
+        next(&systemd, &run),
+        "READY=1\nSTATUS=serving the previous configuration: the reload failed"
+    );
+
+    assert!(run.stop().success());
+    assert_eq!(next(&systemd, &run), "STOPPING=1\nSTATUS=draining");
+}
+
+/// systemd's own socket is an abstract one (`@/org/freedesktop/…`).
+#[test]
+fn an_abstract_notify_socket_is_reached_too() {
+    use std::os::linux::net::SocketAddrExt;
+    let dir = common::scratch();
+    let config = dir.path().join("portcullis.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let name = format!("portcullis-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let systemd = UnixDatagram::bind_addr(&addr).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut run = Running::start(&config, &[("NOTIFY_SOCKET", format!("@{name}"))]);
+    assert_eq!(next(&systemd, &run), "READY=1\nSTATUS=serving");
+    assert!(run.stop().success());
+}
