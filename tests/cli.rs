@@ -221,11 +221,22 @@ fn the_example_config_runs_and_serves_its_certificates() {
     }
     let dir = common::scratch();
     let mut text = std::fs::read_to_string(EXAMPLE).unwrap();
+    // Every port the example binds, so that the example itself may run
+    // beside the tests (the README's quick tour keeps it running).
     for port in [
-        "10993", "10465", "10995", "10443", "10587", "10025", "10143", "10110", "14190",
+        "10993", "10465", "10995", "10443", "10587", "10025", "10143", "10110", "14190", "10080",
     ] {
         text = text.replace(&format!(":{port}\""), ":0\"");
     }
+    assert!(
+        text.contains("bind: 127.0.0.1:19099"),
+        "the example's admin address"
+    );
+    text = text.replace("bind: 127.0.0.1:19099", "bind: 127.0.0.1:0");
+    assert!(
+        !text.contains(":100") && !text.contains(":1909"),
+        "a port of the example is left:\n{text}"
+    );
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, text).unwrap();
 
@@ -265,9 +276,11 @@ fn serve_once(config: &Path) -> String {
         }
     });
     let mut addrs = std::collections::BTreeMap::new();
+    let mut said = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while addrs.len() < 9 && Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            said.push(line.clone());
             // "… listening listener=imaps addr=127.0.0.1:40211"
             let field = |name: &str| {
                 line.split(&format!("{name}="))
@@ -286,7 +299,12 @@ fn serve_once(config: &Path) -> String {
     }
     if addrs.len() < 9 {
         let _ = child.kill();
-        panic!("portcullis did not report all its addresses: {addrs:?}");
+        let _ = child.wait();
+        said.extend(rx.try_iter());
+        panic!(
+            "portcullis did not report all its addresses: {addrs:?}; it said:\n{}",
+            said.join("\n")
+        );
     }
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl")
@@ -1234,4 +1252,28 @@ hosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]
         .map(str::to_string)
         .collect();
     assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+/// A failed admin bind names the key it comes from (`admin.bind`), not a
+/// listener.
+#[test]
+fn an_admin_address_in_use_is_named_by_its_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = common::scratch();
+    let path = dir.path().join("admin.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir: state\nlisteners:\n  imaps: {{ bind: \"127.0.0.1:0\", protocol: imap, tls: implicit }}\nhosts: [ {{ names: [mail.example.test], certificate: self-signed }} ]\nadmin: {{ bind: \"127.0.0.1:{port}\" }}\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = portcullis(&["run", "--config", path_str(&path)], QUICK);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("admin.bind: cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!err.contains("listeners.admin"), "{err}");
 }

@@ -124,7 +124,7 @@ impl Walk<'_> {
             Some(v) => self.patterns(v, &names_path),
             None => Vec::new(),
         };
-        if names.is_empty() && field(m, "names").is_some() {
+        if matches!(field(m, "names"), Some(Value::Sequence(n)) if n.is_empty()) {
             self.err(&names_path, "at least one name is needed");
         }
         for n in &names {

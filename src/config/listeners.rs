@@ -127,7 +127,8 @@ impl Walk<'_> {
                 .collect(),
             None => Vec::new(),
         };
-        if bind.is_empty() && field(m, "bind").is_some() {
+        // Only when none was written: a bad one has said so already.
+        if matches!(field(m, "bind"), Some(Value::Sequence(s)) if s.is_empty()) {
             self.err(&bind_path, "at least one address is needed");
         }
         bind

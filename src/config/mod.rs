@@ -92,9 +92,10 @@ impl Config {
     /// Parses config text; `base` anchors relative paths.
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         let root: Value = serde_yaml::from_str(text).map_err(|e| {
+            let message = e.to_string();
             vec![Problem {
                 path: String::new(),
-                message: format!("YAML: {e}"),
+                message: format!("YAML: {}", duplicate_at(text, &message).unwrap_or(message)),
             }]
         })?;
         let mut w = Walk {
@@ -108,6 +109,51 @@ impl Config {
             _ => Err(w.problems),
         }
     }
+}
+
+/// The YAML parser reports a duplicate key at the start of the mapping
+/// that holds it (`… duplicate entry with key "imaps" at line 8 column 7`):
+/// the message with the lines of both occurrences instead, found at the
+/// same indentation within that mapping (the top level's come without a
+/// place: the whole file then). `None` when it is not such a
+/// message, or the mapping is written inline.
+fn duplicate_at(text: &str, message: &str) -> Option<String> {
+    let (head, rest) = message.split_once("duplicate entry with key \"")?;
+    let (key, rest) = rest.split_once('"')?;
+    // The top level's duplicates come without a place.
+    let (line, column) = match rest.strip_prefix(" at line ") {
+        Some(at) => at.split_once(" column ")?,
+        None => ("1", "1"),
+    };
+    let (line, column): (usize, usize) = (line.parse().ok()?, column.trim().parse().ok()?);
+    let indent = column.checked_sub(1)?;
+    let quoted = format!("\"{key}\"");
+    let mut found = Vec::new();
+    for (i, l) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+        let body = l.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        // The mapping's first line may be a sequence item (`- names: …`);
+        // any later line left of its keys ends it.
+        if i + 1 > line && l.len() - body.len() < indent {
+            break;
+        }
+        let own = body.strip_prefix("- ").map_or(body, str::trim_start);
+        let keyed = [key, quoted.as_str()].iter().any(|k| {
+            own.strip_prefix(k)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        });
+        if l.len() - own.len() == indent && keyed {
+            found.push(i + 1);
+        }
+    }
+    let [first, second, ..] = found[..] else {
+        return None;
+    };
+    Some(format!(
+        "{head}duplicate key \"{key}\" at line {second} column {column} (first at line {first})"
+    ))
 }
 
 mod tests;

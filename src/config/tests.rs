@@ -717,10 +717,7 @@ fn key_types_are_one_ecdsa_and_one_rsa_globally_or_per_host() {
     );
     assert_problems(
         &parse(&host_both).unwrap_err(),
-        &[
-            "hosts[0].acme.key_types: rsa-2048 and rsa-2048 are both RSA",
-            "hosts: at least one host is needed",
-        ],
+        &["hosts[0].acme.key_types: rsa-2048 and rsa-2048 are both RSA"],
     );
     // Not (yet) with a key rollover or a cluster store.
     let rolling = two.replace(
@@ -775,5 +772,54 @@ fn a_host_may_have_two_certificate_file_pairs() {
     assert_problems(
         &parse(&typo).unwrap_err(),
         &["hosts[1].certificate[1].key: missing"],
+    );
+}
+
+#[test]
+fn a_mistake_is_reported_once_without_follow_on_errors() {
+    let bad_address = GOOD.replace(
+        "\"127.0.0.1:10993\", \"[::1]:10993\"",
+        "\"127.0.0.1:99999\"",
+    );
+    let errs = parse(&bad_address).unwrap_err();
+    assert!(
+        errs.iter().all(|e| !e.contains("at least one")),
+        "{errs:#?}"
+    );
+    assert_problems(&errs, &["listeners.imaps.bind[0]: invalid address"]);
+    // Every listener bad: their own errors, not "at least one listener".
+    let bad_tls = GOOD.replace("tls: implicit", "tls: implict");
+    let errs = parse(&bad_tls).unwrap_err();
+    assert!(
+        errs.iter().all(|e| e.contains("unknown variant `implict`")),
+        "{errs:#?}"
+    );
+    // Written empty: that is the mistake, and it is said.
+    let none = GOOD.replace("bind: [\"127.0.0.1:10993\", \"[::1]:10993\"]", "bind: []");
+    assert_problems(
+        &parse(&none).unwrap_err(),
+        &["listeners.imaps.bind: at least one address is needed"],
+    );
+}
+
+#[test]
+fn a_duplicate_key_is_shown_at_its_own_line() {
+    let text = "state_dir: s\nlisteners:\n  imaps: { bind: \"127.0.0.1:993\", protocol: imap, tls: implicit }\nhosts:\n  - names: [a.example.test]\n    certificate: self-signed\n  - names: [b.example.test]\n    backends:\n      imaps: 127.0.0.1:1\n      # the same again\n      imaps: 127.0.0.1:2\n    certificate: self-signed\n";
+    let errs = parse(text).unwrap_err();
+    assert_eq!(
+        errs,
+        ["YAML: hosts[1].backends: duplicate key \"imaps\" at line 11 column 7 (first at line 9)"]
+    );
+    let top = "state_dir: a\nlog: { level: info }\nstate_dir: b\n";
+    assert_eq!(
+        parse(top).unwrap_err(),
+        ["YAML: duplicate key \"state_dir\" at line 3 column 1 (first at line 1)"]
+    );
+    // Inline: the parser's own words stand.
+    let inline = "state_dir: s\nlog: { level: info, level: warn }\n";
+    let errs = parse(inline).unwrap_err();
+    assert!(
+        errs[0].contains("duplicate entry with key \"level\""),
+        "{errs:?}"
     );
 }

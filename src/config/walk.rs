@@ -271,10 +271,11 @@ impl Walk<'_> {
                 "MTA-STS and autoconfig are served over HTTPS: add a listener with protocol: tcp, tls: implicit (port 443)",
             );
         }
-        if listeners.is_empty() && field(m, "listeners").is_some() {
+        // Only when none was written: a bad one has said so already.
+        if matches!(field(m, "listeners"), Some(Value::Mapping(l)) if l.is_empty()) {
             self.err("listeners", "at least one listener is needed");
         }
-        if hosts.is_empty() && field(m, "hosts").is_some() {
+        if matches!(field(m, "hosts"), Some(Value::Sequence(h)) if h.is_empty()) {
             self.err("hosts", "at least one host is needed");
         }
         let acme = self.acme_fits(acme, field(m, "acme").is_some(), &listeners, &hosts);

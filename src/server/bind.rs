@@ -81,8 +81,7 @@ pub(super) fn bind_admin(config: &Config, errors: &mut Vec<BuildError>) -> Optio
     match bind_socket(a.bind, &v4_any) {
         Ok(s) => Some(s),
         Err(source) => {
-            errors.push(BuildError::Bind {
-                listener: "admin".into(),
+            errors.push(BuildError::AdminBind {
                 addr: a.bind,
                 source,
             });

@@ -71,6 +71,8 @@ pub enum BuildError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("admin.bind: cannot listen on {addr}: {source}")]
+    AdminBind { addr: SocketAddr, source: io::Error },
 }
 
 /// How often an unwritable `state_dir` is tried again (and a writable one
