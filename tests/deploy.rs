@@ -893,3 +893,47 @@ fn the_debian_package_installs_the_binary_where_the_unit_runs_it() {
         Some("usr/lib/sysusers.d/portcullis.conf")
     );
 }
+
+/// `rust-version` is true: no package in the lock file (dependencies of
+/// every kind) needs a newer compiler than the one it names. No toolchain
+/// for that version can be had here, so the lock file is what is checked.
+#[test]
+fn rust_version_is_at_least_what_every_locked_dependency_needs() {
+    let manifest = repo("Cargo.toml");
+    let (stdout, _) = succeed(
+        env!("CARGO"),
+        &[
+            "metadata",
+            "--locked",
+            "--offline",
+            "--format-version",
+            "1",
+            "--manifest-path",
+            path_str(&manifest),
+        ],
+    );
+    let all: serde_json::Value = serde_json::from_str(&stdout).expect("cargo metadata JSON");
+    let version = |v: &str| -> (u64, u64) {
+        let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    };
+    let packages = all["packages"].as_array().unwrap();
+    let ours = packages
+        .iter()
+        .find(|p| p["name"] == "portcullis")
+        .and_then(|p| p["rust_version"].as_str())
+        .expect("portcullis states a rust-version");
+    let mut needs: Vec<((u64, u64), String)> = packages
+        .iter()
+        .filter_map(|p| {
+            let v = p["rust_version"].as_str()?;
+            Some((
+                version(v),
+                format!("{} {} needs {v}", p["name"], p["version"]),
+            ))
+        })
+        .collect();
+    needs.sort();
+    let (newest, who) = needs.last().expect("some dependency states one");
+    assert!(version(ours) >= *newest, "rust-version = {ours}, but {who}");
+}
