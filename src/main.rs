@@ -90,6 +90,13 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Write the man pages (portcullis.1, portcullis-run.1, …) into DIR,
+    /// as the .deb ships them.
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,6 +117,7 @@ fn main() -> ExitCode {
             name,
         } => tlsa(&config, &name, issuer),
         Command::Dns { config, domain } => dns(&config, &domain),
+        Command::Man { dir } => man(&dir),
         Command::Version => {
             println!("portcullis {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -260,29 +268,63 @@ fn certs(path: &Path, json: bool) -> ExitCode {
     if !live {
         println!("(no running instance: certificates on disk, no renewal times)");
     }
-    println!(
-        "{:<40} {:<12} {:<11} {:<22} {:<22} ISSUER",
-        "NAMES", "SOURCE", "KEY", "NOT AFTER", "NEXT RENEWAL"
-    );
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let mut table = vec![[
+        "NAMES",
+        "SOURCE",
+        "KEY",
+        "NOT AFTER",
+        "DAYS",
+        "NEXT RENEWAL",
+        "ISSUER",
+    ]
+    .map(String::from)];
     for row in &rows {
-        let next = row.next_renewal.as_deref().unwrap_or("-");
-        println!(
-            "{:<40} {:<12} {:<11} {:<22} {:<22} {}",
+        table.push([
             row.names.join(","),
-            row.source,
-            if row.key_type.is_empty() {
-                "-"
+            row.source.clone(),
+            dash(&row.key_type),
+            dash(&row.not_after),
+            days_left(&row.not_after, now),
+            dash(row.next_renewal.as_deref().unwrap_or_default()),
+            row.issuer.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| {
+            table
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (i, cells) in table.iter().enumerate() {
+        let mut line = String::new();
+        for (c, cell) in cells.iter().enumerate() {
+            if c + 1 == cells.len() {
+                line.push_str(cell);
             } else {
-                &row.key_type
-            },
-            if row.not_after.is_empty() {
-                "-"
-            } else {
-                &row.not_after
-            },
-            next,
-            row.issuer
-        );
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        println!("{}", line.trim_end());
+        let Some(row) = i.checked_sub(1).and_then(|r| rows.get(r)) else {
+            continue;
+        };
+        if !row.serial.is_empty() {
+            println!("    serial: {}", row.serial);
+        }
+        if let (Some(cert), Some(key)) = (&row.cert_path, &row.key_path) {
+            println!("    files: {} {}", cert.display(), key.display());
+        }
         if let Some(key) = &row.key {
             println!("    key: {key}");
         }
@@ -297,6 +339,19 @@ fn certs(path: &Path, json: bool) -> ExitCode {
         print_cluster(c);
     }
     ExitCode::SUCCESS
+}
+
+/// Whole days until `not_after` (RFC 3339), marked `!` within 14 days,
+/// as certbot's `certificates` warns; `expired` once past; `-` if unknown.
+fn days_left(not_after: &str, now: std::time::SystemTime) -> String {
+    let Ok(at) = humantime::parse_rfc3339(not_after) else {
+        return "-".into();
+    };
+    match at.duration_since(now) {
+        Ok(left) if left.as_secs() < 14 * 86_400 => format!("{} !", left.as_secs() / 86_400),
+        Ok(left) => (left.as_secs() / 86_400).to_string(),
+        Err(_) => "expired".into(),
+    }
 }
 
 /// The cluster part of `portcullis certs`: the store as this node sees it,
@@ -323,6 +378,17 @@ fn tlsa(path: &Path, name: &str, issuer: bool) -> ExitCode {
         return ExitCode::FAILURE;
     };
     print_lines(portcullis::ops::tlsa::records(&config, name, issuer))
+}
+
+fn man(dir: &Path) -> ExitCode {
+    use clap::CommandFactory;
+    match clap_mangen::generate_to(Cli::command(), dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn dns(path: &Path, domain: &str) -> ExitCode {

@@ -894,6 +894,65 @@ fn the_debian_package_installs_the_binary_where_the_unit_runs_it() {
     );
 }
 
+/// The man pages the .deb ships are what `portcullis man` writes from
+/// the CLI now (regenerate with `cargo run -q -- man deploy/man`), and the
+/// package's changelog is of the version it packages.
+#[test]
+fn the_debian_package_ships_current_man_pages_and_changelog() {
+    let dir = common::scratch();
+    succeed(BIN, &["man", path_str(dir.path())]);
+    let names = |d: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let shipped = repo("deploy/man");
+    assert_eq!(
+        names(&shipped),
+        names(dir.path()),
+        "run: cargo run -q -- man deploy/man"
+    );
+    for page in names(dir.path()) {
+        assert_eq!(
+            std::fs::read_to_string(shipped.join(&page)).unwrap(),
+            std::fs::read_to_string(dir.path().join(&page)).unwrap(),
+            "deploy/man/{page} is stale: cargo run -q -- man deploy/man"
+        );
+    }
+    let top = read("deploy/man/portcullis.1");
+    for sub in ["run", "check", "certs", "renew", "reload", "tlsa", "dns"] {
+        assert!(
+            top.contains(&format!("portcullis\\-{sub}(1)")),
+            "{sub}: {top}"
+        );
+    }
+
+    let package = cargo_metadata();
+    let deb = &package["metadata"]["deb"];
+    let changelog = read(deb["changelog"].as_str().expect("a changelog"));
+    let first = changelog.lines().next().unwrap_or_default();
+    let version = package["version"].as_str().unwrap();
+    assert!(
+        first.starts_with(&format!("portcullis ({version}-")),
+        "deploy/debian/changelog is at {first:?}, the package at {version}"
+    );
+    let scripts = repo(
+        deb["maintainer-scripts"]
+            .as_str()
+            .expect("maintainer scripts"),
+    );
+    let postinst = std::fs::read_to_string(scripts.join("postinst")).unwrap();
+    assert!(
+        postinst.contains("systemd-sysusers portcullis.conf"),
+        "{postinst}"
+    );
+    assert!(
+        !postinst.contains("systemctl start"),
+        "starts nothing before a config is written"
+    );
+}
+
 /// `rust-version` is true: no package in the lock file (dependencies of
 /// every kind) needs a newer compiler than the one it names. No toolchain
 /// for that version can be had here, so the lock file is what is checked.

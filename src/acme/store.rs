@@ -237,6 +237,12 @@ pub fn key_path(state_dir: &Path, lineage: &Lineage) -> PathBuf {
     paths(&host_dir(state_dir, lineage)).1
 }
 
+/// The chain and key files of the lineage's stored certificate.
+pub fn files(state_dir: &Path, lineage: &Lineage) -> (PathBuf, PathBuf) {
+    let (chain, key, _) = paths(&host_dir(state_dir, lineage));
+    (chain, key)
+}
+
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (
         dir.join("fullchain.pem"),

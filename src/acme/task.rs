@@ -716,9 +716,11 @@ impl HostTask {
             );
             causes(&e)
         });
+        let mut info = info;
         if write_error.is_none() {
             self.shared.hooks.report(Event::Stored);
             self.shared.hooks.pending().remove(&id);
+            info.files = Some(store::files(&self.shared.state_dir, &self.lineage));
         }
         let current = current(&new.cert.key.cert, &info);
         // The floor after an issuance "in the future" (another node's clock

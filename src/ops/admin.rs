@@ -263,6 +263,8 @@ mod tests {
             last_error: None,
             locked_by: None,
             key: None,
+            cert_path: None,
+            key_path: None,
         }
     }
 

@@ -77,6 +77,13 @@ pub struct CertRow {
     /// `key: rollover`: where the host is in the cycle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The chain and key files served (as certbot's `certificates` shows
+    /// them); `None` for a certificate in memory only (a placeholder, or an
+    /// issued one that could not be stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_path: Option<PathBuf>,
 }
 
 /// The cluster store in `portcullis certs`: this node's view of it.
@@ -341,6 +348,8 @@ pub fn row(view: &View) -> CertRow {
         last_error: status.as_ref().and_then(|s| s.last_error.clone()),
         locked_by: None,
         key: status.and_then(|s| s.key),
+        cert_path: served.info.files.as_ref().map(|(c, _)| c.clone()),
+        key_path: served.info.files.as_ref().map(|(_, k)| k.clone()),
     }
 }
 
@@ -480,9 +489,12 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
                 last_error: None,
                 locked_by: None,
                 key: None,
+                cert_path: None,
+                key_path: None,
             };
             match loaded {
                 Ok(c) => {
+                    (row.cert_path, row.key_path) = c.info.files.unzip();
                     row.key_type = c.info.key_type;
                     row.issuer = c.info.issuer;
                     row.serial = c.info.serial;

@@ -47,6 +47,9 @@ pub struct CertInfo {
     /// The key's algorithm and size, spelled as `acme.key_types` spells
     /// them where it can: `ecdsa-p256`, `ecdsa-p384`, `rsa-2048`, `rsa-4096`.
     pub key_type: String,
+    /// The chain and key files it was read from (or stored to); `None`
+    /// when it lives in memory only.
+    pub files: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,10 +164,11 @@ pub fn load_pem(
             message: pem_message(&e),
         },
     })?;
-    let info = cert_info(&chain[0], names).map_err(|message| CertError::Parse {
+    let mut info = cert_info(&chain[0], names).map_err(|message| CertError::Parse {
         path: cert.to_path_buf(),
         message,
     })?;
+    info.files = Some((cert.to_path_buf(), key.to_path_buf()));
     if info.uncovered.len() == names.len() {
         return Err(CertError::CoversNone {
             cert: cert.to_path_buf(),
@@ -225,6 +229,7 @@ pub fn cert_info(der: &CertificateDer<'_>, names: &[HostPattern]) -> Result<Cert
         serial: hex_upper(cert.tbs_certificate.raw_serial()),
         uncovered,
         key_type: key_type_of(cert.public_key()),
+        files: None,
     })
 }
 

@@ -371,6 +371,8 @@ mod tests {
             last_error: None,
             locked_by: None,
             key: None,
+            cert_path: None,
+            key_path: None,
         };
         let rows = || {
             expiry_rows(vec![
