@@ -176,6 +176,23 @@ async fn busy_proxy() -> (Proxy, String, Backend) {
     (proxy, admin, echo)
 }
 
+/// The sample names and families of a Prometheus 0.0.4 text: what a query
+/// can name.
+fn names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        let name = match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split(' ').next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        };
+        if let Some(n) = name.filter(|n| !n.is_empty()) {
+            out.insert(n.to_string());
+        }
+    }
+    out
+}
+
 /// Every `portcullis_…` and `process_…` metric name in `text` (a PromQL
 /// expression, a rules file, a dashboard).
 fn referenced(text: &str) -> BTreeSet<String> {
@@ -332,6 +349,103 @@ async fn a_real_scrape_passes_promtool_and_says_what_happened() {
     assert!(number("process_cpu_seconds_total") > 0.0);
     let start = number("process_start_time_seconds");
     assert!(start > 1.6e9 && start <= unix_now() as f64 + 1.0, "{start}");
+}
+
+#[tokio::test]
+async fn shipped_alerting_rules_pass_promtool_and_their_unit_tests() {
+    let test = "shipped_alerting_rules_pass_promtool_and_their_unit_tests";
+    if !common::tool("promtool", test) {
+        return;
+    }
+    let dir = repo("deploy/prometheus");
+    let (ok, out) = promtool(&["check", "rules", "alerts.yaml"], &dir, b"").await;
+    assert!(ok, "promtool check rules:\n{out}");
+    assert!(out.contains("SUCCESS"), "{out}");
+    let (ok, out) = promtool(&["test", "rules", "alerts_test.yaml"], &dir, b"").await;
+    assert!(ok, "promtool test rules:\n{out}");
+    // Every alert has a unit test that fires it.
+    let rules = std::fs::read_to_string(dir.join("alerts.yaml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("alerts_test.yaml")).unwrap();
+    for line in rules.lines() {
+        if let Some(name) = line.trim().strip_prefix("- alert: ") {
+            assert!(
+                tests.contains(&format!("alertname: {name}")),
+                "alerts_test.yaml has no test for {name}"
+            );
+        }
+    }
+}
+
+/// Every metric the alerts and the dashboard query exists: a typo or a
+/// rename would leave a panel empty and an alert silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_dashboard_query_only_metrics_portcullis_exports() {
+    let test = "alerts_and_dashboard_query_only_metrics_portcullis_exports";
+    if !common::tool("curl", test) {
+        return;
+    }
+    let (_proxy, admin, _echo) = busy_proxy().await;
+    let mut known = names(&scrape(&admin, None).await.body);
+    // The cluster store's metrics exist only with `store:`, the renewal
+    // ones only for ACME hosts (a CA is another test's business): their
+    // names from the same registry, fed what the store and an ACME task
+    // report.
+    let cluster = portcullis::metrics::Metrics::with_cluster();
+    cluster.renewal("mail.example.test", true);
+    let acme = portcullis::metrics::CertGauge {
+        names: vec!["mail.example.test".into()],
+        source: "acme".into(),
+        key_type: "ecdsa-p256".into(),
+        not_after: unix_now() + 90 * 86_400,
+        next_renewal: Some(unix_now() + 60 * 86_400),
+    };
+    known.extend(names(
+        &cluster.encode(&[acme], portcullis::metrics::Format::Prometheus),
+    ));
+    for suffix in ["bucket", "sum", "count"] {
+        let histograms: Vec<String> = known
+            .iter()
+            .filter(|n| n.ends_with("_seconds"))
+            .map(|n| format!("{n}_{suffix}"))
+            .collect();
+        known.extend(histograms);
+    }
+    assert!(known.contains("portcullis_cluster_store_up"));
+
+    let dashboard = std::fs::read_to_string(repo("deploy/grafana/portcullis.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&json, &mut exprs);
+    assert!(exprs.len() >= 10, "the dashboard queries: {exprs:#?}");
+    let alerts = std::fs::read_to_string(repo("deploy/prometheus/alerts.yaml")).unwrap();
+    for (file, text) in [
+        ("deploy/grafana/portcullis.json", exprs.join("\n")),
+        ("deploy/prometheus/alerts.yaml", alerts),
+    ] {
+        let used = referenced(&text);
+        assert!(used.len() >= 8, "{file}: {used:?}");
+        let unknown: Vec<&String> = used.difference(&known).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} queries metrics portcullis does not export: {unknown:?}"
+        );
+    }
+}
+
+/// Every `expr` of a Grafana dashboard (panels, nested rows, templating).
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
 }
 
 #[test]
