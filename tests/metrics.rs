@@ -5,7 +5,7 @@
 //! for, each under the content type that names it; the shipped alerting
 //! rules pass `promtool check rules` and their unit tests
 //! (`promtool test rules`); every metric the alerts and the Grafana
-//! dashboard query is one a scrape has.
+//! dashboard query is one a scrape has, and README lists every one.
 //!
 //! Loopback only; a missing promtool or curl skips with a SKIPPED line, or
 //! fails under `PORTCULLIS_REQUIRE_TOOLS=1` (Debian's `prometheus` package
@@ -402,6 +402,24 @@ async fn alerts_and_dashboard_query_only_metrics_portcullis_exports() {
     known.extend(names(
         &cluster.encode(&[acme], portcullis::metrics::Format::Prometheus),
     ));
+    // Every metric is documented where operators look: README's list.
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let undocumented: Vec<&String> = known
+        .iter()
+        .filter(|n| {
+            // a histogram's samples are documented by its family
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|x| n.strip_suffix(x))
+                .filter(|f| known.contains(*f));
+            family.is_none()
+        })
+        .filter(|n| !readme.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "README.md does not list {undocumented:?}"
+    );
     for suffix in ["bucket", "sum", "count"] {
         let histograms: Vec<String> = known
             .iter()
