@@ -119,6 +119,50 @@ async fn distrusting_client(addr: std::net::SocketAddr, sni: &str) {
     assert!(format!("{err:?}").contains("UnknownIssuer"), "{err:?}");
 }
 
+/// A TLS 1.2 client offering only RSA cipher suites, to a host whose one
+/// certificate is ECDSA: nothing in common.
+async fn incompatible_client(addr: std::net::SocketAddr, sni: &str) {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256],
+        ..default_provider()
+    };
+    // It fails before any certificate is seen: no verifier needed.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let err = common::tls_connect_with(addr, Some(sni), Arc::new(config))
+        .await
+        .expect_err("no cipher suite in common");
+    assert!(format!("{err:?}").contains("HandshakeFailure"), "{err:?}");
+}
+
+/// How long the STARTTLS client dawdles before STARTTLS: time the
+/// handshake histogram must not count.
+const DAWDLE: Duration = Duration::from_millis(1200);
+
+/// An IMAP session that waits [`DAWDLE`] in plaintext, upgrades with
+/// STARTTLS and has one command echoed by the backend.
+async fn starttls_session(addr: std::net::SocketAddr, sni: &str) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let greeting = common::read_until(&mut tcp, b"\r\n").await;
+    assert!(greeting.starts_with(b"* OK"), "{greeting:?}");
+    tokio::time::sleep(DAWDLE).await;
+    tcp.write_all(b"a1 STARTTLS\r\n").await.unwrap();
+    let ok = common::read_until(&mut tcp, b"\r\n").await;
+    assert!(ok.starts_with(b"a1 OK"), "{ok:?}");
+    let mut tls = common::tls_over(tcp, Some(sni), common::client_config(&[]))
+        .await
+        .expect("handshake after STARTTLS");
+    tls.write_all(b"a2 NOOP\r\n").await.unwrap();
+    // The backend's greeting was dropped (the client had ours): the echo.
+    let echo = common::read_until(&mut tls, b"\r\n").await;
+    assert_eq!(echo, b"a2 NOOP\r\n");
+    let _ = tls.shutdown().await;
+}
+
 fn config(admin: &str, echo: &str, crt: &Path, key: &Path) -> String {
     format!(
         r#"
@@ -127,12 +171,14 @@ max_connections: 500
 admin: {{ bind: "{admin}" }}
 listeners:
   imaps: {{ bind: "127.0.0.1:0", protocol: imap, tls: implicit }}
+  imap: {{ bind: "127.0.0.1:0", protocol: imap, tls: starttls }}
 unknown_sni: reject
 hosts:
   - names: [mail.example.test]
     certificate: {{ cert: {crt}, key: {key} }}
     backends:
       imaps: "{echo}"
+      imap: "{echo}"
 "#,
         crt = crt.display(),
         key = key.display(),
@@ -146,8 +192,7 @@ fn unix_now() -> i64 {
 }
 
 /// A proxy that has served two sessions and refused four handshakes
-/// (unknown name, distrusted certificate, plaintext, a closed
-/// connection), been reloaded once well and once with a broken file: its
+/// (unknown name, distrusted certificate, no cipher in common, plaintext), been reloaded once well and once with a broken file: its
 /// admin address and the proxy.
 async fn busy_proxy() -> (Proxy, String, Backend) {
     let dir = common::scratch();
@@ -159,10 +204,12 @@ async fn busy_proxy() -> (Proxy, String, Backend) {
     let imaps = proxy.addr("imaps");
     echo_session(imaps, "mail.example.test").await;
     echo_session(imaps, "mail.example.test").await;
+    starttls_session(proxy.addr("imap"), "mail.example.test").await;
     tls_connect(imaps, Some("nobody.example.net"))
         .await
         .expect_err("unknown name refused");
     distrusting_client(imaps, "mail.example.test").await;
+    incompatible_client(imaps, "mail.example.test").await;
     let mut plain = tokio::net::TcpStream::connect(imaps).await.unwrap();
     plain
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -275,7 +322,7 @@ async fn a_real_scrape_passes_promtool_and_says_what_happened() {
         ("unknown_sni", "1"),
         ("client_alert", "1"),
         ("not_tls", "1"),
-        ("incompatible", "0"),
+        ("incompatible", "1"),
         ("alert", "0"),
     ] {
         expect(
@@ -283,23 +330,30 @@ async fn a_real_scrape_passes_promtool_and_says_what_happened() {
             n,
         );
     }
-    // Latency of the two completed handshakes and the two backend connects.
+    // Latency of the completed handshakes and the backend connects.
+    let handshakes = |listener: &str, le: &str, n: &str| {
+        let series = format!(
+            "portcullis_handshake_duration_seconds_bucket{{le=\"{le}\",listener=\"{listener}\"}}"
+        );
+        expect(&series, n);
+    };
+    handshakes("imaps", "+Inf", "2");
     expect(
         "portcullis_handshake_duration_seconds_count{listener=\"imaps\"}",
         "2",
     );
-    expect(
-        "portcullis_handshake_duration_seconds_bucket{le=\"+Inf\",listener=\"imaps\"}",
-        "2",
-    );
+    // On the STARTTLS listener the clock starts at the go-ahead: the
+    // client's dawdling before STARTTLS is not handshake time.
+    handshakes("imap", "+Inf", "1");
+    handshakes("imap", "1.0", "1");
     let backend = format!("backend=\"{}\"", echo.addr);
     expect(
         &format!("portcullis_backend_connect_duration_seconds_count{{{backend}}}"),
-        "2",
+        "3",
     );
     expect(
         &format!("portcullis_backend_connect_duration_seconds_bucket{{le=\"2.5\",{backend}}}"),
-        "2",
+        "3",
     );
     // The failed reload is the last one: 0, and the time of the good one.
     expect("portcullis_config_last_reload_successful", "0");
