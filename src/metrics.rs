@@ -6,16 +6,27 @@
 //! byte) are looked up once per listener context ([`ListenerMetrics`]) and
 //! bumped with one atomic add; certificate gauges are filled at scrape time
 //! from what the operator side reads of the certificates being served
-//! ([`CertGauge`]), so they are never stale.
+//! ([`CertGauge`]), so they are never stale; so are the `process_*`
+//! metrics ([`process`]). Latency histograms are resolved per listener and
+//! per backend once, too: an observation takes a lock and allocates nothing.
+//! The exposition is OpenMetrics or the Prometheus text format
+//! ([`exposition`]).
+
+mod exposition;
+mod process;
+
+pub use exposition::Format;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +83,45 @@ struct Outcome {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostOutcome {
+    host: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+/// Seconds from accept (implicit TLS) or from the STARTTLS go-ahead to a
+/// finished handshake: a local client takes milliseconds, a phone on a bad
+/// network a second or more; past 10 s the handshake deadline is near.
+const HANDSHAKE_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Seconds to connect to a backend and send its PROXY header: well under a
+/// millisecond on loopback or a LAN; past a second something is wrong.
+const BACKEND_BUCKETS: [f64; 11] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
+];
+
+fn handshake_histogram() -> Histogram {
+    Histogram::new(HANDSHAKE_BUCKETS)
+}
+
+fn backend_histogram() -> Histogram {
+    Histogram::new(BACKEND_BUCKETS)
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
 /// Session outcomes that exist from the start at 0, so that an alert on
 /// `increase(...)` sees the first one (a series that appears at 1 shows no
 /// increase). The others appear when they first happen.
@@ -84,7 +134,7 @@ const SESSION_OUTCOMES_AT_ZERO: [&str; 5] = [
 ];
 
 /// Handshake outcomes, as the `outcome` label spells them.
-pub const HANDSHAKE_OUTCOMES: [&str; 7] = [
+pub const HANDSHAKE_OUTCOMES: [&str; 10] = [
     "ok",
     "no_sni",
     "unknown_sni",
@@ -92,6 +142,9 @@ pub const HANDSHAKE_OUTCOMES: [&str; 7] = [
     "alert",
     "timeout",
     "client_left",
+    "incompatible",
+    "client_alert",
+    "not_tls",
 ];
 
 /// Why connections are refused at accept, as the `reason` label spells them
@@ -109,18 +162,30 @@ pub struct Metrics {
     sessions: Family<OutcomeLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
     backend_failures: Family<BackendLabel, Counter>,
+    handshake_seconds: Histograms<ListenerLabel>,
+    backend_connect_seconds: Histograms<BackendLabel>,
     accepting: Family<AddressLabels, Gauge>,
     /// The same, readable: the family cannot be iterated.
     accept_state: Mutex<BTreeMap<String, bool>>,
-    not_after: Family<CertLabels, Gauge>,
+    expiry: Family<CertLabels, Gauge>,
     next_renewal: Family<RenewalLabels, Gauge>,
-    renewals: Family<Outcome, Counter>,
+    /// The names before 0.4.0, kept for a release so alerts written on
+    /// them do not go silent: an absent series never fires.
+    old_not_after: Family<CertLabels, Gauge>,
+    old_next_renewal: Family<RenewalLabels, Gauge>,
+    renewals: Family<HostOutcome, Counter>,
+    last_renewal: Family<HostLabel, Gauge>,
     reloads: Family<Outcome, Counter>,
+    last_reload_ok: Gauge,
+    last_reload_success: Gauge,
+    max_connections: Gauge,
     state_dir_writable: Gauge,
     store_write_failures: Counter,
     /// Registered only with a cluster store (`Metrics::with_cluster`).
     cluster: Option<ClusterMetrics>,
     scrape: Mutex<()>,
+    /// `process_*`, which take no prefix.
+    process: Registry,
 }
 
 /// The cluster store as this node sees it.
@@ -169,25 +234,59 @@ impl Metrics {
             sessions: Family::default(),
             bytes: Family::default(),
             backend_failures: Family::default(),
+            handshake_seconds: Family::new_with_constructor(handshake_histogram),
+            backend_connect_seconds: Family::new_with_constructor(backend_histogram),
             accepting: Family::default(),
             accept_state: Mutex::default(),
-            not_after: Family::default(),
+            expiry: Family::default(),
             next_renewal: Family::default(),
+            old_not_after: Family::default(),
+            old_next_renewal: Family::default(),
             renewals: Family::default(),
+            last_renewal: Family::default(),
             reloads: Family::default(),
+            last_reload_ok: Gauge::default(),
+            last_reload_success: Gauge::default(),
+            max_connections: Gauge::default(),
             state_dir_writable: Gauge::default(),
             store_write_failures: Counter::default(),
             cluster: None,
             scrape: Mutex::default(),
             registry: Registry::with_prefix("portcullis"),
+            process: Registry::default(),
         };
         m.register_connections();
         m.register_operations();
+        m.register_process();
         for outcome in ["ok", "failed"] {
-            drop(m.renewals.get_or_create(&Outcome { outcome }));
             drop(m.reloads.get_or_create(&Outcome { outcome }));
         }
+        // The configuration a server starts with was loaded: a success,
+        // as Prometheus counts its own.
+        m.last_reload_ok.set(1);
+        m.last_reload_success.set(unix_now());
         m
+    }
+
+    /// Build info and the `process_*` metrics.
+    fn register_process(&mut self) {
+        let info = Family::<VersionLabel, Gauge>::default();
+        info.get_or_create(&VersionLabel {
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
+        self.registry.register(
+            "build_info",
+            "Always 1; the version label is the running portcullis's version",
+            info,
+        );
+        self.registry.register(
+            "max_connections",
+            "max_connections: the most client connections open at once, all listeners together",
+            self.max_connections.clone(),
+        );
+        self.process
+            .register_collector(Box::new(process::ProcessCollector));
     }
 
     /// The counters of the connection path.
@@ -209,8 +308,18 @@ impl Metrics {
         );
         self.registry.register(
             "handshakes",
-            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alpn_refused: only protocols the listener does not speak offered, alert: failed, timeout, client_left: closed or reset mid-handshake)",
+            "TLS handshakes by outcome (ok, no_sni, unknown_sni, alpn_refused: only protocols the listener does not speak offered, incompatible: no TLS version or cipher in common, client_alert: the client refused (mostly: does not trust the certificate), not_tls: bytes that are no TLS handshake, alert: other failures, timeout, client_left: closed or reset mid-handshake)",
             self.handshakes.clone(),
+        );
+        self.registry.register(
+            "handshake_duration_seconds",
+            "Time from accept (implicit TLS) or the STARTTLS go-ahead to a completed TLS handshake",
+            self.handshake_seconds.clone(),
+        );
+        self.registry.register(
+            "backend_connect_duration_seconds",
+            "Time to connect to a backend and send its PROXY header, for connections that succeeded",
+            self.backend_connect_seconds.clone(),
         );
         self.registry.register(
             "starttls_upgrades",
@@ -242,24 +351,49 @@ impl Metrics {
     /// Certificates, renewals, reloads and the state directory.
     fn register_operations(&mut self) {
         self.registry.register(
-            "certificate_not_after_seconds",
-            "Expiry of the certificate served for each name (Unix time)",
-            self.not_after.clone(),
+            "certificate_expiry_timestamp_seconds",
+            "Expiry (notAfter) of the certificate served for each name, Unix time",
+            self.expiry.clone(),
         );
         self.registry.register(
-            "certificate_next_renewal_seconds",
-            "When portcullis next tries to renew the host's certificate (Unix time)",
+            "certificate_next_renewal_timestamp_seconds",
+            "When portcullis next tries to renew the host's certificate, Unix time",
             self.next_renewal.clone(),
         );
         self.registry.register(
+            "certificate_not_after_seconds",
+            "Deprecated, removed in 0.5.0: portcullis_certificate_expiry_timestamp_seconds",
+            self.old_not_after.clone(),
+        );
+        self.registry.register(
+            "certificate_next_renewal_seconds",
+            "Deprecated, removed in 0.5.0: portcullis_certificate_next_renewal_timestamp_seconds",
+            self.old_next_renewal.clone(),
+        );
+        self.registry.register(
             "certificate_renewals",
-            "ACME issuance attempts by outcome (ok, failed)",
+            "ACME issuance attempts by host and outcome (ok, failed)",
             self.renewals.clone(),
+        );
+        self.registry.register(
+            "certificate_last_renewal_success_timestamp_seconds",
+            "When the host's certificate was last issued by the CA, Unix time (since this process started)",
+            self.last_renewal.clone(),
         );
         self.registry.register(
             "config_reloads",
             "Configuration reloads by outcome (ok, failed)",
             self.reloads.clone(),
+        );
+        self.registry.register(
+            "config_last_reload_successful",
+            "1 if the last configuration reload (or the start) succeeded, 0 if it failed and the previous configuration is still served",
+            self.last_reload_ok.clone(),
+        );
+        self.registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (start or reload), Unix time",
+            self.last_reload_success.clone(),
         );
         self.registry.register(
             "state_dir_writable",
@@ -282,10 +416,14 @@ impl Metrics {
                 outcome,
             }));
         }
+        let mut backend_connect = Vec::with_capacity(backends.len());
         for b in backends {
-            drop(self.backend_failures.get_or_create(&BackendLabel {
+            let label = BackendLabel {
                 backend: b.to_string(),
-            }));
+            };
+            drop(self.backend_failures.get_or_create(&label));
+            let h = self.backend_connect_seconds.get_or_create(&label).clone();
+            backend_connect.push((*b, h));
         }
         let l = || ListenerLabel {
             listener: name.to_string(),
@@ -321,6 +459,8 @@ impl Metrics {
             refused: REFUSALS.map(refused),
             handshakes: HANDSHAKE_OUTCOMES.map(handshake),
             starttls: self.starttls.get_or_create(&l()).clone(),
+            handshake_seconds: self.handshake_seconds.get_or_create(&l()).clone(),
+            backend_connect,
             up: bytes("up"),
             down: bytes("down"),
             all: self.clone(),
@@ -366,9 +506,24 @@ impl Metrics {
             .collect()
     }
 
-    pub fn renewal(&self, ok: bool) {
+    /// An ACME issuance attempt for `host` (its first name) ended.
+    pub fn renewal(&self, host: &str, ok: bool) {
         let outcome = if ok { "ok" } else { "failed" };
-        self.renewals.get_or_create(&Outcome { outcome }).inc();
+        let host = host.to_string();
+        if ok {
+            self.last_renewal
+                .get_or_create(&HostLabel { host: host.clone() })
+                .set(unix_now());
+        }
+        self.renewals
+            .get_or_create(&HostOutcome { host, outcome })
+            .inc();
+    }
+
+    /// `max_connections`, set once at start (changing it needs a restart).
+    pub fn max_connections(&self, n: usize) {
+        self.max_connections
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn state_dir_writable(&self, yes: bool) {
@@ -400,14 +555,21 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let outcome = if ok { "ok" } else { "failed" };
         self.reloads.get_or_create(&Outcome { outcome }).inc();
+        self.last_reload_ok.set(i64::from(ok));
+        if ok {
+            self.last_reload_success.set(unix_now());
+        }
     }
 
-    /// The exposition text, with the certificate gauges set from `certs`.
-    pub fn encode(&self, certs: &[CertGauge]) -> String {
+    /// The exposition text in `format`, with the certificate gauges set
+    /// from `certs`.
+    pub fn encode(&self, certs: &[CertGauge], format: Format) -> String {
         // Two scrapes at once must not clear each other's certificate gauges.
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(PoisonError::into_inner);
-        self.not_after.clear();
+        self.expiry.clear();
         self.next_renewal.clear();
+        self.old_not_after.clear();
+        self.old_next_renewal.clear();
         for cert in certs {
             let host = cert.names.first().cloned().unwrap_or_default();
             for name in &cert.names {
@@ -417,20 +579,47 @@ impl Metrics {
                     source: cert.source.clone(),
                     key_type: cert.key_type.clone(),
                 };
-                self.not_after.get_or_create(&labels).set(cert.not_after);
+                self.expiry.get_or_create(&labels).set(cert.not_after);
+                self.old_not_after
+                    .get_or_create(&labels)
+                    .set(cert.not_after);
             }
             if let Some(next) = cert.next_renewal {
-                let key_type = cert.key_type.clone();
-                self.next_renewal
-                    .get_or_create(&RenewalLabels { host, key_type })
-                    .set(next);
+                // A host portcullis renews: its renewal counters exist from
+                // the start, at 0, so the first failure shows as an increase.
+                for outcome in ["ok", "failed"] {
+                    let labels = HostOutcome {
+                        host: host.clone(),
+                        outcome,
+                    };
+                    drop(self.renewals.get_or_create(&labels));
+                }
+                let labels = RenewalLabels {
+                    host,
+                    key_type: cert.key_type.clone(),
+                };
+                self.next_renewal.get_or_create(&labels).set(next);
+                self.old_next_renewal.get_or_create(&labels).set(next);
             }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        use prometheus_client::encoding::text;
+        let _ = text::encode_registry(&mut out, &self.registry);
+        let _ = text::encode_registry(&mut out, &self.process);
+        let _ = text::encode_eof(&mut out);
+        match format {
+            Format::OpenMetrics => out,
+            Format::Prometheus => exposition::to_prometheus(&out),
+        }
     }
+}
+
+/// Now, Unix time in seconds.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What the certificate gauges show of one host's served certificate.
@@ -457,8 +646,12 @@ pub struct ListenerMetrics {
     /// Indexed like [`REFUSALS`].
     refused: [Counter; 2],
     /// Indexed like [`HANDSHAKE_OUTCOMES`].
-    handshakes: [Counter; 7],
+    handshakes: [Counter; 10],
     pub starttls: Counter,
+    handshake_seconds: Histogram,
+    /// The listener's backends' connect histograms (a handful: a linear
+    /// search beats hashing).
+    backend_connect: Vec<(SocketAddr, Histogram)>,
     pub up: Counter,
     pub down: Counter,
     all: Arc<Metrics>,
@@ -479,6 +672,26 @@ impl ListenerMetrics {
     pub fn handshake(&self, outcome: &str) {
         if let Some(i) = HANDSHAKE_OUTCOMES.iter().position(|o| *o == outcome) {
             self.handshakes[i].inc();
+        }
+    }
+
+    /// A handshake completed `took` after its phase began.
+    pub fn handshake_took(&self, took: Duration) {
+        self.handshake_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A backend connection (and its PROXY header) succeeded in `took`.
+    pub fn backend_connected(&self, backend: SocketAddr, took: Duration) {
+        match self.backend_connect.iter().find(|(a, _)| *a == backend) {
+            Some((_, h)) => h.observe(took.as_secs_f64()),
+            // Not one of the listener's configured backends: looked up.
+            None => self
+                .all
+                .backend_connect_seconds
+                .get_or_create(&BackendLabel {
+                    backend: backend.to_string(),
+                })
+                .observe(took.as_secs_f64()),
         }
     }
 
@@ -518,7 +731,15 @@ mod tests {
         l.session("closed");
         l.up.inc_by(10);
         l.backend_failed("127.0.0.1:20143".parse().unwrap());
+        l.handshake("client_alert");
+        l.handshake_took(Duration::from_millis(30));
+        l.backend_connected(
+            "127.0.0.1:20144".parse().unwrap(),
+            Duration::from_micros(300),
+        );
         m.reload(false);
+        m.renewal("mail.example.org", false);
+        m.max_connections(4096);
         m.accepting("imaps", "127.0.0.1:993".parse().unwrap(), false);
         let rows = vec![CertGauge {
             names: vec!["mail.example.org".into(), "imap.example.org".into()],
@@ -527,7 +748,7 @@ mod tests {
             not_after: 1893456000,          // 2030-01-01T00:00:00Z
             next_renewal: Some(1890777600), // 2029-12-01T00:00:00Z
         }];
-        let text = m.encode(&rows);
+        let text = m.encode(&rows, Format::OpenMetrics);
         for line in [
             "portcullis_connections_total{listener=\"imaps\"} 1",
             "portcullis_connections_open{listener=\"imaps\"} 1",
@@ -542,9 +763,21 @@ mod tests {
             "portcullis_backend_connect_failures_total{backend=\"127.0.0.1:20143\"} 1",
             "portcullis_config_reloads_total{outcome=\"failed\"} 1",
             "portcullis_config_reloads_total{outcome=\"ok\"} 0",
-            "portcullis_certificate_renewals_total{outcome=\"failed\"} 0",
+            "portcullis_certificate_renewals_total{host=\"mail.example.org\",outcome=\"failed\"} 1",
+            "portcullis_certificate_renewals_total{host=\"mail.example.org\",outcome=\"ok\"} 0",
+            "portcullis_handshakes_total{listener=\"imaps\",outcome=\"client_alert\"} 1",
+            "portcullis_handshake_duration_seconds_bucket{le=\"0.025\",listener=\"imaps\"} 0",
+            "portcullis_handshake_duration_seconds_bucket{le=\"0.05\",listener=\"imaps\"} 1",
+            "portcullis_handshake_duration_seconds_count{listener=\"imaps\"} 1",
+            "portcullis_backend_connect_duration_seconds_bucket{le=\"0.00025\",backend=\"127.0.0.1:20144\"} 0",
+            "portcullis_backend_connect_duration_seconds_bucket{le=\"0.0005\",backend=\"127.0.0.1:20144\"} 1",
+            "portcullis_config_last_reload_successful 0",
+            "portcullis_max_connections 4096",
+            concat!("portcullis_build_info{version=\"", env!("CARGO_PKG_VERSION"), "\"} 1"),
             "portcullis_sessions_total{listener=\"imaps\",outcome=\"backend_unavailable\"} 0",
             "portcullis_backend_connect_failures_total{backend=\"127.0.0.1:20144\"} 0",
+            "portcullis_certificate_expiry_timestamp_seconds{host=\"mail.example.org\",name=\"imap.example.org\",source=\"acme\",key_type=\"ecdsa-p256\"} 1893456000",
+            "portcullis_certificate_next_renewal_timestamp_seconds{host=\"mail.example.org\",key_type=\"ecdsa-p256\"} 1890777600",
             "portcullis_certificate_not_after_seconds{host=\"mail.example.org\",name=\"imap.example.org\",source=\"acme\",key_type=\"ecdsa-p256\"} 1893456000",
             "portcullis_certificate_next_renewal_seconds{host=\"mail.example.org\",key_type=\"ecdsa-p256\"} 1890777600",
         ] {
@@ -552,6 +785,20 @@ mod tests {
         }
         assert_eq!(m.failing_addresses(), vec!["imaps 127.0.0.1:993"]);
         // a certificate that is gone is gone from the next scrape
-        assert!(!m.encode(&[]).contains("certificate_not_after_seconds{"));
+        let gone = m.encode(&[], Format::OpenMetrics);
+        assert!(!gone.contains("certificate_expiry_timestamp_seconds{"));
+        assert!(!gone.contains("certificate_not_after_seconds{"));
+        // the process metrics, unprefixed, before the one `# EOF`
+        assert!(gone.ends_with("\n# EOF\n"), "{gone}");
+        assert_eq!(gone.matches("# EOF").count(), 1);
+        assert!(gone.contains("\nprocess_open_fds "), "{gone}");
+        // a good reload: 1 again, and its time
+        m.reload(true);
+        let text = m.encode(&[], Format::Prometheus);
+        assert!(text
+            .lines()
+            .any(|l| l == "portcullis_config_last_reload_successful 1"));
+        assert!(text.contains("# TYPE portcullis_connections_total counter\n"));
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -29,7 +29,13 @@ struct Answer {
 /// `curl -X METHOD http://ADDR/PATH`, with a deadline and no proxy from the
 /// environment.
 async fn curl(method: &str, addr: &str, path: &str) -> Answer {
+    curl_accept(method, addr, path, "*/*").await
+}
+
+/// [`curl`] with `Accept: accept`.
+async fn curl_accept(method: &str, addr: &str, path: &str, accept: &str) -> Answer {
     let url = format!("http://{addr}{path}");
+    let accept = format!("Accept: {accept}");
     let (ok, out, err) = common::run_cmd(
         "curl",
         &[
@@ -38,6 +44,8 @@ async fn curl(method: &str, addr: &str, path: &str) -> Answer {
             "*",
             "--max-time",
             "10",
+            "-H",
+            &accept,
             "-X",
             method,
             "-w",
@@ -272,6 +280,9 @@ hosts:
         ("alert", 0),
         ("timeout", 0),
         ("client_left", 0),
+        ("incompatible", 0),
+        ("client_alert", 0),
+        ("not_tls", 0),
     ] {
         expect(
             format!("portcullis_handshakes_total{{listener=\"imaps\",outcome=\"{outcome}\"}}"),
@@ -332,7 +343,7 @@ hosts:
         ("down.example.test", "down.example.test", &down_crt),
     ] {
         expect(
-            format!("portcullis_certificate_not_after_seconds{{host=\"{host}\",name=\"{name}\",source=\"files\",key_type=\"ecdsa-p256\"}}"),
+            format!("portcullis_certificate_expiry_timestamp_seconds{{host=\"{host}\",name=\"{name}\",source=\"files\",key_type=\"ecdsa-p256\"}}"),
             not_after(file).to_string(),
         );
     }
@@ -345,27 +356,50 @@ hosts:
     );
 
     // Valid exposition format: Python's prometheus_client reads it all, with
-    // the types the HELP/TYPE lines declare, as OpenMetrics (what the body
-    // is: `_total` counters, `# EOF`) and, the same numbers, as the older
-    // Prometheus text format.
+    // the types the HELP/TYPE lines declare, as OpenMetrics when that is
+    // asked for (`_total` counters, `# EOF`) and, the same numbers, as the
+    // Prometheus text format served by default.
     let Some(python) = python_with("prometheus_client", "python3-prometheus-client", test).await
     else {
         return;
     };
-    let om = parse_metrics(&python, "openmetrics", &text).await;
+    let open_metrics = curl_accept("GET", &admin, "/metrics", "application/openmetrics-text").await;
+    assert!(
+        open_metrics
+            .content_type
+            .starts_with("application/openmetrics-text; version=1.0.0"),
+        "{open_metrics:?}"
+    );
+    let om = parse_metrics(&python, "openmetrics", &open_metrics.body).await;
     for (name, kind, samples) in [
         ("portcullis_connections_open", "gauge", 1),
         ("portcullis_connections", "counter", 1),
-        ("portcullis_handshakes", "counter", 7),
+        ("portcullis_handshakes", "counter", 10),
         ("portcullis_connections_refused", "counter", 2),
         ("portcullis_starttls_upgrades", "counter", 1),
         ("portcullis_sessions", "counter", 6),
         ("portcullis_relayed_bytes", "counter", 2),
         ("portcullis_backend_connect_failures", "counter", 2),
         ("portcullis_config_reloads", "counter", 2),
-        ("portcullis_certificate_renewals", "counter", 2),
         ("portcullis_listener_accepting", "gauge", 1),
+        (
+            "portcullis_certificate_expiry_timestamp_seconds",
+            "gauge",
+            3,
+        ),
         ("portcullis_certificate_not_after_seconds", "gauge", 3),
+        ("portcullis_config_last_reload_successful", "gauge", 1),
+        ("portcullis_max_connections", "gauge", 1),
+        ("portcullis_build_info", "gauge", 1),
+        // sum, count and 13 buckets
+        ("portcullis_handshake_duration_seconds", "histogram", 15),
+        // two backends, 14 samples each
+        (
+            "portcullis_backend_connect_duration_seconds",
+            "histogram",
+            28,
+        ),
+        ("process_open_fds", "gauge", 1),
     ] {
         assert!(
             om.families.contains(&(name.into(), kind.into(), samples)),
@@ -373,9 +407,10 @@ hosts:
             om.families
         );
     }
-    let lines = text
+    let lines = open_metrics
+        .body
         .lines()
-        .filter(|l| l.starts_with("portcullis_"))
+        .filter(|l| !l.starts_with('#'))
         .count();
     assert_eq!(om.samples.len(), lines, "{:#?}", om.samples);
     assert_eq!(
@@ -385,10 +420,19 @@ hosts:
         Some("3")
     );
     let classic = parse_metrics(&python, "text", &text).await;
+    let without_process = |samples: &std::collections::BTreeMap<String, String>| {
+        samples
+            .iter()
+            .filter(|(k, _)| !k.starts_with("process_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        classic.samples, om.samples,
-        "both parsers read the same numbers"
+        without_process(&classic.samples),
+        without_process(&om.samples),
+        "both parsers read the same numbers (but the process's, two scrapes apart)"
     );
+    assert_eq!(classic.families.len(), om.families.len());
 }
 
 /// What Python's prometheus_client read from an exposition.
@@ -575,7 +619,7 @@ hosts:
     assert_eq!(
         value(
             &metrics,
-            "portcullis_certificate_not_after_seconds{host=\"mail.example.test\",name=\"imap.example.test\",source=\"files\",key_type=\"ecdsa-p256\"}"
+            "portcullis_certificate_expiry_timestamp_seconds{host=\"mail.example.test\",name=\"imap.example.test\",source=\"files\",key_type=\"ecdsa-p256\"}"
         ),
         Some("1609459200"),
         "{metrics}"

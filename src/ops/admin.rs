@@ -1,5 +1,6 @@
 //! The admin endpoint (`admin: { bind: 127.0.0.1:9099 }`): `GET /metrics`
-//! in the Prometheus text format, `GET /healthz` for load balancers and
+//! in the Prometheus text format, or OpenMetrics when the request's
+//! `Accept` asks for it; `GET /healthz` for load balancers and
 //! monitoring. Plain HTTP/1.1, one request per connection; bind it to
 //! loopback or a management network, it has no authentication.
 
@@ -17,7 +18,7 @@ use tracing::{debug, info};
 use super::control::{self, CertRow};
 use super::{View, Views};
 use crate::cluster::{Cluster, Health};
-use crate::metrics::{CertGauge, Metrics};
+use crate::metrics::{CertGauge, Format, Metrics};
 use crate::proxy::http::{self, Head, Unread};
 
 /// A certificate this close to expiry makes `/healthz` fail: a successful
@@ -69,9 +70,9 @@ async fn answer(
     let read = tokio::time::timeout(READ_TIMEOUT, http::read_head(&mut stream, HEAD_LIMIT))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timed out"))?;
-    let head = match read {
-        Ok((_, head)) => Some(head),
-        Err(Unread::Bad(_)) => None,
+    let (head, format) = match read {
+        Ok((raw, head)) => (Some(head), Format::negotiate(accept(&raw).as_deref())),
+        Err(Unread::Bad(_)) => (None, Format::Prometheus),
         Err(Unread::Io(e)) => return Err(e),
     };
     // The certificate rows only for the two answers that use them.
@@ -87,10 +88,8 @@ async fn answer(
     let (status, content_type, body) = match page(head.as_ref()) {
         Page::Metrics => (
             "200 OK",
-            // What prometheus-client writes: OpenMetrics text (`# EOF`,
-            // counters typed without their `_total`).
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(&gauges(&rows())),
+            format.content_type(),
+            metrics.encode(&gauges(&rows()), format),
         ),
         Page::Health => {
             let warnings = warnings(health.as_ref());
@@ -158,6 +157,21 @@ pub fn page(head: Option<&Head>) -> Page {
         Some(_) => Page::NotFound,
         None => Page::BadRequest,
     }
+}
+
+/// The request's `Accept` header, if it has one (several are joined, as
+/// RFC 9110 §5.3 allows).
+fn accept(raw: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(raw).ok()?;
+    let values: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("accept"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(","))
 }
 
 /// Method and path (query string dropped).
@@ -324,6 +338,13 @@ mod tests {
         let head = parse(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(head.as_ref().map(route), Some(("GET", "/metrics")));
         assert_eq!(parse(b"garbage\r\n\r\n").as_ref().map(route), None);
+        let raw =
+            b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\naccept: */*\r\n\r\n";
+        assert_eq!(
+            accept(raw).as_deref(),
+            Some("application/openmetrics-text,*/*")
+        );
+        assert_eq!(accept(b"GET /metrics HTTP/1.1\r\n\r\n"), None);
     }
 
     #[test]

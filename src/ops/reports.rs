@@ -34,7 +34,8 @@ impl acme::Observer for AcmeReports {
                 not_after,
                 renewal,
             } => {
-                self.metrics.renewal(true);
+                let host = names.first().map(String::as_str).unwrap_or_default();
+                self.metrics.renewal(host, true);
                 self.notify(notify::Event::Issued {
                     host: names.first().cloned().unwrap_or_default(),
                     names,
@@ -50,7 +51,8 @@ impl acme::Observer for AcmeReports {
                 next_try,
                 not_after,
             } => {
-                self.metrics.renewal(false);
+                let host = names.first().map(String::as_str).unwrap_or_default();
+                self.metrics.renewal(host, false);
                 self.notify(notify::Event::RenewalFailed {
                     host: names.first().cloned().unwrap_or_default(),
                     names,

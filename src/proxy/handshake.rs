@@ -81,11 +81,24 @@ pub(super) fn outcome(shaken: &Result<Shaken, Refused>) -> Option<&'static str> 
         Ok((stream, _, _)) if stream.get_ref().1.server_name().is_none() => Some("no_sni"),
         Ok(_) => Some("ok"),
         Err(Refused::Handshake(e)) if is_expected(e) => Some("client_left"),
-        Err(Refused::Handshake(_)) => Some("alert"),
+        Err(Refused::Handshake(e)) => Some(failure(e)),
         Err(Refused::HandshakeTimeout) => Some("timeout"),
         Err(Refused::UnknownSni) => Some("unknown_sni"),
         Err(Refused::Alpn(_)) => Some("alpn_refused"),
         Err(_) => None,
+    }
+}
+
+/// Why a handshake failed, as the operator tells causes apart: an old
+/// client (incompatible), a client that distrusts the certificate
+/// (client_alert), a scanner or plaintext on a TLS port (not_tls).
+fn failure(e: &io::Error) -> &'static str {
+    let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::PeerIncompatible(_)) => "incompatible",
+        Some(rustls::Error::AlertReceived(_)) => "client_alert",
+        Some(rustls::Error::InvalidMessage(_)) => "not_tls",
+        _ => "alert",
     }
 }
 

@@ -150,12 +150,19 @@ async fn prepare(
         (socket, deadline, BackendGreeting::Keep)
     };
 
+    // The handshake phase began when its deadline was set.
+    let began = deadline
+        .checked_sub(ctx.timeouts.handshake)
+        .unwrap_or_else(tokio::time::Instant::now);
     let shaken = tokio::select! {
         r = handshake::handshake(socket, ctx, deadline) => r,
         _ = stop.accepting.cancelled() => Err(Refused::Shutdown),
     };
     if let Some(outcome) = handshake::outcome(&shaken) {
         ctx.metrics.handshake(outcome);
+    }
+    if shaken.is_ok() {
+        ctx.metrics.handshake_took(began.elapsed());
     }
     let (client, host, matched) = match shaken {
         Ok(ok) => ok,
@@ -264,12 +271,17 @@ async fn routed(
         cipher: &cipher,
         sni: sni.as_deref().filter(|_| configured),
     };
+    let began = tokio::time::Instant::now();
     let upstream = tokio::select! {
         r = backend::connect(backend, at.peer, at.local, Some(&facts)) => r,
         _ = at.stop.accepting.cancelled() => Err(io::Error::other("shutting down")),
     };
     let mut upstream = match upstream {
-        Ok(s) => s,
+        Ok(s) => {
+            ctx.metrics
+                .backend_connected(backend.address, began.elapsed());
+            s
+        }
         Err(e) => {
             ctx.metrics.backend_failed(backend.address);
             session.fail("backend_unavailable", e.to_string());

@@ -144,6 +144,7 @@ impl Server {
             None => Metrics::new(),
         };
         metrics.state_dir_writable(writable.is_ok());
+        metrics.max_connections(config.max_connections);
         if let Err(e) = &writable {
             warn!(
                 state_dir = %config.state_dir.display(),
