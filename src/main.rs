@@ -67,6 +67,44 @@ enum Command {
         #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
     },
+    /// Ask the running instance for its listeners (accepting or drained,
+    /// open sessions), backends (drained, connect failures, last error) and
+    /// a certificates summary.
+    Status {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// One JSON object per line, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the live sessions (at most 1,000): id (as in the log's
+    /// `session=`), listener, client, SNI, backend, age, bytes up and down.
+    Sessions {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// Only this listener's sessions.
+        #[arg(long, value_name = "LISTENER")]
+        listener: Option<String>,
+        /// One JSON object per session, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a listener (by name) or a backend (by address:port) out of
+    /// service without a reload; open sessions continue. Kept across
+    /// reloads while the config still names it; `enable` undoes it.
+    Drain {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// A listener name or a backend's address:port.
+        name: String,
+    },
+    /// Put a drained listener or backend back in service.
+    Enable {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// A listener name or a backend's address:port.
+        name: String,
+    },
     /// Print the DANE TLSA records of a host's certificate on disk, in
     /// zone-file form: `3 1 1` for each TLS port the host is served on.
     Tlsa {
@@ -104,6 +142,14 @@ fn main() -> ExitCode {
             name,
         } => renew(&config, force, name),
         Command::Reload { config } => reload(&config),
+        Command::Status { config, json } => runtime_view(&config, Request::Status, json),
+        Command::Sessions {
+            config,
+            listener,
+            json,
+        } => runtime_view(&config, Request::Sessions { listener }, json),
+        Command::Drain { config, name } => runtime_view(&config, Request::Drain { name }, false),
+        Command::Enable { config, name } => runtime_view(&config, Request::Enable { name }, false),
         Command::Tlsa {
             config,
             issuer,
@@ -385,6 +431,26 @@ fn reload(path: &Path) -> ExitCode {
         }
         other => refused(other, path),
     }
+}
+
+/// `status`, `sessions`, `drain` and `enable`: asks, prints the answer.
+fn runtime_view(path: &Path, request: Request, json: bool) -> ExitCode {
+    use portcullis::ops::status;
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let lines = match (ask(&config, request), json) {
+        (Ok(Response::Status(r)), false) => vec![status::status_text(&r)],
+        (Ok(Response::Status(r)), true) => status::status_json(&r),
+        (Ok(Response::Sessions(r)), false) => vec![status::sessions_text(&r)],
+        (Ok(Response::Sessions(r)), true) => status::sessions_json(&r),
+        (Ok(Response::Switched(words)), _) => vec![words],
+        (other, _) => return refused(other, path),
+    };
+    for l in lines {
+        println!("{}", l.trim_end());
+    }
+    ExitCode::SUCCESS
 }
 
 /// The config, or its problems on stderr.

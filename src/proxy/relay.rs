@@ -19,6 +19,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -92,6 +93,7 @@ impl Half {
         r: &mut R,
         w: &mut W,
         counter: &Counter,
+        own: &AtomicU64,
         moved: &mut bool,
     ) -> Poll<io::Result<()>>
     where
@@ -126,6 +128,7 @@ impl Half {
             *moved = true;
             self.count += data.len() as u64;
             counter.inc_by(data.len() as u64);
+            own.fetch_add(data.len() as u64, Ordering::Relaxed);
             ready!(self.write_burst(cx, w, data))?;
             if dry {
                 // The reader's waker is registered: done for now.
@@ -266,6 +269,15 @@ impl Half {
 pub struct Meter<'a> {
     pub up: &'a Counter,
     pub down: &'a Counter,
+    /// The session's own count, for `portcullis sessions`.
+    pub session: &'a Bytes,
+}
+
+/// One session's bytes so far, up (client to backend) and down.
+#[derive(Debug, Default)]
+pub struct Bytes {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
 }
 
 /// Relays until both sides close, `idle` passes without a byte, or `stop` fires.
@@ -334,20 +346,40 @@ where
             let mut moved = false;
             *me.up_first = !*me.up_first;
             let (a, b) = if *me.up_first {
-                let a = me
-                    .up
-                    .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
-                let b = me
-                    .down
-                    .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
+                let a = me.up.poll_move(
+                    cx,
+                    me.client,
+                    me.backend,
+                    me.meter.up,
+                    &me.meter.session.up,
+                    &mut moved,
+                );
+                let b = me.down.poll_move(
+                    cx,
+                    me.backend,
+                    me.client,
+                    me.meter.down,
+                    &me.meter.session.down,
+                    &mut moved,
+                );
                 (a, b)
             } else {
-                let b = me
-                    .down
-                    .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
-                let a = me
-                    .up
-                    .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
+                let b = me.down.poll_move(
+                    cx,
+                    me.backend,
+                    me.client,
+                    me.meter.down,
+                    &me.meter.session.down,
+                    &mut moved,
+                );
+                let a = me.up.poll_move(
+                    cx,
+                    me.client,
+                    me.backend,
+                    me.meter.up,
+                    &me.meter.session.up,
+                    &mut moved,
+                );
                 (a, b)
             };
             match (a, b) {
@@ -396,8 +428,13 @@ mod tests {
     /// A meter nobody reads.
     fn meter() -> Meter<'static> {
         static C: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+        static B: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
         let c = C.get_or_init(Counter::default);
-        Meter { up: c, down: c }
+        Meter {
+            up: c,
+            down: c,
+            session: B.get_or_init(Bytes::default),
+        }
     }
 
     #[tokio::test]
