@@ -10,7 +10,7 @@
 //! lives as long as its listener or backend does.
 //!
 //! Cost: a session is an `Arc<Live>` (under a hundred bytes, see the test)
-//! in one of [`SHARDS`] maps, inserted at accept and removed on drop; its
+//! in one of 16 maps, inserted at accept and removed on drop; its
 //! byte counts are the relay's own adds, on the session's atomics. Nothing
 //! is walked unless someone asks.
 

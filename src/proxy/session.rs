@@ -11,11 +11,13 @@
 //! never says STARTTLS to the default host's backend in plaintext.
 //!
 //! Every phase has a deadline; every connection has one tracing span with
-//! `listener`, `client.addr`, then `sni`, `tls.version` and `backend` as they
-//! become known. A connection holds a permit of the global connection limit
-//! and a slot of its address's limits ([`super::limiter`]) for as long as it
-//! lives; an address over its limits is turned away at accept, before any
-//! task exists for it.
+//! `session` (its id in [`super::runtime`]), `listener`, `client.addr`, then
+//! `sni`, `tls.version` and `backend` as they become known. A connection
+//! holds its place among the live sessions, a permit of the global
+//! connection limit and a slot of its address's limits ([`super::limiter`])
+//! for as long as it lives; an address over its limits is turned away at
+//! accept, before any task exists for it. A drained backend
+//! (`portcullis drain`) gets a new session's goodbye instead of a connect.
 //!
 //! Mail listeners refuse a ClientHello whose ALPN offers only protocols they
 //! do not speak (the ALPACA attack): a browser sent to a mail port must not
