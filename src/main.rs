@@ -258,6 +258,16 @@ fn check(path: &Path) -> ExitCode {
 
 /// Sends one request to the running instance of the config's `state_dir`.
 fn ask(config: &Config, request: Request) -> Result<Response, ClientError> {
+    let limit = control::RENEW_TIMEOUT + std::time::Duration::from_secs(30);
+    ask_within(config, request, limit)
+}
+
+/// [`ask`], with an answer expected within `limit`.
+fn ask_within(
+    config: &Config,
+    request: Request,
+    limit: std::time::Duration,
+) -> Result<Response, ClientError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -265,7 +275,6 @@ fn ask(config: &Config, request: Request) -> Result<Response, ClientError> {
             path: control::socket_path(&config.state_dir),
             source,
         })?;
-    let limit = control::RENEW_TIMEOUT + std::time::Duration::from_secs(30);
     runtime.block_on(control::request(&config.state_dir, &request, limit))
 }
 
@@ -439,7 +448,10 @@ fn runtime_view(path: &Path, request: Request, json: bool) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::FAILURE;
     };
-    let lines = match (ask(&config, request), json) {
+    // These answer from memory at once: a wedged instance must not wedge
+    // the command too.
+    let limit = std::time::Duration::from_secs(10);
+    let lines = match (ask_within(&config, request, limit), json) {
         (Ok(Response::Status(r)), false) => vec![status::status_text(&r)],
         (Ok(Response::Status(r)), true) => status::status_json(&r),
         (Ok(Response::Sessions(r)), false) => vec![status::sessions_text(&r)],
