@@ -9,10 +9,11 @@
 //! the config names ([`Runtime::configure`]): a gate (and its drained state)
 //! lives as long as its listener or backend does.
 //!
-//! Cost: a session is an `Arc<Live>` (under a hundred bytes, see the test)
-//! in one of 16 maps, inserted at accept and removed on drop; its
-//! byte counts are the relay's own adds, on the session's atomics. Nothing
-//! is walked unless someone asks.
+//! Cost: a session is an `Arc<Live>` (96 bytes with the Arc's counts, see
+//! the test) in one of 16 maps (a slot of about 20 bytes), inserted at
+//! accept and removed on drop; once routed, a 48-byte box with its backend
+//! and SNI (and the name's bytes). Its byte counts are the relay's own
+//! adds, on the session's atomics. Nothing is walked unless someone asks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -478,14 +479,12 @@ mod tests {
     }
 
     /// Issue 18 counts the bytes of an idle session: the registry's share
-    /// stays under a hundred.
+    /// stays about 200 (module docs).
     #[test]
     fn a_session_entry_is_small() {
-        assert!(
-            std::mem::size_of::<Live>() <= 80,
-            "{}",
-            std::mem::size_of::<Live>()
-        );
+        let live = std::mem::size_of::<Live>();
+        assert!(live <= 80, "{live}");
+        assert!(std::mem::size_of::<Routed>() <= 48);
         assert!(std::mem::size_of::<Registered>() <= 24);
     }
 }
