@@ -92,8 +92,7 @@ impl Half {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
-        counter: &Counter,
-        own: &AtomicU64,
+        tally: Tally<'_>,
         moved: &mut bool,
     ) -> Poll<io::Result<()>>
     where
@@ -127,8 +126,7 @@ impl Half {
             }
             *moved = true;
             self.count += data.len() as u64;
-            counter.inc_by(data.len() as u64);
-            own.fetch_add(data.len() as u64, Ordering::Relaxed);
+            tally.add(data.len() as u64);
             ready!(self.write_burst(cx, w, data))?;
             if dry {
                 // The reader's waker is registered: done for now.
@@ -273,6 +271,27 @@ pub struct Meter<'a> {
     pub session: &'a Bytes,
 }
 
+impl<'a> Meter<'a> {
+    fn upward(&self) -> Tally<'a> {
+        Tally(self.up, &self.session.up)
+    }
+
+    fn downward(&self) -> Tally<'a> {
+        Tally(self.down, &self.session.down)
+    }
+}
+
+/// One direction's two counts: the listener's metric and the session's own.
+#[derive(Clone, Copy)]
+struct Tally<'a>(&'a Counter, &'a AtomicU64);
+
+impl Tally<'_> {
+    fn add(self, n: u64) {
+        self.0.inc_by(n);
+        self.1.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// One session's bytes so far, up (client to backend) and down.
 #[derive(Debug, Default)]
 pub struct Bytes {
@@ -346,40 +365,20 @@ where
             let mut moved = false;
             *me.up_first = !*me.up_first;
             let (a, b) = if *me.up_first {
-                let a = me.up.poll_move(
-                    cx,
-                    me.client,
-                    me.backend,
-                    me.meter.up,
-                    &me.meter.session.up,
-                    &mut moved,
-                );
-                let b = me.down.poll_move(
-                    cx,
-                    me.backend,
-                    me.client,
-                    me.meter.down,
-                    &me.meter.session.down,
-                    &mut moved,
-                );
+                let a = me
+                    .up
+                    .poll_move(cx, me.client, me.backend, me.meter.upward(), &mut moved);
+                let b =
+                    me.down
+                        .poll_move(cx, me.backend, me.client, me.meter.downward(), &mut moved);
                 (a, b)
             } else {
-                let b = me.down.poll_move(
-                    cx,
-                    me.backend,
-                    me.client,
-                    me.meter.down,
-                    &me.meter.session.down,
-                    &mut moved,
-                );
-                let a = me.up.poll_move(
-                    cx,
-                    me.client,
-                    me.backend,
-                    me.meter.up,
-                    &me.meter.session.up,
-                    &mut moved,
-                );
+                let b =
+                    me.down
+                        .poll_move(cx, me.backend, me.client, me.meter.downward(), &mut moved);
+                let a = me
+                    .up
+                    .poll_move(cx, me.client, me.backend, me.meter.upward(), &mut moved);
                 (a, b)
             };
             match (a, b) {
