@@ -169,10 +169,7 @@ pub fn switch(runtime: &Runtime, name: &str, drain: bool) -> Result<String, Stri
     let changed = runtime.set_drained(&target, drain);
     let open = match &target {
         Target::Listener(l) => runtime.open_by_listener().get(l).copied().unwrap_or(0),
-        Target::Backend(a) => {
-            let (rows, _) = runtime.sessions(None, usize::MAX);
-            rows.iter().filter(|s| s.backend == Some(*a)).count()
-        }
+        Target::Backend(a) => runtime.open_on_backend(*a),
     };
     let what = match (drain, &target) {
         (true, Target::Listener(_)) => "drained: new connections are turned away",

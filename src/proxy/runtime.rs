@@ -49,6 +49,13 @@ pub struct Gate {
 }
 
 impl Gate {
+    fn new(name: &str) -> Arc<Gate> {
+        Arc::new(Gate {
+            name: name.into(),
+            drained: AtomicBool::new(false),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -241,12 +248,7 @@ impl Runtime {
             .unwrap_or_else(PoisonError::into_inner);
         gates
             .entry(name.to_string())
-            .or_insert_with(|| {
-                Arc::new(Gate {
-                    name: name.into(),
-                    drained: AtomicBool::new(false),
-                })
-            })
+            .or_insert_with(|| Gate::new(name))
             .clone()
     }
 
@@ -271,15 +273,7 @@ impl Runtime {
                 .unwrap_or_else(PoisonError::into_inner);
             gates.retain(|name, _| topology.listeners.contains_key(name));
             for name in topology.listeners.keys() {
-                if !gates.contains_key(name) {
-                    gates.insert(
-                        name.clone(),
-                        Arc::new(Gate {
-                            name: name.as_str().into(),
-                            drained: AtomicBool::new(false),
-                        }),
-                    );
-                }
+                gates.entry(name.clone()).or_insert_with(|| Gate::new(name));
             }
         }
         {
@@ -361,13 +355,27 @@ impl Runtime {
     /// Open sessions per listener name.
     pub fn open_by_listener(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
+        self.each(|live| *out.entry(live.listener.name().to_string()).or_default() += 1);
+        out
+    }
+
+    /// Open sessions routed to `backend`.
+    pub fn open_on_backend(&self, backend: SocketAddr) -> usize {
+        let mut n = 0;
+        self.each(|live| {
+            if live.routed.get().is_some_and(|r| r.backend == backend) {
+                n += 1;
+            }
+        });
+        n
+    }
+
+    /// Every live session, one shard locked at a time.
+    fn each(&self, mut f: impl FnMut(&Live)) {
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            for live in shard.values() {
-                *out.entry(live.listener.name().to_string()).or_default() += 1;
-            }
+            shard.values().for_each(|l| f(l));
         }
-        out
     }
 
     /// The live sessions (of `listener` only, if given), oldest first, at
