@@ -246,6 +246,7 @@ async fn a_drained_backend_says_goodbye_to_new_sessions_only() {
         said.contains(&format!("backend {backend} drained")),
         "{said}"
     );
+    assert!(said.contains("1 open session(s) continue"), "{said}");
 
     let mut new = tls_connect(w.proxy.addr("imaps"), Some("a.example.test"))
         .await
