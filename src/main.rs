@@ -67,6 +67,44 @@ enum Command {
         #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
     },
+    /// Ask the running instance for its listeners (accepting or drained,
+    /// open sessions), backends (drained, connect failures, last error) and
+    /// a certificates summary.
+    Status {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// One JSON object per line, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the live sessions (at most 1,000): id (as in the log's
+    /// `session=`), listener, client, SNI, backend, age, bytes up and down.
+    Sessions {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// Only this listener's sessions.
+        #[arg(long, value_name = "LISTENER")]
+        listener: Option<String>,
+        /// One JSON object per session, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a listener (by name) or a backend (by address:port) out of
+    /// service without a reload; open sessions continue. Kept across
+    /// reloads while the config still names it; `enable` undoes it.
+    Drain {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// A listener name or a backend's address:port.
+        name: String,
+    },
+    /// Put a drained listener or backend back in service.
+    Enable {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// A listener name or a backend's address:port.
+        name: String,
+    },
     /// Print the DANE TLSA records of a host's certificate on disk, in
     /// zone-file form: `3 1 1` for each TLS port the host is served on.
     Tlsa {
@@ -111,6 +149,14 @@ fn main() -> ExitCode {
             name,
         } => renew(&config, force, name),
         Command::Reload { config } => reload(&config),
+        Command::Status { config, json } => runtime_view(&config, Request::Status, json),
+        Command::Sessions {
+            config,
+            listener,
+            json,
+        } => runtime_view(&config, Request::Sessions { listener }, json),
+        Command::Drain { config, name } => runtime_view(&config, Request::Drain { name }, false),
+        Command::Enable { config, name } => runtime_view(&config, Request::Enable { name }, false),
         Command::Tlsa {
             config,
             issuer,
@@ -220,6 +266,16 @@ fn check(path: &Path) -> ExitCode {
 
 /// Sends one request to the running instance of the config's `state_dir`.
 fn ask(config: &Config, request: Request) -> Result<Response, ClientError> {
+    let limit = control::RENEW_TIMEOUT + std::time::Duration::from_secs(30);
+    ask_within(config, request, limit)
+}
+
+/// [`ask`], with an answer expected within `limit`.
+fn ask_within(
+    config: &Config,
+    request: Request,
+    limit: std::time::Duration,
+) -> Result<Response, ClientError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -227,7 +283,6 @@ fn ask(config: &Config, request: Request) -> Result<Response, ClientError> {
             path: control::socket_path(&config.state_dir),
             source,
         })?;
-    let limit = control::RENEW_TIMEOUT + std::time::Duration::from_secs(30);
     runtime.block_on(control::request(&config.state_dir, &request, limit))
 }
 
@@ -451,6 +506,29 @@ fn reload(path: &Path) -> ExitCode {
         }
         other => refused(other, path),
     }
+}
+
+/// `status`, `sessions`, `drain` and `enable`: asks, prints the answer.
+fn runtime_view(path: &Path, request: Request, json: bool) -> ExitCode {
+    use portcullis::ops::status;
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    // These answer from memory at once: a wedged instance must not wedge
+    // the command too.
+    let limit = std::time::Duration::from_secs(10);
+    let lines = match (ask_within(&config, request, limit), json) {
+        (Ok(Response::Status(r)), false) => vec![status::status_text(&r)],
+        (Ok(Response::Status(r)), true) => status::status_json(&r),
+        (Ok(Response::Sessions(r)), false) => vec![status::sessions_text(&r)],
+        (Ok(Response::Sessions(r)), true) => status::sessions_json(&r),
+        (Ok(Response::Switched(words)), _) => vec![words],
+        (other, _) => return refused(other, path),
+    };
+    for l in lines {
+        println!("{}", l.trim_end());
+    }
+    ExitCode::SUCCESS
 }
 
 /// The config, or its problems on stderr.

@@ -1,7 +1,9 @@
 //! The control socket: `state_dir/control.sock`, owner-only (the socket is
 //! 0600 inside the 0700 `state_dir`), so only the account portcullis runs as
 //! (and root) can ask it anything. One JSON request line in, one JSON answer
-//! out, then close. `portcullis certs`, `renew` and `reload` use it.
+//! out, then close. `portcullis certs`, `renew` and `reload` use it, and
+//! the runtime view: `status`, `sessions`, `drain` and `enable`
+//! ([`super::status`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,10 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::reload::Reloader;
+use super::status::{self, SessionsReport, StatusReport};
 use super::{View, Views};
 use crate::acme::{self, HostHandle, Outcome};
 use crate::cluster::Cluster;
 use crate::config::{names, CertSource, Config};
+use crate::proxy::runtime::Runtime;
 use crate::tls::certs::{self, LoadedCert};
 
 const SOCKET: &str = "control.sock";
@@ -40,6 +44,20 @@ pub enum Request {
     Reload,
     /// The cluster store as this node sees it.
     Cluster,
+    /// Listeners, backends and a certificates summary.
+    Status,
+    /// The live sessions, of one listener or all.
+    Sessions {
+        listener: Option<String>,
+    },
+    /// Takes a listener (by name) or a backend (by `address:port`) out of
+    /// service until `Enable`; open sessions continue.
+    Drain {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +68,10 @@ pub enum Response {
     /// What the reload changed, as the log line says it.
     Reload(String),
     Cluster(ClusterRow),
+    Status(StatusReport),
+    Sessions(SessionsReport),
+    /// What a drain or enable did, in words.
+    Switched(String),
     Error(String),
 }
 
@@ -163,6 +185,7 @@ impl Control {
     pub async fn serve(
         self,
         views: Views,
+        runtime: Arc<Runtime>,
         cluster: Option<Arc<Cluster>>,
         reloader: Option<Reloader>,
         stop: CancellationToken,
@@ -175,11 +198,20 @@ impl Control {
             match accepted {
                 Ok((stream, _)) => {
                     let views = views.load_full();
+                    let runtime = runtime.clone();
                     let reloader = reloader.clone();
                     let cluster = cluster.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move {
-                        let asked = answer(stream, &views, cluster.as_deref(), reloader.as_ref());
+                        let asked = answer(
+                            stream,
+                            Served {
+                                views: &views,
+                                runtime: &runtime,
+                                cluster: cluster.as_deref(),
+                                reloader: reloader.as_ref(),
+                            },
+                        );
                         tokio::select! {
                             _ = asked => {},
                             _ = stop.cancelled() => {},
@@ -196,12 +228,16 @@ impl Control {
     }
 }
 
-async fn answer(
-    stream: UnixStream,
-    views: &[View],
-    cluster: Option<&Cluster>,
-    reloader: Option<&Reloader>,
-) {
+/// What the control socket answers from.
+#[derive(Clone, Copy)]
+struct Served<'a> {
+    views: &'a [View],
+    runtime: &'a Runtime,
+    cluster: Option<&'a Cluster>,
+    reloader: Option<&'a Reloader>,
+}
+
+async fn answer(stream: UnixStream, served: Served<'_>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
@@ -210,7 +246,7 @@ async fn answer(
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 debug!(?request, "control request");
-                handle(request, views, cluster, reloader).await
+                handle(request, served).await
             }
             Err(e) => Response::Error(format!("bad request: {e}")),
         },
@@ -222,13 +258,21 @@ async fn answer(
     }
 }
 
-async fn handle(
-    request: Request,
-    views: &[View],
-    cluster: Option<&Cluster>,
-    reloader: Option<&Reloader>,
-) -> Response {
+async fn handle(request: Request, served: Served<'_>) -> Response {
+    let Served {
+        views,
+        runtime,
+        cluster,
+        reloader,
+    } = served;
     match request {
+        Request::Status => Response::Status(status::status(runtime, views)),
+        Request::Sessions { listener } => match status::sessions(runtime, listener.as_deref()) {
+            Ok(r) => Response::Sessions(r),
+            Err(e) => Response::Error(e),
+        },
+        Request::Drain { name } => switched(status::switch(runtime, &name, true)),
+        Request::Enable { name } => switched(status::switch(runtime, &name, false)),
         Request::Cluster => match cluster {
             Some(c) => Response::Cluster(cluster_row(c)),
             None => Response::Error("no cluster store is configured (store: etcd)".into()),
@@ -287,6 +331,13 @@ async fn handle(
             }
             Response::Renew(rows)
         }
+    }
+}
+
+fn switched(done: Result<String, String>) -> Response {
+    match done {
+        Ok(words) => Response::Switched(words),
+        Err(e) => Response::Error(e),
     }
 }
 
@@ -531,7 +582,8 @@ mod tests {
         ));
         let stop = CancellationToken::new();
         let views = Arc::new(ArcSwap::from_pointee(Vec::new()));
-        let served = tokio::spawn(control.serve(views, None, None, stop.clone()));
+        let runtime = Runtime::new();
+        let served = tokio::spawn(control.serve(views, runtime, None, None, stop.clone()));
 
         let mut s = UnixStream::connect(socket_path(d.path())).await.unwrap();
         s.write_all(b"{\"command\":\"reboot\"}\n").await.unwrap();

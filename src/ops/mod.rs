@@ -1,5 +1,7 @@
 //! The operator's side: the admin endpoint (`admin`), the control socket
-//! behind `portcullis certs`, `renew` and `reload` (`control`), what asks
+//! behind `portcullis certs`, `renew` and `reload` (`control`), the runtime
+//! view and switches behind `status`, `sessions`, `drain` and `enable`
+//! (`status`, reading [`crate::proxy::runtime`]), what asks
 //! for a reload (`reload`), notifications (`notify`), logs (`logging`).
 //!
 //! It reads the running server's state through one small interface, a
@@ -13,6 +15,7 @@ pub mod logging;
 pub mod notify;
 pub mod reload;
 pub mod reports;
+pub mod status;
 pub mod systemd;
 pub mod tlsa;
 

@@ -7,6 +7,7 @@ use rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::limiter::ClientLimiter;
+use super::runtime::{Gate, Runtime};
 use crate::acme::challenge::Challenges;
 use crate::config::{Listener, Timeouts};
 use crate::discovery::Discovery;
@@ -36,6 +37,10 @@ pub struct ListenerCtx {
     /// Open connections and handshake buckets per client address: one per
     /// listener name, handed on by reloads so the counts stay right.
     pub limiter: Arc<ClientLimiter>,
+    /// The server's live sessions and drain switches, kept across reloads.
+    pub runtime: Arc<Runtime>,
+    /// This listener's drain switch (`runtime.gate(name)`).
+    pub gate: Arc<Gate>,
 }
 
 /// Cancellation for the two stages of shutdown.

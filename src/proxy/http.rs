@@ -19,6 +19,7 @@ use tracing::info;
 use super::backend;
 use super::context::{ListenerCtx, Stop};
 use super::outcome::{Outcome, Ready};
+use super::runtime::Live;
 use crate::config::names::Hostname;
 use crate::tls::hosts::Matched;
 
@@ -179,6 +180,9 @@ pub fn too_many(phrase: &str, retry_after: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What a client hears when its host's backend is down or drained.
+const UNAVAILABLE: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\nbackend unavailable\n";
+
 /// Serves one connection on an http listener: answers it, or returns the
 /// client and its backend (the request head already sent on) for the relay.
 pub(crate) async fn serve(
@@ -187,6 +191,7 @@ pub(crate) async fn serve(
     local: SocketAddr,
     ctx: &ListenerCtx,
     stop: &Stop,
+    live: &Live,
     session: &mut Outcome,
 ) -> Option<Ready> {
     tracing::Span::current().record("tls.version", "none");
@@ -224,6 +229,17 @@ pub(crate) async fn serve(
         return None;
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
+    live.routed(Some(host.as_str()), backend.address);
+    let gate = ctx.runtime.backend(backend.address);
+    if gate.as_ref().is_some_and(|g| g.is_drained()) {
+        session.end(
+            "backend_drained",
+            format!("backend {} is drained", backend.address),
+        );
+        let _ = socket.write_all(UNAVAILABLE).await;
+        let _ = socket.shutdown().await;
+        return None;
+    }
     let upstream = tokio::select! {
         r = backend::connect(&backend, peer, local, None) => r,
         _ = stop.accepting.cancelled() => Err(io::Error::other("shutting down")),
@@ -232,9 +248,11 @@ pub(crate) async fn serve(
         Ok(u) => u,
         Err(e) => {
             ctx.metrics.backend_failed(backend.address);
+            if let Some(g) = &gate {
+                g.failed(e.to_string());
+            }
             session.fail("backend_unavailable", e.to_string());
-            let unavailable = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\nbackend unavailable\n";
-            let _ = socket.write_all(unavailable).await;
+            let _ = socket.write_all(UNAVAILABLE).await;
             let _ = socket.shutdown().await;
             return None;
         }

@@ -4,7 +4,10 @@
 //!
 //! An address over its limits is turned away here, before any task exists
 //! for it: where the server speaks first it hears its protocol's "try
-//! later", port 80 its 429.
+//! later", port 80 its 429. So is every client of a drained listener
+//! (`portcullis drain`): its sockets stay bound and keep accepting, so no
+//! connection waits in the kernel's queue, and each hears its protocol's
+//! goodbye where the server speaks first, or is closed at once.
 
 use std::io;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use super::context::{ListenerCtx, Stop};
 use super::http;
@@ -65,6 +68,11 @@ pub async fn accept_loop(
             }
             failing = false;
         }
+        if ctx.gate.is_drained() {
+            drained(socket, &ctx);
+            drop(permit);
+            continue;
+        }
         let slot = match ctx.limiter.admit(peer.ip(), &ctx.listener.limits) {
             Ok(slot) => slot,
             Err(refusal) => {
@@ -73,8 +81,10 @@ pub async fn accept_loop(
             }
         };
         ctx.metrics.connections.inc();
+        let registered = ctx.runtime.register(ctx.gate.clone(), peer);
         let span = tracing::info_span!(
             "conn",
+            session = %registered.id(),
             listener = %ctx.listener.name,
             client.addr = %peer,
             sni = tracing::field::Empty,
@@ -85,6 +95,7 @@ pub async fn accept_loop(
         let held = Held {
             _permit: permit,
             _slot: slot,
+            session: registered,
         };
         tracker.spawn(connection(socket, peer, ctx, stop, held).instrument(span));
     }
@@ -108,6 +119,17 @@ fn accept_failed(e: &io::Error, tcp: &TcpListener, ctx: &ListenerCtx) -> bool {
             true
         }
         _ => false,
+    }
+}
+
+/// Turns away a client of a drained listener: its protocol's goodbye where
+/// the server speaks first (never waiting, as [`turn_away`]), then close.
+fn drained(socket: TcpStream, ctx: &ListenerCtx) {
+    debug!(listener = %ctx.listener.name, "turned away: listener drained");
+    if ctx.listener.tls == TlsMode::Starttls {
+        if let Some(words) = protocol::unavailable(ctx.listener.protocol, &ctx.hostname) {
+            let _ = socket.try_write(&words);
+        }
     }
 }
 

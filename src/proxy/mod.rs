@@ -13,6 +13,8 @@
 //! `context` (what every connection of a listener reads) and `outcome`
 //! (how a session ends) are shared by the session and the port-80 handler,
 //! which never imports the session back. `read_ahead` sits under rustls.
+//! `runtime` is what the operator sees and steers without a reload: the
+//! live sessions, drained listeners and backends.
 
 mod backend;
 pub mod context;
@@ -24,6 +26,7 @@ mod outcome;
 pub mod proxy_header;
 pub mod read_ahead;
 pub mod relay;
+pub mod runtime;
 mod session;
 pub mod starttls;
 mod web;

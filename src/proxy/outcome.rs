@@ -62,7 +62,7 @@ impl Outcome {
         self.down += stats.down;
         self.label = stats.end.as_str();
         if let RelayEnd::Error(e) = &stats.end {
-            self.reason = Some(e.to_string());
+            self.reason = reason(e);
             if is_expected(e) {
                 // A reset, or a TCP close without TLS close_notify: how many
                 // clients end a session. Not an error of anyone's.
@@ -100,6 +100,18 @@ impl Outcome {
         } else {
             line!(info);
         }
+    }
+}
+
+/// What the log says of an I/O error that ended a session. An expected one
+/// is not worth rustls's text (its close_notify error carries a
+/// documentation URL): a reset says so in a word, and a TCP close without
+/// close_notify is a plain close, no reason at all.
+pub(crate) fn reason(e: &io::Error) -> Option<String> {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => None,
+        kind if is_expected(e) => Some(kind.to_string()),
+        _ => Some(e.to_string()),
     }
 }
 

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -91,7 +92,7 @@ impl Half {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
-        counter: &Counter,
+        tally: Tally<'_>,
         moved: &mut bool,
     ) -> Poll<io::Result<()>>
     where
@@ -125,7 +126,7 @@ impl Half {
             }
             *moved = true;
             self.count += data.len() as u64;
-            counter.inc_by(data.len() as u64);
+            tally.add(data.len() as u64);
             ready!(self.write_burst(cx, w, data))?;
             if dry {
                 // The reader's waker is registered: done for now.
@@ -266,6 +267,36 @@ impl Half {
 pub struct Meter<'a> {
     pub up: &'a Counter,
     pub down: &'a Counter,
+    /// The session's own count, for `portcullis sessions`.
+    pub session: &'a Bytes,
+}
+
+impl<'a> Meter<'a> {
+    fn upward(&self) -> Tally<'a> {
+        Tally(self.up, &self.session.up)
+    }
+
+    fn downward(&self) -> Tally<'a> {
+        Tally(self.down, &self.session.down)
+    }
+}
+
+/// One direction's two counts: the listener's metric and the session's own.
+#[derive(Clone, Copy)]
+struct Tally<'a>(&'a Counter, &'a AtomicU64);
+
+impl Tally<'_> {
+    fn add(self, n: u64) {
+        self.0.inc_by(n);
+        self.1.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One session's bytes so far, up (client to backend) and down.
+#[derive(Debug, Default)]
+pub struct Bytes {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
 }
 
 /// Relays until both sides close, `idle` passes without a byte, or `stop` fires.
@@ -336,18 +367,18 @@ where
             let (a, b) = if *me.up_first {
                 let a = me
                     .up
-                    .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
-                let b = me
-                    .down
-                    .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
+                    .poll_move(cx, me.client, me.backend, me.meter.upward(), &mut moved);
+                let b =
+                    me.down
+                        .poll_move(cx, me.backend, me.client, me.meter.downward(), &mut moved);
                 (a, b)
             } else {
-                let b = me
-                    .down
-                    .poll_move(cx, me.backend, me.client, me.meter.down, &mut moved);
+                let b =
+                    me.down
+                        .poll_move(cx, me.backend, me.client, me.meter.downward(), &mut moved);
                 let a = me
                     .up
-                    .poll_move(cx, me.client, me.backend, me.meter.up, &mut moved);
+                    .poll_move(cx, me.client, me.backend, me.meter.upward(), &mut moved);
                 (a, b)
             };
             match (a, b) {
@@ -396,8 +427,13 @@ mod tests {
     /// A meter nobody reads.
     fn meter() -> Meter<'static> {
         static C: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+        static B: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
         let c = C.get_or_init(Counter::default);
-        Meter { up: c, down: c }
+        Meter {
+            up: c,
+            down: c,
+            session: B.get_or_init(Bytes::default),
+        }
     }
 
     #[tokio::test]

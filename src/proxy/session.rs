@@ -11,11 +11,13 @@
 //! never says STARTTLS to the default host's backend in plaintext.
 //!
 //! Every phase has a deadline; every connection has one tracing span with
-//! `listener`, `client.addr`, then `sni`, `tls.version` and `backend` as they
-//! become known. A connection holds a permit of the global connection limit
-//! and a slot of its address's limits ([`super::limiter`]) for as long as it
-//! lives; an address over its limits is turned away at accept, before any
-//! task exists for it.
+//! `session` (its id in [`super::runtime`]), `listener`, `client.addr`, then
+//! `sni`, `tls.version` and `backend` as they become known. A connection
+//! holds its place among the live sessions, a permit of the global
+//! connection limit and a slot of its address's limits ([`super::limiter`])
+//! for as long as it lives; an address over its limits is turned away at
+//! accept, before any task exists for it. A drained backend
+//! (`portcullis drain`) gets a new session's goodbye instead of a connect.
 //!
 //! Mail listeners refuse a ClientHello whose ALPN offers only protocols they
 //! do not speak (the ALPACA attack): a browser sent to a mail port must not
@@ -39,6 +41,7 @@ use super::outcome::{Outcome, Ready};
 use super::proxy_header::TlsFacts;
 use super::read_ahead::ReadAhead;
 use super::relay;
+use super::runtime::{Live, Registered};
 use super::starttls::{self, Phase};
 use crate::metrics::ListenerMetrics;
 use crate::protocol::{self, BackendGreeting, Protocol, TlsMode};
@@ -46,11 +49,13 @@ use crate::tls;
 use crate::tls::hosts::{Host, Matched};
 
 /// What a connection holds for as long as it lives: its share of
-/// `max_connections` and of its address's `connections_per_ip`.
+/// `max_connections` and of its address's `connections_per_ip`, and its
+/// place among the live sessions (`portcullis sessions`).
 pub(super) struct Held {
     pub(super) _permit: OwnedSemaphorePermit,
     /// `None` for an exempt address.
     pub(super) _slot: Option<Slot>,
+    pub(super) session: Registered,
 }
 
 /// One connection, start to end. The checks before the relay run boxed, so
@@ -61,11 +66,12 @@ pub(super) async fn connection(
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     stop: Stop,
-    _held: Held,
+    held: Held,
 ) {
     let open = Open::new(ctx.metrics.clone());
     let mut session = Outcome::new();
-    let ready = Box::pin(prepare(socket, peer, &ctx, &stop, &mut session)).await;
+    let live = held.session.live();
+    let ready = Box::pin(prepare(socket, peer, &ctx, &stop, live, &mut session)).await;
     let idle = ctx.timeouts.idle;
     // The context holds the host table, certificates and keys of the
     // configuration this connection was accepted under: a session that
@@ -75,6 +81,7 @@ pub(super) async fn connection(
     let meter = relay::Meter {
         up: &metrics.up,
         down: &metrics.down,
+        session: live.bytes(),
     };
     match ready {
         Some(Ready::Tls(client, upstream)) => {
@@ -113,6 +120,7 @@ struct Accepted<'a> {
     local: SocketAddr,
     ctx: &'a ListenerCtx,
     stop: &'a Stop,
+    live: &'a Live,
 }
 
 /// Everything before the relay: dialogue, handshake, routing, backend.
@@ -121,6 +129,7 @@ async fn prepare(
     peer: SocketAddr,
     ctx: &ListenerCtx,
     stop: &Stop,
+    live: &Live,
     session: &mut Outcome,
 ) -> Option<Ready> {
     let _ = socket.set_nodelay(true);
@@ -132,13 +141,14 @@ async fn prepare(
         }
     };
     if ctx.listener.protocol == Protocol::Http {
-        return super::http::serve(socket, peer, local, ctx, stop, session).await;
+        return super::http::serve(socket, peer, local, ctx, stop, live, session).await;
     }
     let at = Accepted {
         peer,
         local,
         ctx,
         stop,
+        live,
     };
     let (socket, deadline, greeting) = if ctx.listener.tls == TlsMode::Starttls {
         match before_tls(socket, &at, session).await {
@@ -262,6 +272,16 @@ async fn routed(
         return None;
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
+    at.live.routed(sni.as_deref(), backend.address);
+    let gate = ctx.runtime.backend(backend.address);
+    if gate.as_ref().is_some_and(|g| g.is_drained()) {
+        session.end(
+            "backend_drained",
+            format!("backend {} is drained", backend.address),
+        );
+        goodbye(&mut client, ctx, &greeting_name).await;
+        return None;
+    }
 
     // The backend hears only names the operator configured (Dovecot's
     // local_name): an unknown SNI served by default_host is not passed on.
@@ -284,6 +304,9 @@ async fn routed(
         }
         Err(e) => {
             ctx.metrics.backend_failed(backend.address);
+            if let Some(g) = &gate {
+                g.failed(e.to_string());
+            }
             session.fail("backend_unavailable", e.to_string());
             goodbye(&mut client, ctx, &greeting_name).await;
             return None;
@@ -324,6 +347,9 @@ async fn drop_greeting(
         Ok(got) => got,
         Err(e) => {
             ctx.metrics.backend_failed(backend);
+            if let Some(g) = ctx.runtime.backend(backend) {
+                g.failed(format!("no greeting: {e}"));
+            }
             session.fail("backend_unavailable", format!("no greeting: {e}"));
             goodbye(client, ctx, greeting_name).await;
             return None;
@@ -371,6 +397,16 @@ async fn plaintext_session(
         return None;
     };
     tracing::Span::current().record("backend", tracing::field::display(backend.address));
+    at.live.routed(None, backend.address);
+    let gate = ctx.runtime.backend(backend.address);
+    if gate.as_ref().is_some_and(|g| g.is_drained()) {
+        session.end(
+            "backend_drained",
+            format!("backend {} is drained", backend.address),
+        );
+        starttls::close_with(&mut client, &protocol::smtp::unavailable(&ctx.hostname)).await;
+        return None;
+    }
     let opened = tokio::select! {
         r = backend::open_plaintext(&backend, at.peer, at.local, opening.hello, ctx.timeouts.dialogue) => r,
         _ = at.stop.accepting.cancelled() => Err(Opened::Failed(io::Error::other("shutting down"))),
@@ -386,6 +422,9 @@ async fn plaintext_session(
         }
         Err(Opened::Failed(e)) => {
             ctx.metrics.backend_failed(backend.address);
+            if let Some(g) = &gate {
+                g.failed(e.to_string());
+            }
             session.fail("backend_unavailable", e.to_string());
             starttls::close_with(&mut client, &protocol::smtp::unavailable(&ctx.hostname)).await;
             return None;

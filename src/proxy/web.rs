@@ -41,7 +41,7 @@ pub(super) async fn serve(
     let (head, body) = match got {
         Ok(Ok(got)) => got,
         Ok(Err(Refusal::Io(e))) => {
-            session.end("client_left", e.to_string());
+            session.end("client_left", super::outcome::reason(&e));
             return;
         }
         Ok(Err(Refusal::Reply(reply))) => {

@@ -16,6 +16,7 @@ use crate::acme::challenge::Challenges;
 use crate::config::{Config, Listener};
 use crate::metrics::Metrics;
 use crate::proxy::context::ListenerCtx;
+use crate::proxy::runtime::Runtime;
 use crate::tls::hosts::HostTable;
 use crate::tls::TlsContext;
 
@@ -49,13 +50,15 @@ pub(super) fn bind_listeners(
     table: &Arc<HostTable>,
     challenges: &Arc<Challenges>,
     metrics: &Arc<Metrics>,
+    runtime: &Arc<Runtime>,
 ) -> Result<(Sockets, Vec<BuildError>), Vec<BuildError>> {
     let v4_any = v4_any_ports(config.listeners.values());
     let mut sockets = Vec::new();
     let mut errors = Vec::new();
     for l in config.listeners.values() {
         let ctx = Arc::new(
-            listener_ctx(config, l, tls, table, challenges, metrics).map_err(|e| vec![e])?,
+            listener_ctx(config, l, tls, table, challenges, metrics, runtime)
+                .map_err(|e| vec![e])?,
         );
         for addr in &l.bind {
             // Each address its own: a reload may give it to another listener.

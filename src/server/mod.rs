@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::ops::control::{Control, ControlError};
 use crate::ops::notify::Notifier;
 use crate::ops::reload::{self as reload_request, Reloader, Watcher};
+use crate::proxy::runtime::Runtime;
 use crate::tls::certs::CertError;
 use crate::tls::hosts::{HostTable, NoDefaultHost};
 use crate::tls::{store, TlsContext};
@@ -106,6 +107,8 @@ pub struct Server {
     notifier: Arc<ArcSwapOption<Notifier>>,
     /// The store several instances share (`store.etcd`), when there is one.
     cluster: Option<Arc<Cluster>>,
+    /// Live sessions and drain switches (`portcullis status`, `drain`).
+    runtime: Arc<Runtime>,
 }
 
 impl Server {
@@ -162,8 +165,15 @@ impl Server {
             notifier(config, file, None).map_err(|e| vec![BuildError::Notify(e)])?,
         ));
 
-        let (sockets, mut errors) =
-            bind_listeners(config, &tls, &table.load_full(), &challenges, &metrics)?;
+        let runtime = Runtime::new();
+        let (sockets, mut errors) = bind_listeners(
+            config,
+            &tls,
+            &table.load_full(),
+            &challenges,
+            &metrics,
+            &runtime,
+        )?;
         let admin = bind_admin(config, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
@@ -185,6 +195,7 @@ impl Server {
             admin,
             notifier,
             cluster,
+            runtime,
         })
     }
 

@@ -126,6 +126,7 @@ impl Running {
         self.slots = snapshot.slots;
         self.sync_acme(snapshot.new_acme);
         self.publish_views();
+        self.publish_topology();
         if let (Some(w), Some(path)) = (self.watcher.as_mut(), &self.config_file) {
             w.watch(&diff::watched_files(path, &self.config));
         }
@@ -143,9 +144,16 @@ impl Running {
         let mut contexts = BTreeMap::new();
         let mut fresh = Vec::new();
         for l in config.listeners.values() {
-            let mut ctx =
-                listener_ctx(config, l, &self.tls, table, &self.challenges, &self.metrics)
-                    .map_err(|e| e.to_string())?;
+            let mut ctx = listener_ctx(
+                config,
+                l,
+                &self.tls,
+                table,
+                &self.challenges,
+                &self.metrics,
+                &self.runtime,
+            )
+            .map_err(|e| e.to_string())?;
             // Open connections go on counting against the limiter they
             // were admitted by: the listener keeps it across the reload.
             if let Some(b) = self.bound.values().find(|b| b.listener == l.name) {

@@ -29,6 +29,7 @@ use crate::ops::reports::AcmeReports;
 use crate::ops::View;
 use crate::proxy::context::{ListenerCtx, Stop};
 use crate::proxy::listener::accept_loop;
+use crate::proxy::runtime::{Runtime, Topology};
 use crate::tls::hosts::{HostTable, Source};
 use crate::tls::{store, TlsContext};
 
@@ -78,6 +79,9 @@ pub(super) struct Running {
     pub(super) control_serving: bool,
     /// The store several instances share, followed for the server's life.
     pub(super) cluster: Option<Arc<Cluster>>,
+    /// Live sessions and drain switches; told what the config names after
+    /// each start and reload.
+    pub(super) runtime: Arc<Runtime>,
 }
 
 impl Running {
@@ -102,6 +106,7 @@ impl Running {
             admin,
             notifier,
             cluster,
+            runtime,
         } = server;
         let mut state = Running {
             limit: Arc::new(Semaphore::new(config.max_connections)),
@@ -137,12 +142,14 @@ impl Running {
             reloader: Reloader(reload_tx),
             control_serving: control.is_some(),
             cluster: cluster.clone(),
+            runtime,
         };
         for (key, ctx, socket, name) in sockets {
             state.start_accepting(key, name, ctx, socket);
         }
         state.sync_acme(pending_acme);
         state.publish_views();
+        state.publish_topology();
         let (views, stop) = (&state.views, &state.background_stop);
         if let Some(cluster) = &cluster {
             let certs = state.acme_hooks.routes.clone();
@@ -151,7 +158,13 @@ impl Running {
         }
         if let Some(control) = control {
             let reloader = Some(state.reloader.clone());
-            let serve = control.serve(views.clone(), cluster.clone(), reloader, stop.clone());
+            let serve = control.serve(
+                views.clone(),
+                state.runtime.clone(),
+                cluster.clone(),
+                reloader,
+                stop.clone(),
+            );
             state.background.spawn(serve);
         }
         let watch = notify::expiry_watch(notifier, views.clone(), stop.clone());
@@ -196,6 +209,7 @@ impl Running {
                 );
                 self.background.spawn(control.serve(
                     self.views.clone(),
+                    self.runtime.clone(),
                     self.cluster.clone(),
                     Some(self.reloader.clone()),
                     self.background_stop.clone(),
@@ -328,6 +342,36 @@ impl Running {
             })
             .collect();
         self.views.store(Arc::new(views));
+    }
+
+    /// Tells the runtime view what the config names now: listeners with
+    /// their bound addresses, backends with the listeners routing to them.
+    /// Drain switches of names that are gone are forgotten.
+    pub(super) fn publish_topology(&self) {
+        let mut topology = Topology::default();
+        for name in self.config.listeners.keys() {
+            topology.listeners.insert(name.clone(), Vec::new());
+        }
+        for b in self.bound.values() {
+            if let (Some(addrs), Some(a)) = (topology.listeners.get_mut(&b.listener), b.local) {
+                addrs.push(a);
+            }
+        }
+        for host in &self.config.hosts {
+            for (listener, backend) in &host.backends {
+                let users = topology.backends.entry(backend.address).or_default();
+                if !users.contains(listener) {
+                    users.push(listener.clone());
+                }
+            }
+        }
+        for addrs in topology.listeners.values_mut() {
+            addrs.sort();
+        }
+        for users in topology.backends.values_mut() {
+            users.sort();
+        }
+        self.runtime.configure(topology);
     }
 
     /// Stops accepting, gives open sessions the grace period, ends the

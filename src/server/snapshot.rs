@@ -20,6 +20,7 @@ use crate::ops::control;
 use crate::ops::notify::Notifier;
 use crate::proxy::context::ListenerCtx;
 use crate::proxy::limiter::ClientLimiter;
+use crate::proxy::runtime::Runtime;
 use crate::tls::certs::{self, CertError, LoadedCert};
 use crate::tls::hosts::{CertSlot, Host, HostTable, Served, Source};
 use crate::tls::resolver::CertResolver;
@@ -327,6 +328,7 @@ pub(super) fn listener_ctx(
     table: &Arc<HostTable>,
     challenges: &Arc<Challenges>,
     metrics: &Arc<Metrics>,
+    runtime: &Arc<Runtime>,
 ) -> Result<ListenerCtx, BuildError> {
     let mut backends: Vec<SocketAddr> = config
         .hosts
@@ -365,6 +367,8 @@ pub(super) fn listener_ctx(
         challenges: challenges.clone(),
         metrics: Arc::new(metrics.listener(&l.name, &backends)),
         limiter: ClientLimiter::new(&l.name),
+        runtime: runtime.clone(),
+        gate: runtime.gate(&l.name),
     })
 }
 
