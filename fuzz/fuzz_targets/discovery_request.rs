@@ -36,7 +36,10 @@ fn discovery() -> &'static Discovery {
 fuzz_target!(|data: &[u8]| {
     let Ok(Some(head)) = parse(data) else { return };
     let body = &data[head.len..];
-    let host = head.host.as_ref().map_or("mta-sts.one.test", |h| h.as_str());
+    let host = head
+        .host
+        .as_ref()
+        .map_or("mta-sts.one.test", |h| h.as_str());
     let reply = discovery().answer(host, &head.method, &head.path, body);
     assert!(
         [200, 400, 404, 405, 421].contains(&reply.status),
