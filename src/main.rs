@@ -58,6 +58,11 @@ enum Command {
         /// Renew even if not due.
         #[arg(long)]
         force: bool,
+        /// Order from the CA's staging directory (acme.staging; Let's
+        /// Encrypt's for Let's Encrypt) and keep nothing: tests the
+        /// account, the challenges and DNS without touching what is served.
+        #[arg(long, conflicts_with = "force")]
+        dry_run: bool,
         /// Only the host that has this name (default: every ACME host).
         name: Option<String>,
     },
@@ -146,8 +151,9 @@ fn main() -> ExitCode {
         Command::Renew {
             config,
             force,
+            dry_run,
             name,
-        } => renew(&config, force, name),
+        } => renew(&config, force, dry_run, name),
         Command::Reload { config } => reload(&config),
         Command::Status { config, json } => runtime_view(&config, Request::Status, json),
         Command::Sessions {
@@ -469,11 +475,16 @@ fn print_lines(lines: Result<Vec<String>, String>) -> ExitCode {
     }
 }
 
-fn renew(path: &Path, force: bool, name: Option<String>) -> ExitCode {
+fn renew(path: &Path, force: bool, dry_run: bool, name: Option<String>) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::FAILURE;
     };
-    let rows = match ask(&config, Request::Renew { force, name }) {
+    let request = Request::Renew {
+        force,
+        name,
+        dry_run,
+    };
+    let rows = match ask(&config, request) {
         Ok(Response::Renew(rows)) => rows,
         other => return refused(other, path),
     };

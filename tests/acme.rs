@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use portcullis::ops::control::CertRow;
+use portcullis::ops::control::{self, CertRow, Request, Response};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -784,4 +784,80 @@ hosts:
     .await;
     assert!(!ok, "run started: {out}{err}");
     assert!(err.contains(&want) || out.contains(&want), "{out}{err}");
+}
+
+/// `portcullis renew --dry-run`: an order from `acme.staging` (here the
+/// same Pebble) with the host's names and challenges; nothing served,
+/// stored or swapped. Without a staging directory it says what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_orders_from_staging_and_keeps_nothing() {
+    if !tools("a_dry_run_orders_from_staging_and_keeps_nothing") {
+        return;
+    }
+    let site = Site::new("dryrun").await;
+    let pebble = Pebble::start(site.http, site.imaps).await;
+    let plain = site.config(&pebble.directory, &pebble.ca_roots, "http-01");
+    let yaml = plain.replace(
+        "  challenges: [",
+        &format!("  staging: {}\n  challenges: [", pebble.directory),
+    );
+    std::fs::write(site.config_path(), &yaml).unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    let proxy = Proxy::start_file(dir, &yaml).await;
+    let imaps = proxy.addr(&site.imaps());
+    let first = wait_issued(imaps, &site.names[0], None)
+        .await
+        .unwrap_or_else(|| panic!("no certificate\n{}", pebble.log()));
+    let stored = std::fs::read(site.host_dir().join("fullchain.pem")).unwrap();
+    assert_eq!(pebble.orders(), 1);
+
+    let dry_run = |site: &Site| {
+        let request = Request::Renew {
+            dry_run: true,
+            force: false,
+            name: Some(site.names[0].clone()),
+        };
+        let state = site.state_dir();
+        async move {
+            match control::request(&state, &request, CONTROL).await {
+                Ok(Response::Renew(mut rows)) if rows.len() == 1 => rows.remove(0),
+                other => panic!("renew --dry-run: {other:?}"),
+            }
+        }
+    };
+    let row = dry_run(&site).await;
+    assert_eq!(row.outcome, "dry_run", "{row:?}\n{}", pebble.log());
+    assert!(row.detail.contains(&pebble.directory), "{row:?}");
+    assert!(row.detail.contains("not served, not stored"), "{row:?}");
+    assert_eq!(pebble.orders(), 2, "one order at the staging directory");
+    let issued_serial = row
+        .detail
+        .split("issued serial ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap()
+        .to_string();
+    assert_ne!(issued_serial, serial(&first[0]));
+    // Nothing changed: the same certificate served, stored and listed.
+    let served = served_chain(imaps, &site.names[0]).await.unwrap();
+    assert_eq!(serial(&served[0]), serial(&first[0]));
+    assert_eq!(
+        std::fs::read(site.host_dir().join("fullchain.pem")).unwrap(),
+        stored
+    );
+    assert_eq!(cert_row(&site).await.serial, serial(&first[0]));
+    assert!(cert_row(&site).await.last_error.is_none());
+
+    // A CA without a known staging directory: the dry run says what to set.
+    proxy.write_config(&plain);
+    proxy.reload().await.expect("reload");
+    let row = dry_run(&site).await;
+    assert_eq!(row.outcome, "failed", "{row:?}");
+    assert!(
+        row.detail
+            .contains("no staging directory is known for https://127.0.0.1:"),
+        "{row:?}"
+    );
+    assert!(row.detail.contains("set acme.staging"), "{row:?}");
+    assert_eq!(pebble.orders(), 2, "no order");
 }

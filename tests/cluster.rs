@@ -335,6 +335,7 @@ async fn etcd_failures_cost_no_handshake_and_no_extra_order() {
     let renewing = {
         let state = fleet.nodes[0].state_dir();
         let request = Request::Renew {
+            dry_run: false,
             force: true,
             name: Some(fleet.names[0].clone()),
         };

@@ -94,6 +94,7 @@ impl Setup {
 
     async fn renew(&self, name: &str) -> RenewRow {
         let request = Request::Renew {
+            dry_run: false,
             force: true,
             name: Some(name.to_string()),
         };

@@ -223,6 +223,7 @@ async fn acme_issues_both_types_and_each_client_gets_the_one_it_can_take() {
 
     // `renew --force NAME` renews each, and says which is which.
     let request = portcullis::ops::control::Request::Renew {
+        dry_run: false,
         force: true,
         name: Some(site.names[0].clone()),
     };

@@ -645,6 +645,7 @@ hosts:
     let state = proxy.dir.path().join("state");
     let renew = |state: std::path::PathBuf| async move {
         let request = Request::Renew {
+            dry_run: false,
             force: true,
             name: Some(HOST.to_string()),
         };

@@ -132,6 +132,29 @@ struct Shared {
 }
 
 impl Shared {
+    /// The same, ordering from `directory` (`acme.staging`) for a dry run:
+    /// its own account (stored by directory, never in the cluster store),
+    /// and a new key each time, so no key kept for DANE is touched.
+    fn dry_run(&self, directory: &str) -> Shared {
+        let mut config = self.config.clone();
+        config.directory = directory.to_string();
+        config.key = config::KeyPolicy::New;
+        config.tlsa = None;
+        for h in config.per_host.values_mut() {
+            h.key = None;
+        }
+        Shared {
+            config,
+            state_dir: self.state_dir.clone(),
+            provider: self.provider.clone(),
+            challenges: self.challenges.clone(),
+            account: Default::default(),
+            hooks: self.hooks.clone(),
+            cluster: None,
+            turns: Default::default(),
+        }
+    }
+
     /// The turn `first`'s host's orders take one at a time.
     fn turn(&self, first: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
@@ -267,6 +290,8 @@ impl Hooks {
 #[derive(Debug)]
 struct Request {
     force: bool,
+    /// Order from `acme.staging` instead, and keep nothing.
+    dry_run: bool,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -301,6 +326,12 @@ pub enum Outcome {
         serial: String,
         not_after: i64,
         node: String,
+    },
+    /// `renew --dry-run`: the staging CA issued it; neither served nor
+    /// stored.
+    DryRun {
+        serial: String,
+        directory: String,
     },
 }
 
@@ -338,10 +369,16 @@ impl HostHandle {
             .clone()
     }
 
-    /// Renews now when due (or always, with `force`) and waits for the outcome.
-    pub async fn renew(&self, force: bool) -> Outcome {
+    /// Renews now when due (or always, with `force`) and waits for the
+    /// outcome; with `dry_run`, orders from the staging directory and keeps
+    /// nothing.
+    pub async fn renew(&self, force: bool, dry_run: bool) -> Outcome {
         let (reply, outcome) = oneshot::channel();
-        let ask = Ask::Renew(Request { force, reply });
+        let ask = Ask::Renew(Request {
+            force,
+            dry_run,
+            reply,
+        });
         if self.requests.send(ask).await.is_err() {
             return Outcome::Failed("the ACME task has stopped".into());
         }

@@ -220,7 +220,12 @@ impl HostTask {
                 continue;
             }
             if let Some(Ask::Renew(request)) = request {
-                let outcome = if request.force || renew_at <= SystemTime::now() {
+                let outcome = if request.dry_run {
+                    tokio::select! {
+                        o = self.dry_run() => o,
+                        _ = stop.cancelled() => return,
+                    }
+                } else if request.force || renew_at <= SystemTime::now() {
                     let why = if request.force {
                         "forced by portcullis renew"
                     } else {
@@ -271,6 +276,47 @@ impl HostTask {
                     _ = stop.cancelled() => return,
                 }
             }
+        }
+    }
+
+    /// `portcullis renew --dry-run`: an order from `acme.staging` with the
+    /// host's names and challenges, under the host's turn; the certificate
+    /// is checked, then dropped: nothing is served, stored or notified.
+    async fn dry_run(&mut self) -> Outcome {
+        let Some(staging) = self.shared.config.staging.clone() else {
+            return Outcome::Failed(format!(
+                "no staging directory is known for {}: set acme.staging to the CA's test directory",
+                self.shared.config.directory
+            ));
+        };
+        let dry = self.shared.dry_run(&staging);
+        let turn = self.shared.turn(&self.lineage.first());
+        let _turn = turn.lock().await;
+        info!(directory = %staging, "dry run: ordering from the staging directory; nothing is served or stored");
+        let challenges = self.challenges.clone();
+        match tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            dry.order(&self.lineage, None, &challenges, None),
+        )
+        .await
+        {
+            Ok(Ok(issued)) => {
+                let serial = issued.cert.info.serial.clone();
+                info!(serial = %serial, "dry run: the staging CA issued a certificate; dropped");
+                Outcome::DryRun {
+                    serial,
+                    directory: staging,
+                }
+            }
+            Ok(Err(e)) => {
+                let why = causes(&e);
+                warn!(error = %why, "dry run failed");
+                Outcome::Failed(format!("dry run against {staging}: {why}"))
+            }
+            Err(_) => Outcome::Failed(format!(
+                "dry run against {staging}: no certificate within {}",
+                humantime::format_duration(ATTEMPT_TIMEOUT)
+            )),
         }
     }
 

@@ -30,6 +30,7 @@ const ACME_KEYS: &[&str] = &[
     "dns",
     "key",
     "tlsa",
+    "staging",
 ];
 const TLSA_KEYS: &[&str] = &["check", "wait_ttls"];
 const EAB_KEYS: &[&str] = &["kid", "hmac_key"];
@@ -53,6 +54,7 @@ impl Walk<'_> {
     pub(super) fn acme(&mut self, v: &Value) -> Option<Acme> {
         let m = self.mapping(v, "acme", ACME_KEYS)?;
         let directory = self.directory(m);
+        let staging = self.staging(m, directory.as_deref());
         let contact = self.contact(m);
         match self
             .required(m, "acme", "terms_of_service_agreed")
@@ -94,6 +96,7 @@ impl Walk<'_> {
             key: key?,
             tlsa: tlsa.map_or(Some(None), |t| t.map(Some))?,
             per_host: BTreeMap::new(),
+            staging,
         })
     }
 
@@ -251,23 +254,39 @@ impl Walk<'_> {
 
     /// `letsencrypt`, `letsencrypt-staging` or an `https://` URL.
     fn directory(&mut self, m: &Mapping) -> Option<String> {
-        self
-            .required(m, "acme", "directory")
-            .and_then(|v| self.string(v, "acme.directory"))
-            .and_then(|d| match d.as_str() {
-                "letsencrypt" => Some(defaults::LETSENCRYPT.to_string()),
-                "letsencrypt-staging" => Some(defaults::LETSENCRYPT_STAGING.to_string()),
-                url if url.starts_with("https://") && url.len() > "https://".len() => {
-                    Some(url.to_string())
-                }
-                other => {
-                    self.err(
-                        "acme.directory",
-                        format!("{other:?}: expected letsencrypt, letsencrypt-staging or an https:// URL"),
-                    );
-                    None
-                }
-            })
+        self.required(m, "acme", "directory")
+            .and_then(|v| self.directory_url(v, "acme.directory"))
+    }
+
+    /// `acme.staging`: where `renew --dry-run` orders; Let's Encrypt's
+    /// staging directory for Let's Encrypt, else none unless written.
+    fn staging(&mut self, m: &Mapping, directory: Option<&str>) -> Option<String> {
+        match field(m, "staging") {
+            Some(v) => self.directory_url(v, "acme.staging"),
+            None if directory == Some(defaults::LETSENCRYPT) => {
+                Some(defaults::LETSENCRYPT_STAGING.to_string())
+            }
+            None => None,
+        }
+    }
+
+    fn directory_url(&mut self, v: &Value, path: &str) -> Option<String> {
+        self.string(v, path).and_then(|d| match d.as_str() {
+            "letsencrypt" => Some(defaults::LETSENCRYPT.to_string()),
+            "letsencrypt-staging" => Some(defaults::LETSENCRYPT_STAGING.to_string()),
+            url if url.starts_with("https://") && url.len() > "https://".len() => {
+                Some(url.to_string())
+            }
+            other => {
+                self.err(
+                    path,
+                    format!(
+                        "{other:?}: expected letsencrypt, letsencrypt-staging or an https:// URL"
+                    ),
+                );
+                None
+            }
+        })
     }
 
     fn contact(&mut self, m: &Mapping) -> Vec<String> {

@@ -185,6 +185,9 @@ pub struct Acme {
     pub tlsa: Option<TlsaCheck>,
     /// Hosts with their own `acme:` (challenges, dns, key), by first name.
     pub per_host: BTreeMap<String, HostAcme>,
+    /// `acme.staging`: the directory `portcullis renew --dry-run` orders
+    /// from; Let's Encrypt's staging for Let's Encrypt.
+    pub staging: Option<String>,
 }
 
 /// What an order does with the key (RFC 7672 §8.1: a `TLSA 3 1 1` record

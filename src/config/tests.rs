@@ -823,3 +823,28 @@ fn a_duplicate_key_is_shown_at_its_own_line() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn a_dry_run_orders_from_the_staging_directory_known_or_given() {
+    // Let's Encrypt's staging directory for Let's Encrypt…
+    let le = ACME.replace("directory: letsencrypt-staging", "directory: letsencrypt");
+    let a = parse(&le).unwrap().acme.unwrap();
+    assert_eq!(a.staging.as_deref(), Some(defaults::LETSENCRYPT_STAGING));
+    // … none for another CA (or for the staging directory itself) …
+    let other = ACME.replace("letsencrypt-staging", "https://acme.example.test/dir");
+    assert_eq!(parse(&other).unwrap().acme.unwrap().staging, None);
+    // … unless given.
+    let given = other.replace(
+        "  renew_before: 30d\n",
+        "  renew_before: 30d\n  staging: https://acme-test.example.test/dir\n",
+    );
+    assert_eq!(
+        parse(&given).unwrap().acme.unwrap().staging.as_deref(),
+        Some("https://acme-test.example.test/dir")
+    );
+    let bad = other.replace(
+        "  renew_before: 30d\n",
+        "  renew_before: 30d\n  staging: http://acme-test.example.test/dir\n",
+    );
+    assert_problems(&parse(&bad).unwrap_err(), &["acme.staging: \"http://"]);
+}

@@ -40,6 +40,9 @@ pub enum Request {
     Renew {
         force: bool,
         name: Option<String>,
+        /// Order from `acme.staging` and keep nothing.
+        #[serde(default)]
+        dry_run: bool,
     },
     Reload,
     /// The cluster store as this node sees it.
@@ -297,7 +300,11 @@ async fn handle(request: Request, served: Served<'_>) -> Response {
             }
             Response::Certs(rows)
         }
-        Request::Renew { force, name } => {
+        Request::Renew {
+            force,
+            name,
+            dry_run,
+        } => {
             let targets: Vec<&HostHandle> = views
                 .iter()
                 .filter(|v| name.as_ref().is_none_or(|n| v.names.contains(n)))
@@ -309,14 +316,14 @@ async fn handle(request: Request, served: Served<'_>) -> Response {
                     None => "no host has certificate: acme".into(),
                 });
             }
-            info!(force, hosts = targets.len(), "renewal requested");
+            info!(force, dry_run, hosts = targets.len(), "renewal requested");
             // One task per host, so renewals run side by side.
             let tasks: Vec<_> = targets
                 .into_iter()
                 .map(|h| {
                     let h = h.clone();
                     tokio::spawn(async move {
-                        let outcome = tokio::time::timeout(RENEW_TIMEOUT, h.renew(force))
+                        let outcome = tokio::time::timeout(RENEW_TIMEOUT, h.renew(force, dry_run))
                             .await
                             .unwrap_or_else(|_| Outcome::Failed("timed out".into()));
                         renew_row(&h.id, outcome)
@@ -369,6 +376,10 @@ fn renew_row(host: &str, outcome: Outcome) -> RenewRow {
                 "serial {serial}, not after {}, ordered by node {node}",
                 rfc3339(not_after)
             ),
+        ),
+        Outcome::DryRun { serial, directory } => (
+            "dry_run",
+            format!("{directory} issued serial {serial}; not served, not stored"),
         ),
     };
     RenewRow {
@@ -596,6 +607,7 @@ mod tests {
         );
 
         let renew = Request::Renew {
+            dry_run: false,
             force: false,
             name: None,
         };

@@ -40,6 +40,7 @@ impl Node {
     /// A forced renewal of the host whose first name is `names[0]`.
     pub async fn renew(&self, names: &[String]) -> RenewRow {
         let request = Request::Renew {
+            dry_run: false,
             force: true,
             name: Some(names[0].clone()),
         };

@@ -186,6 +186,7 @@ pub async fn wait_issued(addr: SocketAddr, sni: &str, old: Option<&str>) -> Opti
 /// Renews the site's host through the control socket.
 pub async fn renew(site: &Site, force: bool) -> RenewRow {
     let request = Request::Renew {
+        dry_run: false,
         force,
         name: Some(site.names[0].clone()),
     };
