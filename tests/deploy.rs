@@ -713,12 +713,17 @@ fn exec_form(args: &str) -> Vec<String> {
 
 /// Cargo's view of the package: targets and `[package.metadata]`.
 fn cargo_metadata() -> serde_json::Value {
+    metadata("--no-deps")["packages"][0].clone()
+}
+
+/// `cargo metadata` with `flag`, offline.
+fn metadata(flag: &str) -> serde_json::Value {
     let manifest = repo("Cargo.toml");
     let (stdout, _) = succeed(
         env!("CARGO"),
         &[
             "metadata",
-            "--no-deps",
+            flag,
             "--offline",
             "--format-version",
             "1",
@@ -726,8 +731,7 @@ fn cargo_metadata() -> serde_json::Value {
             path_str(&manifest),
         ],
     );
-    let all: serde_json::Value = serde_json::from_str(&stdout).expect("cargo metadata JSON");
-    all["packages"][0].clone()
+    serde_json::from_str(&stdout).expect("cargo metadata JSON")
 }
 
 #[test]
@@ -958,20 +962,7 @@ fn the_debian_package_ships_current_man_pages_and_changelog() {
 /// for that version can be had here, so the lock file is what is checked.
 #[test]
 fn rust_version_is_at_least_what_every_locked_dependency_needs() {
-    let manifest = repo("Cargo.toml");
-    let (stdout, _) = succeed(
-        env!("CARGO"),
-        &[
-            "metadata",
-            "--locked",
-            "--offline",
-            "--format-version",
-            "1",
-            "--manifest-path",
-            path_str(&manifest),
-        ],
-    );
-    let all: serde_json::Value = serde_json::from_str(&stdout).expect("cargo metadata JSON");
+    let all = metadata("--locked");
     let version = |v: &str| -> (u64, u64) {
         let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0))

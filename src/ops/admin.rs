@@ -273,12 +273,7 @@ mod tests {
             issuer: "CN=x".into(),
             serial: "01".into(),
             not_after: not_after.into(),
-            next_renewal: None,
-            last_error: None,
-            locked_by: None,
-            key: None,
-            cert_path: None,
-            key_path: None,
+            ..Default::default()
         }
     }
 

@@ -79,7 +79,7 @@ pub enum Response {
 }
 
 /// One host in `portcullis certs`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertRow {
     pub names: Vec<String>,
     /// files, self-signed, acme, placeholder (acme, nothing issued yet).
@@ -544,15 +544,7 @@ pub fn offline_rows(config: &Config, provider: &CryptoProvider) -> Vec<CertRow> 
                 names: names.clone(),
                 source: source.into(),
                 key_type: key_type.unwrap_or_default().to_string(),
-                issuer: String::new(),
-                serial: String::new(),
-                not_after: String::new(),
-                next_renewal: None,
-                last_error: None,
-                locked_by: None,
-                key: None,
-                cert_path: None,
-                key_path: None,
+                ..CertRow::default()
             };
             match loaded {
                 Ok(c) => {

@@ -367,12 +367,7 @@ mod tests {
             issuer: String::new(),
             serial: String::new(),
             not_after: humantime::format_rfc3339_seconds(not_after).to_string(),
-            next_renewal: None,
-            last_error: None,
-            locked_by: None,
-            key: None,
-            cert_path: None,
-            key_path: None,
+            ..Default::default()
         };
         let rows = || {
             expiry_rows(vec![
