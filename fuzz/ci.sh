@@ -54,8 +54,10 @@ for t in "${targets[@]}"; do
     -max_len=20000 -print_final_stats=1 -artifact_prefix="artifacts/$t/" \
     >"$work/$t.log" 2>&1 || status=$?
   stat() { sed -n "s/^stat::$1: *//p" "$work/$t.log" | tail -1; }
-  cov=$(grep -o 'cov: [0-9]*' "$work/$t.log" | tail -1 | cut -d' ' -f2)
-  ft=$(grep -o 'ft: [0-9]*' "$work/$t.log" | tail -1 | cut -d' ' -f2)
+  # A crash on a seed leaves no cov/ft lines: no match must not end the script
+  # (pipefail) before the log below is shown.
+  cov=$(grep -o 'cov: [0-9]*' "$work/$t.log" | tail -1 | cut -d' ' -f2 || true)
+  ft=$(grep -o 'ft: [0-9]*' "$work/$t.log" | tail -1 | cut -d' ' -f2 || true)
   if [ "$status" = 0 ]; then
     result=ok
   else

@@ -445,7 +445,17 @@ domains:
         .await
         .unwrap();
 
-    let cases: [(&str, &[u8], &str); 6] = [
+    // A body the answer does not need is still read, so the client sees
+    // the 413 rather than a reset.
+    let big = [
+        &b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: autodiscover.bad.test\r\nContent-Length: 40000\r\n\r\n"[..],
+        &[b'x'; 40_000][..],
+    ]
+    .concat();
+    let cases: [(&str, &[u8], &str); 8] = [
+        ("autodiscover.bad.test", &big, "HTTP/1.1 413 "),
+        // Another served name than the certificate's: misdirected.
+        ("mta-sts.bad.test", b"GET /mail/config-v1.1.xml HTTP/1.1\r\nHost: autoconfig.bad.test\r\n\r\n", "HTTP/1.1 421 "),
         ("mta-sts.bad.test", b"GARBAGE\r\n\r\n", "HTTP/1.1 400 "),
         ("mta-sts.bad.test", b"DELETE /.well-known/mta-sts.txt HTTP/1.1\r\nHost: mta-sts.bad.test\r\n\r\n", "HTTP/1.1 405 "),
         ("mta-sts.bad.test", b"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: www.bad.test\r\n\r\n", "HTTP/1.1 421 "),

@@ -45,7 +45,16 @@ fuzz_target!(|data: &[u8]| {
             .cert
             .first()
             .expect("a loaded chain is not empty");
-        assert_eq!(cert_info(first, names).as_ref(), Ok(&loaded.info));
+        // … and the files it was read from.
+        assert_eq!(
+            loaded.info.files,
+            Some((cert_path.to_path_buf(), key_path.to_path_buf()))
+        );
+        let described = cert_info(first, names).map(|mut i| {
+            i.files = loaded.info.files.clone();
+            i
+        });
+        assert_eq!(described.as_ref(), Ok(&loaded.info));
         assert!(loaded.info.uncovered.len() < names.len());
     }
 });

@@ -289,6 +289,16 @@ impl HostTask {
                 self.shared.config.directory
             ));
         };
+        // Its challenges would be answered by this node alone, and a
+        // tls-alpn-01 answer here would shadow a real order's of the
+        // same name made on another node.
+        if self.shared.cluster.is_some() {
+            return Outcome::Failed(
+                "a dry run is not made with store.etcd: its challenges would be answered by this node alone".into(),
+            );
+        }
+        // An order like any other: it takes from the order budget.
+        self.shared.hooks.orders.take().await;
         let dry = self.shared.dry_run(&staging);
         let turn = self.shared.turn(&self.lineage.first());
         let _turn = turn.lock().await;

@@ -149,6 +149,12 @@ impl Walk<'_> {
             // RFC 5321 §4.5.1: every domain that takes mail has a postmaster.
             None => vec![format!("mailto:postmaster@{domain}")],
         };
+        if matches!(field(m, "report_to"), Some(Value::Sequence(s)) if s.is_empty()) {
+            self.err(
+                &join(path, "report_to"),
+                "at least one address is needed (RFC 8460: a TLS-RPT record without rua is invalid)",
+            );
+        }
         Some(MtaSts {
             mode: mode?,
             mx,

@@ -260,9 +260,19 @@ fn host_of<'c>(hosts: &'c [Host], name: &Hostname) -> Option<&'c Host> {
     })
 }
 
-/// The listener that serves HTTPS for the domains ([`Listener::is_web`]).
+/// The listener clients reach the domains' HTTPS on ([`Listener::is_web`]):
+/// one bound to 443 first, then one that names http/1.1 in its ALPN (a
+/// `tcp` listener without ALPN may be LDAPS or XMPP passed through).
 pub fn web_listener<'c>(listeners: impl IntoIterator<Item = &'c Listener>) -> Option<&'c Listener> {
-    listeners.into_iter().find(|l| l.is_web())
+    listeners
+        .into_iter()
+        .filter(|l| l.is_web())
+        .min_by_key(|l| {
+            (
+                !l.bind.iter().any(|a| a.port() == 443),
+                !l.alpn.iter().any(|a| a == b"http/1.1"),
+            )
+        })
 }
 
 /// `name` with `&`, `<`, `>`, `"` and `'` escaped for XML.

@@ -56,8 +56,8 @@ pub fn records(config: &Config, name: &str) -> Result<Vec<String>, String> {
         ));
         out.push("; SMTP TLS reporting (RFC 8460): where senders report failures".into());
         out.push(format!(
-            "_smtp._tls.{domain}. IN TXT \"v=TLSRPTv1; rua={}\"",
-            p.report_to.join(",")
+            "_smtp._tls.{domain}. IN TXT {}",
+            txt(&format!("v=TLSRPTv1; rua={}", p.report_to.join(",")))
         ));
     }
     if let Some(a) = &d.autoconfig {
@@ -76,12 +76,12 @@ pub fn records(config: &Config, name: &str) -> Result<Vec<String>, String> {
                 out.push(format!("{srv}._tcp.{domain}. IN SRV 0 0 0 . ; not offered"));
             }
         }
-        if let Some(port) = web_port(config) {
-            out.push("; Outlook looks for autodiscover here".into());
-            out.push(format!(
-                "_autodiscover._tcp.{domain}. IN SRV 0 1 {port} autodiscover.{domain}."
-            ));
-        }
+        // Clients reach HTTPS on 443, whatever port the listener binds
+        // behind a forward.
+        out.push("; Outlook looks for autodiscover here".into());
+        out.push(format!(
+            "_autodiscover._tcp.{domain}. IN SRV 0 1 443 autodiscover.{domain}."
+        ));
     }
     let names = d.service_names();
     let web = match web_port(config) {
@@ -103,4 +103,21 @@ fn web_port(config: &Config) -> Option<u16> {
         .iter()
         .map(|a| a.port())
         .find(|&p| p != 0)
+}
+
+/// A TXT record's data in zone-file form: quoted strings of at most 255
+/// bytes each (RFC 1035 §3.3.14), which resolvers join again.
+fn txt(value: &str) -> String {
+    let mut parts = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(255);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (part, tail) = rest.split_at(end);
+        parts.push(format!("\"{part}\""));
+        rest = tail;
+    }
+    parts.join(" ")
 }

@@ -329,3 +329,55 @@ fn bad_domains_are_refused_with_their_key_path() {
         "{p:#?}"
     );
 }
+
+#[test]
+fn a_long_report_list_is_split_into_txt_strings_of_255_bytes() {
+    let many: Vec<String> = (0..12)
+        .map(|i| format!("\"mailto:tls-reports-{i}@reports.one.test\""))
+        .collect();
+    let c = config(&TWO.replace(
+        "max_age: 1d }",
+        &format!("max_age: 1d, report_to: [{}] }}", many.join(", ")),
+    ));
+    let lines = records(&c, "one.test").unwrap();
+    let rpt = lines
+        .iter()
+        .find(|l| l.starts_with("_smtp._tls.one.test. IN TXT "))
+        .unwrap();
+    let data = rpt.strip_prefix("_smtp._tls.one.test. IN TXT ").unwrap();
+    let strings: Vec<&str> = data.split("\" \"").map(|s| s.trim_matches('"')).collect();
+    assert!(strings.len() > 1, "{rpt}");
+    assert!(strings.iter().all(|s| s.len() <= 255), "{rpt}");
+    assert_eq!(
+        strings.concat(),
+        format!(
+            "v=TLSRPTv1; rua={}",
+            (0..12)
+                .map(|i| format!("mailto:tls-reports-{i}@reports.one.test"))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    );
+    // An empty list is refused: a record without rua is invalid.
+    let none = TWO.replace("max_age: 1d }", "max_age: 1d, report_to: [] }");
+    assert!(
+        problems(&none)
+            .iter()
+            .any(|p| p.contains("domains.one.test.mta_sts.report_to: at least one address")),
+        "{:?}",
+        problems(&none)
+    );
+}
+
+#[test]
+fn the_web_listener_is_the_one_on_443_or_speaking_http() {
+    let text = format!(
+        "state_dir: /tmp/x\n{}  ldaps: {{ bind: \"127.0.0.1:636\", protocol: tcp, tls: implicit }}\n{}",
+        LISTENERS.split("backends:").next().unwrap(),
+        TWO
+    )
+    .replace("hosts:", "backends:\n  https: 127.0.0.1:20080\nhosts:");
+    let c = Config::parse(&text, Path::new("/")).unwrap_or_else(|p| panic!("{p:#?}\n{text}"));
+    let web = web_listener(c.listeners.values()).unwrap();
+    assert_eq!(web.name, "https", "not ldaps, which sorts first");
+}

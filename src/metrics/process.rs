@@ -85,9 +85,10 @@ fn read() -> Reading {
         .as_deref()
         .map(|s| parse_stat(s, ticks, page, boot))
         .unwrap_or_default();
+    // Less the descriptor read_dir itself holds open while listing.
     r.open_fds = std::fs::read_dir("/proc/self/fd")
         .ok()
-        .map(|d| d.count() as i64);
+        .map(|d| (d.count() as i64 - 1).max(0));
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     r.max_fds = limit.current.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
     r

@@ -55,9 +55,18 @@ pub(super) async fn serve(
             return;
         }
     };
-    // The Host header names the site; the SNI when there is none.
+    // The Host header names the site, and it must be the name the
+    // certificate was chosen for (RFC 9110 §7.4: else 421); the SNI when
+    // there is none.
     let host = head.host.as_ref().map_or(sni, |h| h.as_str());
-    let reply = ctx.discovery.answer(host, &head.method, &head.path, &body);
+    let reply = if host == sni {
+        ctx.discovery.answer(host, &head.method, &head.path, &body)
+    } else {
+        Reply::text(
+            421,
+            &format!("{host} is not served on a connection for {sni}"),
+        )
+    };
     let path = head.path.split('?').next().unwrap_or_default();
     session.end(
         "answered",
@@ -131,5 +140,22 @@ async fn send(client: &mut TlsStream<ReadAhead>, reply: &Reply, head_only: bool)
         return 0;
     }
     let _ = client.shutdown().await;
+    drain(client).await;
     out.len()
+}
+
+/// What the client still sends (a body not read, as for a 413) is read
+/// and dropped, bounded, before the socket closes: closed with unread
+/// bytes, it would be reset, and the client might never see the answer.
+async fn drain(client: &mut TlsStream<ReadAhead>) {
+    const LIMIT: usize = 64 * 1024;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    while read < LIMIT {
+        match tokio::time::timeout(WAIT, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read += n,
+            _ => return,
+        }
+    }
 }
