@@ -68,9 +68,16 @@ pub fn free_port() -> u16 {
     } else {
         (40_000, 60_000)
     };
+    // Never the same port twice in one test binary: a port handed to one
+    // test stays free until its daemon binds it, and another test running
+    // beside it could otherwise draw it in that window (seen once in CI:
+    // AddrInUse in tests/acme.rs).
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..200 {
         let port = fastrand::u16(from..to);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
