@@ -329,15 +329,9 @@ fn certs(path: &Path, json: bool) -> ExitCode {
     if !live {
         println!("(no running instance: certificates on disk, no renewal times)");
     }
-    let dash = |s: &str| {
-        if s.is_empty() {
-            "-".to_string()
-        } else {
-            s.to_string()
-        }
-    };
+    use portcullis::ops::status::{or_dash, table};
     let now = std::time::SystemTime::now();
-    let mut table = vec![[
+    let mut cells = vec![[
         "NAMES",
         "SOURCE",
         "KEY",
@@ -346,37 +340,22 @@ fn certs(path: &Path, json: bool) -> ExitCode {
         "NEXT RENEWAL",
         "ISSUER",
     ]
-    .map(String::from)];
+    .map(String::from)
+    .to_vec()];
     for row in &rows {
-        table.push([
+        cells.push(vec![
             row.names.join(","),
             row.source.clone(),
-            dash(&row.key_type),
-            dash(&row.not_after),
+            or_dash(Some(&row.key_type)),
+            or_dash(Some(&row.not_after)),
             days_left(&row.not_after, now),
-            dash(row.next_renewal.as_deref().unwrap_or_default()),
+            or_dash(row.next_renewal.as_deref()),
             row.issuer.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
-        .map(|c| {
-            table
-                .iter()
-                .map(|r| r[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for (i, cells) in table.iter().enumerate() {
-        let mut line = String::new();
-        for (c, cell) in cells.iter().enumerate() {
-            if c + 1 == cells.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
-            }
-        }
-        println!("{}", line.trim_end());
+    // The rows, each followed by its details.
+    for (i, line) in table(&cells).lines().enumerate() {
+        println!("{line}");
         let Some(row) = i.checked_sub(1).and_then(|r| rows.get(r)) else {
             continue;
         };

@@ -15,10 +15,7 @@ use common::Proxy;
 /// SHA-256 of the served certificate's SubjectPublicKeyInfo, by openssl:
 /// `openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256`.
 async fn openssl_spki_sha256(der: &[u8]) -> String {
-    let pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        base64_lines(der)
-    );
+    let pem = common::cert_pem(der);
     let limit = Duration::from_secs(10);
     let (ok, pubkey, err) = common::run_cmd(
         "openssl",
@@ -83,16 +80,6 @@ fn tlsa(site: &Site) -> (i32, String, String) {
     let config = site.config_path();
     let args = ["tlsa", "--config", path_str(&config), &site.names[0]];
     portcullis(&args, Duration::from_secs(30))
-}
-
-fn base64_lines(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    b64.as_bytes()
-        .chunks(64)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,7 +241,7 @@ async fn mta_sts_and_autoconfig_are_served_with_certificates_the_ca_issued() {
     }
     let root = proxy.dir.path().join("pebble-root.pem");
     let der = pebble.root_der().await;
-    let pem = pem_of(&der);
+    let pem = common::cert_pem(&der);
     std::fs::write(&root, pem).unwrap();
 
     // MTA-STS: fetched over verified HTTPS, as a sender does; HTTP/1.1
@@ -525,18 +525,4 @@ fn txt_id(out: &str) -> String {
         .and_then(|rest| rest.strip_suffix('"'))
         .unwrap_or_else(|| panic!("no _mta-sts record:\n{out}"))
         .to_string()
-}
-
-fn pem_of(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
 }

@@ -144,7 +144,7 @@ impl Config {
             let Some(p) = &d.mta_sts else { continue };
             for mx in &p.mx {
                 let served = self.hosts.iter().any(|h| match mx {
-                    HostPattern::Exact(n) => h.names.iter().any(|p| p.matches(n)),
+                    HostPattern::Exact(n) => h.covers(n),
                     HostPattern::Wildcard(_) => h.names.contains(mx),
                 });
                 if !served {

@@ -91,7 +91,7 @@ impl Walk<'_> {
             .service_names()
             .iter()
             .filter_map(|s| Hostname::parse(s).ok())
-            .filter(|n| !hosts.iter().any(|h| h.names.iter().any(|p| p.matches(n))))
+            .filter(|n| !hosts.iter().any(|h| h.covers(n)))
             .map(HostPattern::Exact)
             .collect();
         if !names.is_empty() {
@@ -195,7 +195,7 @@ impl Walk<'_> {
             None => default_host.cloned(),
         };
         if let Some(s) = &server {
-            if !hosts.iter().any(|h| h.names.iter().any(|p| p.matches(s))) {
+            if !hosts.iter().any(|h| h.covers(s)) {
                 self.err(
                     &server_path,
                     format!("{s} is not a name of any host: clients need a certificate for it"),

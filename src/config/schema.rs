@@ -364,6 +364,24 @@ pub struct Host {
     pub acme: Option<HostAcme>,
 }
 
+impl Host {
+    /// Whether `name` is one of the host's names or under its wildcard.
+    pub fn covers(&self, name: &Hostname) -> bool {
+        self.names.iter().any(|p| p.matches(name))
+    }
+}
+
+/// The host that serves `name`, by the one lookup rule (as
+/// `tls::hosts::HostTable` does at run time): an exact name first, then
+/// a wildcard.
+pub fn host_serving<'h>(hosts: &'h [Host], name: &Hostname) -> Option<&'h Host> {
+    let exact = HostPattern::Exact(name.clone());
+    hosts
+        .iter()
+        .find(|h| h.names.contains(&exact))
+        .or_else(|| hosts.iter().find(|h| h.covers(name)))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownSni {

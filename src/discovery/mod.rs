@@ -15,8 +15,8 @@ mod records;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::names::{HostPattern, Hostname};
-use crate::config::{Config, Host, Listener, LoginName, MailDomain};
+use crate::config::names::Hostname;
+use crate::config::{Config, Listener, LoginName, MailDomain};
 use crate::protocol::{Protocol, TlsMode};
 
 pub use records::records;
@@ -211,7 +211,7 @@ pub struct Service {
 /// implicit TLS first (RFC 8314 §3). SMTP without `require_tls` (port 25,
 /// for other servers) is not a client's.
 pub fn services(config: &Config, server: &Hostname) -> Vec<Service> {
-    let Some(host) = host_of(&config.hosts, server) else {
+    let Some(host) = crate::config::host_serving(&config.hosts, server) else {
         return Vec::new();
     };
     let mut out: Vec<Service> = config
@@ -246,18 +246,6 @@ fn rank(p: Protocol) -> u8 {
         Protocol::Smtp => 2,
         _ => 3,
     }
-}
-
-/// The host `name` is served by: an exact name, else a wildcard.
-fn host_of<'c>(hosts: &'c [Host], name: &Hostname) -> Option<&'c Host> {
-    let exact = hosts
-        .iter()
-        .find(|h| h.names.contains(&HostPattern::Exact(name.clone())));
-    exact.or_else(|| {
-        hosts
-            .iter()
-            .find(|h| h.names.iter().any(|p| p.matches(name)))
-    })
 }
 
 /// The listener clients reach the domains' HTTPS on ([`Listener::is_web`]):

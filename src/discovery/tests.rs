@@ -1,3 +1,7 @@
+//! The discovery module's unit tests: documents, records and routing
+//! from configs written out, and bad domains refused with their key path.
+#![cfg(test)]
+
 use std::path::Path;
 
 use super::*;

@@ -203,7 +203,7 @@ pub fn age(d: Duration) -> String {
 
 /// Rows as columns, each as wide as its widest cell, two spaces apart; the
 /// last column is not padded.
-fn table(rows: &[Vec<String>]) -> String {
+pub fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -230,7 +230,8 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn or_dash(s: Option<&str>) -> String {
+/// The value, or `-` when there is none.
+pub fn or_dash(s: Option<&str>) -> String {
     s.filter(|s| !s.is_empty()).unwrap_or("-").to_string()
 }
 

@@ -145,9 +145,10 @@ pub(super) async fn handshake(
         };
         // The listener's config resolves the certificate from the same
         // table snapshot (see `ListenerCtx::tls`): the routed host's.
-        // Names portcullis answers itself speak HTTP/1.1 only.
+        // Names portcullis answers itself speak HTTP/1.1 only. (rustls
+        // gives the SNI lowercase, as the host table relies on too.)
         let config = match (&ctx.web_tls, &sni) {
-            (Some(web), Some(name)) if ctx.discovery.serves(&name.to_ascii_lowercase()) => web,
+            (Some(web), Some(name)) if ctx.discovery.serves(name) => web,
             _ => &ctx.tls,
         };
         let stream = start

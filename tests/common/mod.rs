@@ -84,6 +84,21 @@ pub fn free_port() -> u16 {
     panic!("no free port in {from}..{to}");
 }
 
+/// A DER certificate as PEM, for openssl and curl.
+pub fn cert_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<String> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
 /// A scratch directory that Postfix and Dovecot (which drop privileges) can enter.
 pub fn scratch() -> tempfile::TempDir {
     let d = tempfile::tempdir().expect("tempdir");
