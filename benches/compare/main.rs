@@ -4,7 +4,11 @@
 //! Each proxy runs with one worker/thread pinned to CPU 0 (`taskset -c 0`);
 //! this process — the load generator (rustls, aws-lc-rs, tokio
 //! current-thread) and the plaintext backend behind the proxies — pins
-//! itself to CPU 1. Everything is on loopback; no name is ever resolved.
+//! itself to CPU 1. The exception is workload 7 (multi-core scaling): a
+//! fresh instance per worker count w = 1, 2, 4, … up to the online CPUs,
+//! with w workers pinned to w CPUs (CPU 0 first, the generator's CPU 1
+//! last, so shared only when w is every CPU). Everything is on loopback;
+//! no name is ever resolved.
 //! Every loop is bounded by count and time, and every proxy is killed when
 //! its guard drops (normal end, error, panic, Ctrl-C, or the overall limit).
 
@@ -23,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use proxies::{Kind, Running, Spec, Tools, ALL};
+use proxies::{Kind, Running, Spec, Tools, ALL, GENERATOR_CPU};
 use report::{Better, Report};
 use workloads::Pick;
 
@@ -38,7 +42,7 @@ usage: cargo bench --bench compare [-- OPTIONS]
   --idle N          idle sessions to open (default 9000, bounded by the fd limit)
   --bytes-mib N     bytes per relay run, MiB (default 1024)
   --names A,B,C     host-name counts of workload 6 (default 10,1000,10000)
-  --workloads LIST  which of 1-6 (default 1,2,3,4,5,6)
+  --workloads LIST  which of 1-7 (default 1,2,3,4,5,6,7)
   --only LIST       which of portcullis,haproxy,nginx (default: all installed)
   --quick           1 run, 2 s windows, 2,000 idle, 256 MiB, names 10,1000
   --out FILE        JSON output (default target/bench/compare.json)
@@ -72,7 +76,7 @@ impl Opts {
             idle: 9000,
             bytes: 1 << 30,
             names: vec![10, 1000, 10000],
-            workloads: (1..=6).collect(),
+            workloads: (1..=7).collect(),
             only: ALL.to_vec(),
             out: None,
             keep: false,
@@ -94,7 +98,7 @@ impl Opts {
                     })?
                 }
                 "--workloads" => {
-                    o.workloads = list(&val()?, |x| x.parse().ok().filter(|n| (1..=6).contains(n)))?
+                    o.workloads = list(&val()?, |x| x.parse().ok().filter(|n| (1..=7).contains(n)))?
                         .into_iter()
                         .collect()
                 }
@@ -132,6 +136,42 @@ fn pin_self(taskset: &Path, cpu: usize) -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     ok && procfs::cpus_allowed(std::process::id()) == cpu.to_string()
+}
+
+/// Workload 7's worker counts: 1, 2, 4, 8, … up to the online CPUs.
+fn worker_counts() -> Vec<usize> {
+    let cpus = procfs::online_cpus().len().max(1);
+    std::iter::successors(Some(1usize), |n| n.checked_mul(2))
+        .take_while(|n| *n <= cpus)
+        .collect()
+}
+
+/// `1 worker`, `2 workers`.
+fn workers_label(n: usize) -> String {
+    format!("{n} worker{}", if n == 1 { "" } else { "s" })
+}
+
+/// `core 0 was`, `cores 0-1 were`.
+fn was(cores: &str) -> &'static str {
+    if cores.starts_with("cores") {
+        "were"
+    } else {
+        "was"
+    }
+}
+
+/// What a proxy instance runs on, once started.
+fn describe(prefix: &str, r: &Running) {
+    eprintln!(
+        "{prefix}{:<10} pid {} on CPU {} with {} thread(s) in {} process(es), started in {:.0} ms, listening {}",
+        r.kind.label(),
+        r.pid,
+        r.cpus_allowed(),
+        r.threads(),
+        r.work_pids().len(),
+        r.startup.as_secs_f64() * 1e3,
+        r.addr
+    );
 }
 
 fn loud(msg: &str) {
@@ -221,11 +261,13 @@ impl Bench {
         tag: &str,
         spec_certs: &[certs::Cert],
         backend: std::net::SocketAddr,
+        workers: usize,
     ) -> Option<Running> {
         let spec = Spec {
             dir: self.dir.join(format!("{tag}-{}", kind.label())),
             backend,
             certs: spec_certs,
+            workers,
         };
         match proxies::start(&self.tools, kind, &spec).await {
             Ok(r) => Some(r),
@@ -239,7 +281,8 @@ impl Bench {
     }
 
     /// A handshake measurement, taken again (once) when something else
-    /// kept core 0 busy for more than 15 % of the window.
+    /// kept the proxy's cores (core 0 but in workload 7) busy for more than
+    /// 15 % of the window.
     async fn measure_hs(
         &mut self,
         p: &Running,
@@ -252,7 +295,9 @@ impl Bench {
             workloads::handshakes(p, names, resume, self.opts.conc, window, pick, self.clk).await;
         if h.foreign_pct > 15.0 {
             self.note(format!(
-                "core 0 was {:.0}% busy with something other than {} during a handshake run: measured again",
+                "{} {} {:.0}% busy with something other than {} during a handshake run: measured again",
+                h.cores,
+                was(&h.cores),
                 h.foreign_pct,
                 p.kind.label()
             ));
@@ -316,14 +361,15 @@ impl Bench {
             );
         }
         eprintln!(
-            "  [{workload}{suffix} run {}] {:<10} {:>6.0} hs/s  proxy {:>5.0} µs/hs ({:>3.0}% CPU)  generator {:>3.0}%  other on core 0 {:>2.0}%  resumed {:>3.0}%  errors {}",
-            run + 1, kind.label(), h.rate, h.proxy_us_per_hs, h.proxy_cpu_pct, h.generator_cpu_pct, h.foreign_pct, h.resumed_pct, h.errors
+            "  [{workload}{suffix} run {}] {:<10} {:>6.0} hs/s  proxy {:>5.0} µs/hs ({:>3.0}% CPU)  generator {:>3.0}%  other on {} {:>2.0}%  resumed {:>3.0}%  errors {}",
+            run + 1, kind.label(), h.rate, h.proxy_us_per_hs, h.proxy_cpu_pct, h.generator_cpu_pct, h.cores, h.foreign_pct, h.resumed_pct, h.errors
         );
         self.details.push(json!({
             "workload": workload, "suffix": suffix, "proxy": kind.label(), "run": run + 1,
             "handshakes": h.count, "rate": h.rate, "proxy_us_per_hs": h.proxy_us_per_hs,
             "proxy_cpu_pct": h.proxy_cpu_pct, "proxy_sys_pct": h.proxy_sys_pct, "generator_cpu_pct": h.generator_cpu_pct,
             "other_load_core0_pct": h.foreign_pct, "steal_core0_pct": h.steal_pct, "resumed_pct": h.resumed_pct, "errors": h.errors,
+            "proxy_cores": h.cores,
         }));
         if h.errors > 0 {
             self.note(format!(
@@ -335,8 +381,12 @@ impl Bench {
         }
         if h.foreign_pct > 10.0 {
             self.note(format!(
-                "{workload}{suffix} run {}: core 0 was {:.0}% busy with something other than {} (noise)",
-                run + 1, h.foreign_pct, kind.label()
+                "{workload}{suffix} run {}: {} {} {:.0}% busy with something other than {} (noise)",
+                run + 1,
+                h.cores,
+                was(&h.cores),
+                h.foreign_pct,
+                kind.label()
             ));
         }
     }
@@ -420,16 +470,8 @@ async fn run(opts: Opts) -> Result<(), String> {
     if w.iter().any(|x| [1, 2, 3, 5].contains(x)) {
         let mut running = Vec::new();
         for kind in b.present.clone() {
-            if let Some(r) = b.start(kind, "main", &two, backend.addr).await {
-                eprintln!(
-                    "{:<10} pid {} on CPU {} with {} thread(s), started in {:.0} ms, listening {}",
-                    kind.label(),
-                    r.pid,
-                    r.cpus_allowed(),
-                    r.threads(),
-                    r.startup.as_secs_f64() * 1e3,
-                    r.addr
-                );
+            if let Some(r) = b.start(kind, "main", &two, backend.addr, 1).await {
+                describe("", &r);
                 running.push(r);
             }
         }
@@ -654,7 +696,7 @@ async fn run(opts: Opts) -> Result<(), String> {
         for run in 0..runs {
             for kind in b.order(run) {
                 let Some(p) = b
-                    .start(kind, &format!("idle{run}"), &two, backend.addr)
+                    .start(kind, &format!("idle{run}"), &two, backend.addr, 1)
                     .await
                 else {
                     continue;
@@ -735,7 +777,7 @@ async fn run(opts: Opts) -> Result<(), String> {
             for run in 0..runs {
                 for kind in b.order(run) {
                     let Some(p) = b
-                        .start(kind, &format!("names{n}-{run}"), set, backend.addr)
+                        .start(kind, &format!("names{n}-{run}"), set, backend.addr, 1)
                         .await
                     else {
                         continue;
@@ -806,6 +848,67 @@ async fn run(opts: Opts) -> Result<(), String> {
             }
         }
     }
+    if w.contains(&7) {
+        let counts = worker_counts();
+        let w7 = "7 multi-core";
+        eprintln!(
+            "\n== 7: multi-core scaling: full TLS 1.3 handshakes (as 1) with {} worker(s) of {} online CPU(s), fresh proxy each, {} connections",
+            counts
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            procfs::online_cpus().len(),
+            b.opts.conc
+        );
+        for run in 0..runs {
+            // one proxy's worker counts back to back, so that the two
+            // measurements of a ratio are seconds apart; the direction
+            // alternates between runs
+            let mut order = counts.clone();
+            if run % 2 == 1 {
+                order.reverse();
+            }
+            for kind in b.order(run) {
+                let mut got: Vec<(usize, workloads::Handshakes)> = Vec::new();
+                for &n in &order {
+                    let tag = format!("workers{n}-{run}");
+                    let Some(p) = b.start(kind, &tag, &two, backend.addr, n).await else {
+                        continue;
+                    };
+                    describe("  ", &p);
+                    let window = (b.warmup(), b.secs());
+                    let h = b
+                        .measure_hs(&p, &two_names, false, window, Pick::RoundRobin)
+                        .await;
+                    drop(p);
+                    b.record_hs(w7, &format!(", {}", workers_label(n)), kind, run, &h);
+                    got.push((n, h));
+                }
+                got.sort_by_key(|g| g.0);
+                // this run's ratios of each worker count to one worker
+                let Some((1, one)) = got.first() else {
+                    continue;
+                };
+                for (n, h) in &got[1..] {
+                    b.report.add(
+                        w7,
+                        &format!("handshake rate {} / 1 worker", workers_label(*n)),
+                        Better::Higher,
+                        kind,
+                        h.rate / one.rate,
+                    );
+                    b.report.add(
+                        w7,
+                        &format!("CPU per handshake {} / 1 worker", workers_label(*n)),
+                        Better::Lower,
+                        kind,
+                        h.proxy_us_per_hs / one.proxy_us_per_hs,
+                    );
+                }
+            }
+        }
+    }
     drop(backend);
 
     // Output
@@ -832,7 +935,19 @@ async fn run(opts: Opts) -> Result<(), String> {
         "portcullis_rev": git_rev(),
         "versions": versions,
         "machine": procfs::machine(),
-        "pinning": { "proxies": "CPU 0 (taskset -c 0)", "generator_and_backend": "CPU 1" },
+        "pinning": {
+            "proxies": "CPU 0 (taskset -c 0), one worker",
+            "generator_and_backend": "CPU 1",
+            "workload_7": format!(
+                "a fresh instance per worker count w in {:?}, w workers pinned to w CPUs ({}): CPU 0 first, the generator's CPU 1 last (shared only when w is every CPU)",
+                worker_counts(),
+                worker_counts()
+                    .iter()
+                    .map(|n| format!("w={n}: taskset -c {}", proxies::cpu_list(&proxies::proxy_cpus(*n))))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
         "options": { "runs": b.opts.runs, "secs": b.opts.secs, "conc": b.opts.conc, "idle": b.opts.idle,
                      "bytes": b.opts.bytes, "names": b.opts.names, "workloads": b.opts.workloads },
         "loadavg_before": load_before,
@@ -874,7 +989,7 @@ fn main() -> ExitCode {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match proxies::find_program("taskset") {
         Some(taskset) if cores >= 2 => {
-            if !pin_self(&taskset, 1) {
+            if !pin_self(&taskset, GENERATOR_CPU) {
                 loud("could not pin the load generator to CPU 1; numbers will be noisier");
             }
         }

@@ -1,6 +1,7 @@
 //! What the bench reads from `/proc`: a process's CPU time and resident
 //! memory, its children (nginx workers), per-core busy time (to spot other
-//! load on the proxy's core), and the machine's description.
+//! load on the proxy's cores), the online CPUs, and the machine's
+//! description.
 
 use std::fs;
 use std::process::Command;
@@ -110,22 +111,50 @@ pub fn nofile_limit() -> u64 {
         .unwrap_or(1024)
 }
 
-/// Busy, total and stolen ticks of one core from `/proc/stat` (busy
-/// includes steal: time the hypervisor gave this virtual CPU to others).
-pub fn core_ticks(core: usize) -> Option<(u64, u64, u64)> {
+/// Busy, total and stolen ticks of a set of cores from `/proc/stat`,
+/// summed (busy includes steal: time the hypervisor gave these virtual
+/// CPUs to others).
+pub fn cores_ticks(cores: &[usize]) -> Option<(u64, u64, u64)> {
     let text = fs::read_to_string("/proc/stat").ok()?;
-    let line = text
+    let mut sum = (0, 0, 0);
+    for &core in cores {
+        let name = format!("cpu{core}");
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        sum.0 += total.saturating_sub(idle);
+        sum.1 += total;
+        sum.2 += v.get(7).copied().unwrap_or(0);
+    }
+    Some(sum)
+}
+
+/// The online CPUs of the machine (the `cpuN` lines of `/proc/stat`),
+/// ascending. Not `available_parallelism()`: that honours this process's
+/// affinity, and the harness has pinned itself to one CPU.
+pub fn online_cpus() -> Vec<usize> {
+    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut cpus: Vec<usize> = text
         .lines()
-        .find(|l| l.split_whitespace().next() == Some(&format!("cpu{core}")))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()?
+                .strip_prefix("cpu")?
+                .parse()
+                .ok()
+        })
         .collect();
-    // user nice system idle iowait irq softirq steal
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total, v.get(7).copied().unwrap_or(0)))
+    cpus.sort_unstable();
+    cpus.dedup();
+    cpus
 }
 
 /// The 1-minute load average.

@@ -1,13 +1,17 @@
 //! The three proxies under test, each configured the way an operator would
-//! for one TLS-terminating TCP port with SNI-selected certificates, one
-//! worker/thread, pinned to CPU 0, in front of the in-process backend:
+//! for one TLS-terminating TCP port with SNI-selected certificates, in front
+//! of the in-process backend, with `Spec::workers` workers pinned to as many
+//! CPUs (`proxy_cpus`). Every workload but 7 (multi-core scaling) runs one
+//! worker/thread, pinned to CPU 0.
 //!
 //! - portcullis: one `protocol: tcp, tls: implicit` listener, backend with
 //!   `proxy_protocol: none`, one host per name with `{ cert, key }` files,
-//!   `log.level: warn` (no per-connection log line, like the others).
-//! - HAProxy: `nbthread 1`, `mode tcp`, `bind … ssl crt-list` (certificates
+//!   `log.level: warn` (no per-connection log line, like the others). Its
+//!   tokio runtime sizes itself from `available_parallelism()`, which
+//!   honours the affinity: pinned to w CPUs it runs w worker threads.
+//! - HAProxy: `nbthread w`, `mode tcp`, `bind … ssl crt-list` (certificates
 //!   parsed once at start-up, the SNI lookup is a tree search).
-//! - nginx stream: `worker_processes 1`, `ssl_certificate $var` from a `map
+//! - nginx stream: `worker_processes w`, `ssl_certificate $var` from a `map
 //!   $ssl_server_name`: the only SNI selection nginx 1.22's stream module
 //!   has (`server_name` in stream arrived in 1.25.5). nginx then reads and
 //!   parses the PEM files on every handshake.
@@ -34,6 +38,49 @@ use crate::procfs;
 pub const MAX_CONNECTIONS: usize = 9500;
 /// How long a proxy may take to answer its first handshake.
 const START_DEADLINE: Duration = Duration::from_secs(120);
+/// The CPU the harness (load generator and backend) pins itself to.
+pub const GENERATOR_CPU: usize = 1;
+
+/// The CPUs a proxy with `workers` workers is pinned to, ascending: CPU 0
+/// first and the generator's CPU last, so the proxy shares the generator's
+/// CPU only when it asks for every CPU of the machine. One worker: `[0]`.
+pub fn proxy_cpus(workers: usize) -> Vec<usize> {
+    let online = procfs::online_cpus();
+    let mut cpus: Vec<usize> = online
+        .iter()
+        .copied()
+        .filter(|c| *c != GENERATOR_CPU)
+        .collect();
+    if online.contains(&GENERATOR_CPU) {
+        cpus.push(GENERATOR_CPU);
+    }
+    cpus.truncate(workers.max(1));
+    if cpus.is_empty() {
+        cpus.push(0);
+    }
+    cpus.sort_unstable();
+    cpus
+}
+
+/// A CPU list as `taskset -c` takes it and the kernel prints it: `0`,
+/// `0-1`, `0,2-3`.
+pub fn cpu_list(cpus: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", cpus[i], cpus[j])
+        } else {
+            cpus[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -132,6 +179,10 @@ pub struct Spec<'a> {
     pub backend: SocketAddr,
     /// The first is the default (no SNI, unknown SNI).
     pub certs: &'a [Cert],
+    /// Worker threads (HAProxy `nbthread`, portcullis's tokio workers) or
+    /// processes (nginx `worker_processes`); the proxy is pinned to as many
+    /// CPUs (`proxy_cpus`). 1 everywhere but workload 7.
+    pub workers: usize,
 }
 
 /// A running proxy; killed (with its workers) when dropped, also on panic.
@@ -139,6 +190,8 @@ pub struct Running {
     pub kind: Kind,
     pub addr: SocketAddr,
     pub pid: u32,
+    /// The CPUs it is pinned to (`proxy_cpus`), ascending.
+    pub cpus: Vec<usize>,
     /// From exec to the first proxied echo through a verified handshake.
     pub startup: Duration,
     child: Child,
@@ -194,6 +247,12 @@ impl Running {
             .map(|p| procfs::cpus_allowed(*p))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// `core 0`, `cores 0-1`: where other load is looked for.
+    pub fn cores_label(&self) -> String {
+        let s = if self.cpus.len() == 1 { "" } else { "s" };
+        format!("core{s} {}", cpu_list(&self.cpus))
     }
 
     pub fn log_tail(&self) -> String {
@@ -274,7 +333,7 @@ fn haproxy_config(spec: &Spec<'_>, addr: SocketAddr) -> io::Result<String> {
     fs::write(&list, lines)?;
     Ok(format!(
         "global
-    nbthread 1
+    nbthread {workers}
     maxconn {max}
     ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
@@ -289,6 +348,7 @@ frontend fe
 backend be
     server s1 {backend}
 ",
+        workers = spec.workers.max(1),
         max = MAX_CONNECTIONS,
         list = list.display(),
         backend = spec.backend,
@@ -320,7 +380,7 @@ fn nginx_config(spec: &Spec<'_>, addr: SocketAddr, tools: &Tools) -> String {
     format!(
         "{module}{user}daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile 20000;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -342,13 +402,15 @@ stream {{
     }}
 }}
 ",
+        workers = spec.workers.max(1),
         dir = spec.dir.display(),
         backend = spec.backend,
     )
 }
 
-/// Writes the config, starts the proxy pinned to CPU 0 and waits until a
-/// verified handshake with the last name reaches the backend.
+/// Writes the config, starts the proxy pinned to `proxy_cpus(workers)` (CPU
+/// 0 for one worker) and waits until a verified handshake with the last
+/// name reaches the backend.
 pub async fn start(tools: &Tools, kind: Kind, spec: &Spec<'_>) -> io::Result<Running> {
     fs::create_dir_all(&spec.dir)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -390,10 +452,11 @@ pub async fn start(tools: &Tools, kind: Kind, spec: &Spec<'_>) -> io::Result<Run
     };
     let log = spec.dir.join(format!("{}.log", kind.label()));
     let out = fs::File::create(&log)?;
+    let cpus = proxy_cpus(spec.workers);
     let mut cmd = match &tools.taskset {
         Some(taskset) => {
             let mut c = Command::new(taskset);
-            c.arg("-c").arg("0").arg(&program);
+            c.arg("-c").arg(cpu_list(&cpus)).arg(&program);
             c
         }
         None => Command::new(&program),
@@ -410,6 +473,7 @@ pub async fn start(tools: &Tools, kind: Kind, spec: &Spec<'_>) -> io::Result<Run
         kind,
         addr,
         pid: child.id(),
+        cpus,
         startup: Duration::ZERO,
         child,
         log,

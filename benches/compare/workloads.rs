@@ -16,15 +16,18 @@ use tokio_rustls::TlsConnector;
 
 use crate::client::{self, Names};
 use crate::procfs;
-use crate::proxies::Running;
+use crate::proxies::{Running, GENERATOR_CPU};
 
-/// CPU ticks of the proxy, of this process and of core 0, at one instant.
+/// CPU ticks of the proxy, of this process and of the proxy's cores (core 0
+/// but in workload 7), at one instant.
 struct Snapshot {
     at: Instant,
     proxy: u64,
     proxy_sys: u64,
     generator: u64,
-    core0: (u64, u64, u64),
+    cores: (u64, u64, u64),
+    /// The proxy's cores include the generator's (workload 7 with every CPU).
+    shared: bool,
 }
 
 impl Snapshot {
@@ -34,7 +37,8 @@ impl Snapshot {
             proxy: proxy.cpu_ticks(),
             proxy_sys: proxy.sys_ticks(),
             generator: procfs::self_cpu_ticks(),
-            core0: procfs::core_ticks(0).unwrap_or((0, 0, 0)),
+            cores: procfs::cores_ticks(&proxy.cpus).unwrap_or((0, 0, 0)),
+            shared: proxy.cpus.contains(&GENERATOR_CPU),
         }
     }
 }
@@ -47,25 +51,28 @@ struct Window {
     /// Share of the proxy's CPU time spent in the kernel, percent.
     proxy_sys_pct: f64,
     generator_cpu: f64,
-    /// Share of core 0 busy with something other than the proxy, percent.
+    /// Share of the proxy's cores busy with something other than the proxy
+    /// (and the generator, when it shares them), percent of their capacity.
     foreign_pct: f64,
-    /// Of which stolen by the hypervisor, percent of core 0.
+    /// Of which stolen by the hypervisor, percent of the proxy's cores.
     steal_pct: f64,
 }
 
 impl Window {
     fn between(a: &Snapshot, b: &Snapshot, clk: f64) -> Window {
         let proxy_ticks = b.proxy.saturating_sub(a.proxy);
-        let busy = b.core0.0.saturating_sub(a.core0.0);
-        let total = b.core0.1.saturating_sub(a.core0.1).max(1);
+        let generator_ticks = b.generator.saturating_sub(a.generator);
+        let ours = proxy_ticks + if b.shared { generator_ticks } else { 0 };
+        let busy = b.cores.0.saturating_sub(a.cores.0);
+        let total = b.cores.1.saturating_sub(a.cores.1).max(1);
         Window {
             secs: b.at.duration_since(a.at).as_secs_f64(),
             proxy_cpu: proxy_ticks as f64 / clk,
             proxy_sys_pct: b.proxy_sys.saturating_sub(a.proxy_sys) as f64 * 100.0
                 / proxy_ticks.max(1) as f64,
-            generator_cpu: b.generator.saturating_sub(a.generator) as f64 / clk,
-            foreign_pct: busy.saturating_sub(proxy_ticks) as f64 * 100.0 / total as f64,
-            steal_pct: b.core0.2.saturating_sub(a.core0.2) as f64 * 100.0 / total as f64,
+            generator_cpu: generator_ticks as f64 / clk,
+            foreign_pct: busy.saturating_sub(ours) as f64 * 100.0 / total as f64,
+            steal_pct: b.cores.2.saturating_sub(a.cores.2) as f64 * 100.0 / total as f64,
         }
     }
 }
@@ -82,6 +89,8 @@ pub struct Handshakes {
     pub resumed_pct: f64,
     pub count: u64,
     pub errors: u64,
+    /// Where `foreign_pct` was looked for: `core 0`, `cores 0-1`.
+    pub cores: String,
 }
 
 /// How the load picks each connection's SNI name.
@@ -92,7 +101,7 @@ pub enum Pick {
     Random,
 }
 
-/// Workloads 1, 2 and 6: `conc` loops of connect, handshake, one echo,
+/// Workloads 1, 2, 6 and 7: `conc` loops of connect, handshake, one echo,
 /// close; counted over `secs` after `warmup`.
 pub async fn handshakes(
     proxy: &Running,
@@ -179,6 +188,7 @@ pub async fn handshakes(
         resumed_pct: (r1 - r0) as f64 * 100.0 / count.max(1) as f64,
         count,
         errors: e1 - e0,
+        cores: proxy.cores_label(),
     }
 }
 
