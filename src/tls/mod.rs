@@ -7,6 +7,7 @@
 //! Reads the typed config; knows nothing of sessions, ACME or the operator.
 
 pub mod certs;
+pub mod hkdf;
 pub mod hosts;
 pub mod resolver;
 pub mod store;
@@ -34,7 +35,7 @@ const SESSION_CACHE_SIZE: usize = 4096;
 impl TlsContext {
     pub fn new() -> Result<TlsContext, rustls::Error> {
         Ok(TlsContext {
-            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            provider: hkdf::provider(),
             ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
             sessions: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
         })
@@ -52,6 +53,12 @@ impl TlsContext {
             .with_cert_resolver(resolver);
         config.alpn_protocols = listener.alpn.clone();
         config.ticketer = self.ticketer.clone();
+        // One TLS 1.3 ticket per handshake (rustls sends two), as OpenSSL
+        // does after a resumption and Go always: each connection leaves its
+        // client the ticket for the next. A client that asks for more
+        // (RFC 9149 ticket_request) gets up to four.
+        config.send_tls13_tickets = 1;
+        config.max_tls13_tickets = 4;
         config.session_storage = self.sessions.clone();
         Ok(Arc::new(config))
     }
