@@ -17,6 +17,7 @@ use tracing::info;
 use super::context::ListenerCtx;
 use super::outcome::{is_expected, Outcome};
 use super::read_ahead::ReadAhead;
+use super::tls_session::TlsSession;
 use crate::acme::challenge::ACME_TLS_ALPN;
 use crate::protocol::TlsMode;
 use crate::tls::hosts::{Host, Matched};
@@ -50,9 +51,27 @@ pub(super) enum Refused {
     NoChallenge,
 }
 
-/// A finished handshake: the client's TLS stream, its host, how its SNI
+/// A finished handshake: the client's TLS session, its host, how its SNI
 /// led there.
-pub(super) type Shaken = (TlsStream<ReadAhead>, Arc<Host>, Matched);
+pub(super) type Shaken = (Client, Arc<Host>, Matched);
+
+/// The client's side of a finished handshake.
+pub(super) enum Client {
+    /// Relayed to a backend: buffers only while bytes move.
+    Relay(Box<TlsSession>),
+    /// Answered here (`web`): one HTTP/1.1 exchange on rustls's own stream.
+    Web(Box<TlsStream<ReadAhead>>),
+}
+
+impl Client {
+    /// The SNI the client sent, lowercase.
+    pub(super) fn server_name(&self) -> Option<&str> {
+        match self {
+            Client::Relay(s) => s.server_name(),
+            Client::Web(s) => s.get_ref().1.server_name(),
+        }
+    }
+}
 
 impl Refused {
     /// Ends `session` the way this refusal is reported.
@@ -78,7 +97,7 @@ impl Refused {
 /// client's handshake (ACME validators, shutdown).
 pub(super) fn outcome(shaken: &Result<Shaken, Refused>) -> Option<&'static str> {
     match shaken {
-        Ok((stream, _, _)) if stream.get_ref().1.server_name().is_none() => Some("no_sni"),
+        Ok((client, _, _)) if client.server_name().is_none() => Some("no_sni"),
         Ok(_) => Some("ok"),
         Err(Refused::Handshake(e)) if is_expected(e) => Some("client_left"),
         Err(Refused::Handshake(e)) => Some(failure(e)),
@@ -109,7 +128,7 @@ pub(super) async fn handshake(
     deadline: tokio::time::Instant,
 ) -> Result<Shaken, Refused> {
     let work = async {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(socket))
+        let mut start = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::recording(socket))
             .await
             .map_err(Refused::Handshake)?;
         let hello = start.client_hello();
@@ -127,6 +146,7 @@ pub(super) async fn handshake(
             let Some(cert) = cert else {
                 return Err(Refused::NoChallenge);
             };
+            start.io.stop_recording();
             return Err(Refused::Challenge(answer_challenge(start, cert, ctx).await));
         }
         // ALPACA (RFC 9325 §3.8): refused before any certificate is chosen.
@@ -147,15 +167,26 @@ pub(super) async fn handshake(
         // table snapshot (see `ListenerCtx::tls`): the routed host's.
         // Names portcullis answers itself speak HTTP/1.1 only. (rustls
         // gives the SNI lowercase, as the host table relies on too.)
-        let config = match (&ctx.web_tls, &sni) {
-            (Some(web), Some(name)) if ctx.discovery.serves(name) => web,
-            _ => &ctx.tls,
+        let client = match (&ctx.web_tls, &sni) {
+            (Some(web), Some(name)) if ctx.discovery.serves(name) => {
+                start.io.stop_recording();
+                let stream = start
+                    .into_stream(web.clone())
+                    .await
+                    .map_err(Refused::Handshake)?;
+                Client::Web(Box::new(stream))
+            }
+            _ => {
+                // The ClientHello again, to a connection that owns no
+                // buffer while the session idles (`tls_session`).
+                let (socket, replay) = start.io.into_replay();
+                let session = TlsSession::accept(socket, ctx.tls.clone(), replay, sni)
+                    .await
+                    .map_err(Refused::Handshake)?;
+                Client::Relay(Box::new(session))
+            }
         };
-        let stream = start
-            .into_stream(config.clone())
-            .await
-            .map_err(Refused::Handshake)?;
-        Ok((stream, host, matched))
+        Ok((client, host, matched))
     };
     match tokio::time::timeout_at(deadline, work).await {
         Ok(r) => r,

@@ -12,7 +12,9 @@
 //!
 //! `context` (what every connection of a listener reads) and `outcome`
 //! (how a session ends) are shared by the session and the port-80 handler,
-//! which never imports the session back. `read_ahead` sits under rustls.
+//! which never imports the session back. `tls_session` is a relayed
+//! session's TLS, on buffers it holds only while bytes move; `read_ahead`
+//! sits under rustls's ClientHello reader and the sessions `web` answers.
 //! `runtime` is what the operator sees and steers without a reload: the
 //! live sessions, drained listeners and backends.
 
@@ -29,4 +31,5 @@ pub mod relay;
 pub mod runtime;
 mod session;
 pub mod starttls;
+pub mod tls_session;
 mod web;

@@ -6,15 +6,14 @@ use std::io;
 use std::time::Instant;
 
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
-use super::read_ahead::ReadAhead;
 use super::relay::{RelayEnd, RelayStats};
+use super::tls_session::TlsSession;
 
 /// What a connection hands the relay once every check has passed.
 pub(crate) enum Ready {
-    Tls(Box<TlsStream<ReadAhead>>, TcpStream),
+    Tls(Box<TlsSession>, TcpStream),
     Plain(TcpStream, TcpStream),
 }
 

@@ -22,6 +22,8 @@ pub struct ReadAhead {
     /// Bytes received and not yet read, from `at` on.
     ahead: Vec<u8>,
     at: usize,
+    /// Every byte read so far, while recording.
+    recorded: Option<Vec<u8>>,
 }
 
 impl ReadAhead {
@@ -30,7 +32,31 @@ impl ReadAhead {
             inner,
             ahead: Vec::new(),
             at: 0,
+            recorded: None,
         }
+    }
+
+    /// A stream that keeps a copy of every byte it hands out, for
+    /// [`ReadAhead::into_replay`]: rustls's `Acceptor` reads the ClientHello
+    /// through it, and the session's own TLS connection reads it again.
+    pub fn recording(inner: TcpStream) -> ReadAhead {
+        ReadAhead {
+            recorded: Some(Vec::new()),
+            ..ReadAhead::new(inner)
+        }
+    }
+
+    /// Stops keeping a copy: rustls's own stream reads on.
+    pub fn stop_recording(&mut self) {
+        self.recorded = None;
+    }
+
+    /// The socket, and every byte received on it that was not consumed
+    /// elsewhere: what was read while recording, then what is still ahead.
+    pub fn into_replay(self) -> (TcpStream, Vec<u8>) {
+        let mut bytes = self.recorded.unwrap_or_default();
+        bytes.extend_from_slice(&self.ahead[self.at..]);
+        (self.inner, bytes)
     }
 }
 
@@ -41,6 +67,18 @@ impl AsyncRead for ReadAhead {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
+        let before = out.filled().len();
+        let polled = me.poll_ahead(cx, out);
+        if let (Some(copy), Poll::Ready(Ok(()))) = (&mut me.recorded, &polled) {
+            copy.extend_from_slice(&out.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl ReadAhead {
+    fn poll_ahead(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = self;
         if me.at < me.ahead.len() {
             let n = out.remaining().min(me.ahead.len() - me.at);
             out.put_slice(&me.ahead[me.at..me.at + n]);

@@ -30,19 +30,18 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::backend::{self, Opened};
 use super::context::{ListenerCtx, Stop};
-use super::handshake::{self, Refused};
+use super::handshake::{self, Client, Refused};
 use super::limiter::Slot;
 use super::outcome::{Outcome, Ready};
 use super::proxy_header::TlsFacts;
-use super::read_ahead::ReadAhead;
 use super::relay;
 use super::runtime::{Live, Registered};
 use super::starttls::{self, Phase};
+use super::tls_session::TlsSession;
 use crate::metrics::ListenerMetrics;
 use crate::protocol::{self, BackendGreeting, Protocol, TlsMode};
 use crate::tls;
@@ -181,11 +180,19 @@ async fn prepare(
             return None;
         }
     };
-    if let Some(name) = super::web::answered_here(&client, ctx) {
-        super::web::serve(client, &name, ctx, stop, session).await;
-        return None;
+    match client {
+        Client::Web(client) => {
+            let name = client
+                .get_ref()
+                .1
+                .server_name()
+                .unwrap_or_default()
+                .to_owned();
+            super::web::serve(*client, &name, ctx, stop, session).await;
+            None
+        }
+        Client::Relay(client) => routed(client, &host, matched, greeting, &at, session).await,
     }
-    routed(client, &host, matched, greeting, &at, session).await
 }
 
 /// A STARTTLS listener's plaintext dialogue, up to the upgrade: the socket,
@@ -242,7 +249,7 @@ async fn before_tls(
 /// sent the PROXY header with the TLS facts and past its greeting; or the
 /// protocol's goodbye.
 async fn routed(
-    mut client: TlsStream<ReadAhead>,
+    mut client: Box<TlsSession>,
     host: &Host,
     matched: Matched,
     greeting: BackendGreeting,
@@ -250,7 +257,7 @@ async fn routed(
     session: &mut Outcome,
 ) -> Option<Ready> {
     let ctx = at.ctx;
-    let (_, conn) = client.get_ref();
+    let conn = client.state();
     let version = conn
         .protocol_version()
         .map(tls::version_name)
@@ -259,7 +266,7 @@ async fn routed(
         .negotiated_cipher_suite()
         .map(tls::cipher_name)
         .unwrap_or_default();
-    let sni = conn.server_name().map(str::to_owned);
+    let sni = client.server_name().map(str::to_owned);
     tracing::Span::current().record("tls.version", version);
 
     let greeting_name = sni.clone().unwrap_or_else(|| host.label());
@@ -327,14 +334,14 @@ async fn routed(
         .await?;
     }
     debug!(sni.match = matched.as_str(), cipher = %cipher, "relaying");
-    Some(Ready::Tls(Box::new(client), upstream))
+    Some(Ready::Tls(client, upstream))
 }
 
 /// The client had our greeting before STARTTLS: it must not get the
 /// backend's too, unless it is a refusal, which the client must hear.
 /// `None`: the session is over.
 async fn drop_greeting(
-    client: &mut TlsStream<ReadAhead>,
+    client: &mut TlsSession,
     upstream: &mut TcpStream,
     greeting: BackendGreeting,
     backend: SocketAddr,
@@ -444,7 +451,7 @@ async fn plaintext_session(
 }
 
 /// The protocol's "try later" line, then close_notify and close.
-async fn goodbye(client: &mut TlsStream<ReadAhead>, ctx: &ListenerCtx, hostname: &str) {
+async fn goodbye(client: &mut TlsSession, ctx: &ListenerCtx, hostname: &str) {
     let line = protocol::unavailable(ctx.listener.protocol, hostname).unwrap_or_default();
     starttls::close_with(client, &line).await;
 }

@@ -15,14 +15,6 @@ use crate::discovery::{Discovery, Reply, BODY_LIMIT};
 
 const HEAD_LIMIT: usize = 8 * 1024;
 
-/// The SNI of a session this listener answers itself (rustls gives it
-/// lowercase).
-pub(super) fn answered_here(client: &TlsStream<ReadAhead>, ctx: &ListenerCtx) -> Option<String> {
-    ctx.web_tls.as_ref()?;
-    let name = client.get_ref().1.server_name()?;
-    ctx.discovery.serves(name).then(|| name.to_owned())
-}
-
 /// Reads one request (within `timeouts.handshake`), answers it, closes.
 pub(super) async fn serve(
     mut client: TlsStream<ReadAhead>,
