@@ -25,8 +25,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic,
+};
 use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -66,6 +68,8 @@ pub struct TlsSession {
     eof: bool,
     /// Our close_notify is queued.
     closing: bool,
+    /// A TLS error ended the session: its alert is all that may still go.
+    failed: Option<rustls::Error>,
     sni: Option<String>,
 }
 
@@ -102,6 +106,7 @@ impl TlsSession {
             peer_closed: false,
             eof: false,
             closing: false,
+            failed: None,
             sni,
         };
         std::future::poll_fn(|cx| session.poll_handshake(cx)).await?;
@@ -136,7 +141,9 @@ impl TlsSession {
                 return Poll::Ready(Ok(()));
             }
             match next {
-                Next::Input => {
+                // Traffic before the handshake is done: rustls may send
+                // (half-RTT), the client's Finished is still to come.
+                Next::Input | Next::Traffic => {
                     ready!(self.poll_send(cx))?;
                     if ready!(self.poll_receive(cx))? == 0 {
                         return Poll::Ready(Err(io::Error::new(
@@ -145,7 +152,7 @@ impl TlsSession {
                         )));
                     }
                 }
-                Next::Traffic | Next::Closed => {
+                Next::Closed => {
                     return Poll::Ready(Err(io::Error::other("handshake ended early")));
                 }
             }
@@ -157,23 +164,29 @@ impl TlsSession {
     /// `outgoing`. On an error, the alert rustls queued is encoded (and sent
     /// if the socket takes it at once).
     fn process(&mut self, cx: &mut Context<'_>, out: Option<&mut ReadBuf<'_>>) -> io::Result<Next> {
+        if let Some(e) = &self.failed {
+            return Err(invalid(e.clone()));
+        }
         match self.process_records(out) {
             Ok(next) => Ok(next),
             Err(e) => {
-                // The alert: encoded by processing nothing more.
-                let (mut none, mut head) = (Vec::new(), 0);
-                for _ in 0..4 {
-                    let progress = process_once(
+                // rustls queued its alert: handed out (before anything
+                // received is looked at again) while it has records to
+                // send, then sent if the socket takes it at once. Nothing
+                // else is done with the session after this (`failed`).
+                for _ in 0..8 {
+                    if !self.conn.wants_write() {
+                        break;
+                    }
+                    let _ = process_once(
                         &mut self.conn,
-                        (&mut none, &mut head),
+                        (&mut self.incoming, &mut self.head),
                         &mut self.outgoing,
                         (&mut self.plain, None),
                         &mut self.peer_closed,
                     );
-                    if !matches!(progress, Ok(Step::Again)) {
-                        break;
-                    }
                 }
+                self.failed = Some(e.clone());
                 let _ = self.poll_send(cx);
                 Err(invalid(e))
             }
@@ -245,60 +258,79 @@ impl TlsSession {
         }
     }
 
-    /// Encrypts `data` (at most [`WRITE`] of it) into `outgoing`.
-    fn encrypt(&mut self, data: &[u8]) -> io::Result<usize> {
-        let data = &data[..data.len().min(WRITE)];
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-        let mut traffic = match state {
-            Ok(ConnectionState::WriteTraffic(t)) => t,
-            Ok(other) => {
-                return Err(io::Error::other(format!(
-                    "cannot write in TLS state {other:?}"
-                )))
+    /// Runs `f` with rustls's `WriteTraffic`, the state once the handshake
+    /// is done and everything received is processed (`process` first);
+    /// `None` in any other state (closed both ways).
+    fn with_traffic<T>(
+        &mut self,
+        f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
+        // Always the unprocessed bytes, never an empty slice: rustls may
+        // hold offsets into them (a handshake message split over records).
+        let UnbufferedStatus { discard, state } = self
+            .conn
+            .process_tls_records(&mut self.incoming[self.head..]);
+        let result: Result<io::Result<Option<T>>, rustls::Error> = match state {
+            Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                Ok(f(&mut traffic, &mut self.outgoing).map(Some))
             }
-            Err(e) => return Err(invalid(e)),
+            Ok(_) => Ok(Ok(None)),
+            Err(e) => Err(e),
         };
-        let at = self.outgoing.len();
-        // A record's overhead is at most 22 bytes in TLS 1.3 (29 in 1.2).
-        let mut room = data.len() + data.len().div_ceil(16 * 1024) * 64 + 64;
-        loop {
-            self.outgoing.resize(at + room, 0);
-            match traffic.encrypt(data, &mut self.outgoing[at..]) {
-                Ok(n) => {
-                    self.outgoing.truncate(at + n);
-                    return Ok(data.len());
-                }
-                Err(EncryptError::InsufficientSize(s)) if s.required_size > room => {
-                    room = s.required_size;
-                }
-                Err(e) => {
-                    self.outgoing.truncate(at);
-                    return Err(io::Error::other(e.to_string()));
-                }
+        advance(&mut self.incoming, &mut self.head, discard);
+        match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.failed = Some(e.clone());
+                Err(invalid(e))
             }
         }
     }
 
+    /// Encrypts `data` (at most [`WRITE`] of it) into `outgoing`.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<usize> {
+        let data = &data[..data.len().min(WRITE)];
+        let written = self.with_traffic(|traffic, outgoing| {
+            let at = outgoing.len();
+            // A record's overhead is at most 22 bytes in TLS 1.3 (29 in 1.2).
+            let mut room = data.len() + data.len().div_ceil(16 * 1024) * 64 + 64;
+            loop {
+                outgoing.resize(at + room, 0);
+                match traffic.encrypt(data, &mut outgoing[at..]) {
+                    Ok(n) => {
+                        outgoing.truncate(at + n);
+                        return Ok(data.len());
+                    }
+                    Err(EncryptError::InsufficientSize(s)) if s.required_size > room => {
+                        room = s.required_size;
+                    }
+                    Err(e) => {
+                        outgoing.truncate(at);
+                        return Err(io::Error::other(e.to_string()));
+                    }
+                }
+            }
+        })?;
+        written.ok_or_else(|| io::ErrorKind::BrokenPipe.into())
+    }
+
+    /// Queues close_notify, unless both sides have closed already.
     fn queue_close_notify(&mut self) -> io::Result<()> {
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-        let mut traffic = match state {
-            Ok(ConnectionState::WriteTraffic(t)) => t,
-            // Already closed both ways, or never got there: nothing to say.
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(invalid(e)),
-        };
-        let at = self.outgoing.len();
-        self.outgoing.resize(at + 64, 0);
-        match traffic.queue_close_notify(&mut self.outgoing[at..]) {
-            Ok(n) => {
-                self.outgoing.truncate(at + n);
-                Ok(())
+        self.with_traffic(|traffic, outgoing| {
+            let at = outgoing.len();
+            outgoing.resize(at + 64, 0);
+            match traffic.queue_close_notify(&mut outgoing[at..]) {
+                Ok(n) => {
+                    outgoing.truncate(at + n);
+                    Ok(())
+                }
+                Err(e) => {
+                    outgoing.truncate(at);
+                    Err(io::Error::other(e.to_string()))
+                }
             }
-            Err(e) => {
-                self.outgoing.truncate(at);
-                Err(io::Error::other(e.to_string()))
-            }
-        }
+        })
+        .map(|_| ())
     }
 }
 
@@ -317,7 +349,7 @@ fn process_once(
     peer_closed: &mut bool,
 ) -> Result<Step, rustls::Error> {
     let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut incoming[*head..]);
-    let step = match state? {
+    let step = state.and_then(|state| match state {
         ConnectionState::ReadTraffic(mut records) => {
             while let Some(record) = records.next_record() {
                 let record = record?;
@@ -330,14 +362,14 @@ fn process_once(
                 }
                 plain.extend_from_slice(payload);
             }
-            Step::Again
+            Ok(Step::Again)
         }
         ConnectionState::ReadEarlyData(mut records) => {
             // Never offered (max_early_data_size is 0): dropped if any.
             while let Some(record) = records.next_record() {
                 discard += record?.discard;
             }
-            Step::Again
+            Ok(Step::Again)
         }
         ConnectionState::EncodeTlsData(mut encode) => {
             let at = outgoing.len();
@@ -356,30 +388,35 @@ fn process_once(
                     }
                 }
             }
-            Step::Again
+            Ok(Step::Again)
         }
         // Written by the caller before it waits for input or returns.
         ConnectionState::TransmitTlsData(transmit) => {
             transmit.done();
-            Step::Again
+            Ok(Step::Again)
         }
         ConnectionState::PeerClosed => {
             *peer_closed = true;
-            Step::Again
+            Ok(Step::Again)
         }
-        ConnectionState::Closed => Step::Stop(Next::Closed),
-        ConnectionState::BlockedHandshake => Step::Stop(Next::Input),
-        ConnectionState::WriteTraffic(_) => Step::Stop(Next::Traffic),
-        _ => Step::Stop(Next::Input),
-    };
-    // Discarded by moving the start, not the bytes: a read of four
-    // records would otherwise move the later ones three times.
-    *head += discard;
+        ConnectionState::Closed => Ok(Step::Stop(Next::Closed)),
+        ConnectionState::BlockedHandshake => Ok(Step::Stop(Next::Input)),
+        ConnectionState::WriteTraffic(_) => Ok(Step::Stop(Next::Traffic)),
+        _ => Ok(Step::Stop(Next::Input)),
+    });
+    advance(incoming, head, discard);
+    step
+}
+
+/// Discards `n` processed bytes by moving the start, not the bytes: a read
+/// of four records would otherwise move the later ones three times. (Also
+/// after an error: the record that failed is not processed again.)
+fn advance(incoming: &mut Vec<u8>, head: &mut usize, n: usize) {
+    *head = (*head + n).min(incoming.len());
     if *head == incoming.len() {
         incoming.clear();
         *head = 0;
     }
-    Ok(step)
 }
 
 /// rustls's errors as tokio-rustls reports them, so callers tell causes
@@ -420,9 +457,11 @@ impl AsyncRead for TlsSession {
             if next == Next::Closed {
                 return Poll::Ready(Ok(()));
             }
-            // Whatever processing produced (a key update's answer) goes
-            // before waiting for more.
-            ready!(me.poll_send(cx))?;
+            // What is waiting to go (the TLS 1.3 ticket, an alert) goes
+            // now if the socket takes it; reading never waits for it.
+            if let Poll::Ready(Err(e)) = me.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
             if me.eof {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -464,7 +503,7 @@ impl AsyncWrite for TlsSession {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        if !me.closing {
+        if !me.closing && me.failed.is_none() {
             me.closing = true;
             if me.process(cx, None)? != Next::Closed {
                 me.queue_close_notify()?;
@@ -601,6 +640,52 @@ mod tests {
         }
     }
 
+    /// A TLS 1.2 client whose second flight starts a handshake message in
+    /// one record and interleaves another record before its end: refused,
+    /// never a panic (rustls keeps offsets into the unprocessed bytes of a
+    /// message split over records; they must be handed back every time).
+    #[tokio::test]
+    async fn a_handshake_message_cut_by_another_record_is_refused() {
+        let (server_config, client_config) = configs(true);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("mail.example.test").unwrap();
+            let mut conn = rustls::ClientConnection::new(client_config, name).unwrap();
+            let mut hello = Vec::new();
+            conn.write_tls(&mut hello).unwrap();
+            tcp.write_all(&hello).await.unwrap();
+            // the server's first flight, up to ServerHelloDone
+            let mut flight = vec![0u8; 16 * 1024];
+            let _ = tcp.read(&mut flight).await.unwrap();
+            // a ClientKeyExchange header promising 33 bytes, then a CCS
+            tcp.write_all(&[0x16, 0x03, 0x03, 0x00, 0x04, 0x10, 0x00, 0x00, 0x21])
+                .await
+                .unwrap();
+            tcp.write_all(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x01])
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                tcp.read_to_end(&mut answer),
+            )
+            .await;
+            answer
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let e = TlsSession::accept(tcp, server_config, Vec::new(), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("Interleaved"), "{e}");
+        // closed, with nothing but an alert if anything (rustls sends none
+        // for this one, with either API)
+        let answer = client.await.unwrap();
+        assert!(answer.is_empty() || answer[0] == 0x15, "{answer:?}");
+    }
+
     #[tokio::test]
     async fn a_close_without_close_notify_is_an_unexpected_eof() {
         let Pair { mut server, client } = pair(false).await;
@@ -623,6 +708,11 @@ mod tests {
         let mut buf = [0u8; 16];
         let e = server.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // nothing more is encrypted after the alert: reads and writes fail
+        // with the same error, and a shutdown sends nothing else
+        assert!(server.write_all(b"* BYE\r\n").await.is_err());
+        assert!(server.read(&mut buf).await.is_err());
+        let _ = server.shutdown().await;
         drop(server);
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(
