@@ -16,12 +16,85 @@ use tokio::net::TcpStream;
 /// One `recv` of at most this much.
 const AHEAD: usize = 64 * 1024;
 
+/// Bytes received (or decrypted) ahead of the reader, handed out from `at`
+/// on; the memory goes back as soon as the last of them is read.
+#[derive(Debug, Default)]
+pub(super) struct Leftover {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl Leftover {
+    pub(super) fn is_empty(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
+    /// What is not handed out yet.
+    pub(super) fn rest(&self) -> &[u8] {
+        &self.bytes[self.at..]
+    }
+
+    pub(super) fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// Takes `bytes` to hand out, in place of what is left (nothing).
+    fn refill(&mut self, bytes: Vec<u8>) {
+        *self = Leftover { bytes, at: 0 };
+    }
+
+    pub(super) fn extend(&mut self, more: &[u8]) {
+        self.bytes.extend_from_slice(more);
+    }
+
+    /// Hands out as much as `out` takes; false when there was nothing.
+    pub(super) fn read_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let n = out.remaining().min(self.bytes.len() - self.at);
+        out.put_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        if self.is_empty() {
+            // Drained: give the memory back.
+            *self = Leftover::default();
+        }
+        true
+    }
+}
+
+/// One `recv` appended to `buf` (room for up to 64 KiB made first); the
+/// bytes received, 0 at end of stream. Readiness comes first, so a socket
+/// with nothing to read costs no buffer: an empty `buf` is released again
+/// when the readiness was stale.
+pub(super) fn poll_recv(
+    socket: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(socket.poll_read_ready(cx))?;
+        if buf.capacity() - buf.len() < AHEAD / 4 {
+            buf.reserve(AHEAD);
+        }
+        match socket.try_read_buf(buf) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            // Stale; poll_read_ready registers the waker.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if buf.is_empty() {
+                    *buf = Vec::new();
+                }
+            }
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ReadAhead {
     inner: TcpStream,
-    /// Bytes received and not yet read, from `at` on.
-    ahead: Vec<u8>,
-    at: usize,
+    /// Bytes received and not yet read.
+    ahead: Leftover,
     /// Every byte read so far, while recording.
     recorded: Option<Vec<u8>>,
 }
@@ -30,8 +103,7 @@ impl ReadAhead {
     pub fn new(inner: TcpStream) -> ReadAhead {
         ReadAhead {
             inner,
-            ahead: Vec::new(),
-            at: 0,
+            ahead: Leftover::default(),
             recorded: None,
         }
     }
@@ -55,7 +127,7 @@ impl ReadAhead {
     /// elsewhere: what was read while recording, then what is still ahead.
     pub fn into_replay(self) -> (TcpStream, Vec<u8>) {
         let mut bytes = self.recorded.unwrap_or_default();
-        bytes.extend_from_slice(&self.ahead[self.at..]);
+        bytes.extend_from_slice(self.ahead.rest());
         (self.inner, bytes)
     }
 }
@@ -78,41 +150,18 @@ impl AsyncRead for ReadAhead {
 
 impl ReadAhead {
     fn poll_ahead(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let me = self;
-        if me.at < me.ahead.len() {
-            let n = out.remaining().min(me.ahead.len() - me.at);
-            out.put_slice(&me.ahead[me.at..me.at + n]);
-            me.at += n;
-            if me.at == me.ahead.len() {
-                // Drained: give the memory back.
-                me.ahead = Vec::new();
-                me.at = 0;
-            }
+        if self.ahead.read_into(out) {
             return Poll::Ready(Ok(()));
         }
         if out.remaining() >= AHEAD / 2 {
-            return Pin::new(&mut me.inner).poll_read(cx, out);
+            return Pin::new(&mut self.inner).poll_read(cx, out);
         }
-        loop {
-            // Readiness first: a socket with nothing to read costs no buffer.
-            ready!(me.inner.poll_read_ready(cx))?;
-            let mut ahead = Vec::with_capacity(AHEAD);
-            match me.inner.try_read_buf(&mut ahead) {
-                Ok(0) => return Poll::Ready(Ok(())),
-                Ok(n) => {
-                    let take = out.remaining().min(n);
-                    out.put_slice(&ahead[..take]);
-                    if take < n {
-                        me.ahead = ahead;
-                        me.at = take;
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                // Readiness was stale; poll_read_ready registers the waker.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        let mut received = Vec::new();
+        if ready!(poll_recv(&self.inner, cx, &mut received))? > 0 {
+            self.ahead.refill(received);
+            self.ahead.read_into(out);
         }
+        Poll::Ready(Ok(()))
     }
 }
 

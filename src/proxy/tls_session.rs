@@ -33,8 +33,8 @@ use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// One `recv` of at most this much.
-const READ: usize = 64 * 1024;
+use super::read_ahead::{poll_recv, Leftover};
+
 /// Plaintext encrypted per write call at most (four full records).
 const WRITE: usize = 64 * 1024;
 
@@ -59,9 +59,8 @@ pub struct TlsSession {
     /// Encoded for the client and not yet written, from `sent` on.
     outgoing: Vec<u8>,
     sent: usize,
-    /// Decrypted and not yet read, from `plain_at` on.
-    plain: Vec<u8>,
-    plain_at: usize,
+    /// Decrypted and not yet read.
+    plain: Leftover,
     /// The client's close_notify arrived: end of its data.
     peer_closed: bool,
     /// The client's TCP stream ended.
@@ -101,8 +100,7 @@ impl TlsSession {
             head: 0,
             outgoing: Vec::new(),
             sent: 0,
-            plain: Vec::new(),
-            plain_at: 0,
+            plain: Leftover::default(),
             peer_closed: false,
             eof: false,
             closing: false,
@@ -230,32 +228,15 @@ impl TlsSession {
     }
 
     /// One `recv` into `incoming`; the bytes received (0: end of stream).
-    /// A socket with nothing to read costs no buffer.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            if self.head > 0 {
-                // What is left of a record cut short: a few bytes.
-                self.incoming.drain(..self.head);
-                self.head = 0;
-            }
-            if self.incoming.capacity() - self.incoming.len() < READ / 4 {
-                self.incoming.reserve(READ);
-            }
-            match self.io.try_read_buf(&mut self.incoming) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Poll::Ready(Ok(0));
-                }
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.incoming.is_empty() {
-                        self.incoming = Vec::new();
-                    }
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        if self.head > 0 {
+            // What is left of a record cut short: a few bytes.
+            self.incoming.drain(..self.head);
+            self.head = 0;
         }
+        let n = ready!(poll_recv(&self.io, cx, &mut self.incoming))?;
+        self.eof |= n == 0;
+        Poll::Ready(Ok(n))
     }
 
     /// Runs `f` with rustls's `WriteTraffic`, the state once the handshake
@@ -345,7 +326,7 @@ fn process_once(
     conn: &mut UnbufferedServerConnection,
     (incoming, head): (&mut Vec<u8>, &mut usize),
     outgoing: &mut Vec<u8>,
-    (plain, mut out): (&mut Vec<u8>, Option<&mut ReadBuf<'_>>),
+    (plain, mut out): (&mut Leftover, Option<&mut ReadBuf<'_>>),
     peer_closed: &mut bool,
 ) -> Result<Step, rustls::Error> {
     let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut incoming[*head..]);
@@ -360,7 +341,7 @@ fn process_once(
                     out.put_slice(&payload[..n]);
                     payload = &payload[n..];
                 }
-                plain.extend_from_slice(payload);
+                plain.extend(payload);
             }
             Ok(Step::Again)
         }
@@ -433,14 +414,7 @@ impl AsyncRead for TlsSession {
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         loop {
-            if me.plain_at < me.plain.len() {
-                let n = out.remaining().min(me.plain.len() - me.plain_at);
-                out.put_slice(&me.plain[me.plain_at..me.plain_at + n]);
-                me.plain_at += n;
-                if me.plain_at == me.plain.len() {
-                    me.plain = Vec::new();
-                    me.plain_at = 0;
-                }
+            if me.plain.read_into(out) {
                 return Poll::Ready(Ok(()));
             }
             if me.peer_closed {
@@ -451,7 +425,7 @@ impl AsyncRead for TlsSession {
             if out.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }
-            if me.plain_at < me.plain.len() || me.peer_closed {
+            if !me.plain.is_empty() || me.peer_closed {
                 continue;
             }
             if next == Next::Closed {

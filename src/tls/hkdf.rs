@@ -11,7 +11,7 @@
 //! copied for each use: an expansion costs two blocks. The derivations are
 //! RFC 5869's, byte for byte; the tests hold them to aws-lc's.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use aws_lc_rs::hmac as lc;
 use rustls::crypto::hmac::{Hmac, Key, Tag};
@@ -57,28 +57,39 @@ impl Key for Keyed {
     }
 }
 
-/// `provider` with its TLS 1.3 suites deriving keys through [`KeyedOnce`];
-/// the same suites, in the same order, with the same record protection.
-pub fn with_keyed_hkdf(mut provider: CryptoProvider) -> CryptoProvider {
+/// aws-lc-rs's TLS 1.3 suites with the HKDF for their hash, made once per
+/// process however many configs are built.
+static KEYED: LazyLock<Vec<Tls13CipherSuite>> = LazyLock::new(|| {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .cipher_suites
+        .iter()
+        .filter_map(|suite| suite.tls13().and_then(keyed))
+        .collect()
+});
+
+/// `provider` (aws-lc-rs's) with its TLS 1.3 suites deriving keys through
+/// [`KeyedOnce`]: the same suites, in the same order, with the same record
+/// protection.
+fn with_keyed_hkdf(mut provider: CryptoProvider) -> CryptoProvider {
     for suite in &mut provider.cipher_suites {
-        if let SupportedCipherSuite::Tls13(tls13) = *suite {
-            if let Some(faster) = keyed(tls13) {
-                *suite = SupportedCipherSuite::Tls13(faster);
-            }
+        let ours = KEYED
+            .iter()
+            .find(|k| Some(k.common.suite) == suite.tls13().map(|t| t.common.suite));
+        if let Some(ours) = ours {
+            *suite = SupportedCipherSuite::Tls13(ours);
         }
     }
     provider
 }
 
 /// The suite with the HKDF for its hash; `None` for a hash not covered.
-fn keyed(suite: &'static Tls13CipherSuite) -> Option<&'static Tls13CipherSuite> {
+fn keyed(suite: &Tls13CipherSuite) -> Option<Tls13CipherSuite> {
     let hkdf = match suite.common.hash_provider.algorithm() {
         rustls::crypto::hash::HashAlgorithm::SHA256 => &HKDF_SHA256,
         rustls::crypto::hash::HashAlgorithm::SHA384 => &HKDF_SHA384,
         _ => return None,
     };
-    // Made once per suite per process (TlsContext::new), never per handshake.
-    Some(Box::leak(Box::new(Tls13CipherSuite {
+    Some(Tls13CipherSuite {
         common: CipherSuiteCommon {
             suite: suite.common.suite,
             hash_provider: suite.common.hash_provider,
@@ -87,7 +98,7 @@ fn keyed(suite: &'static Tls13CipherSuite) -> Option<&'static Tls13CipherSuite> 
         hkdf_provider: hkdf,
         aead_alg: suite.aead_alg,
         quic: suite.quic,
-    })))
+    })
 }
 
 /// The process's provider: aws-lc-rs, with [`with_keyed_hkdf`].
