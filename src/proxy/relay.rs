@@ -537,8 +537,12 @@ mod tests {
         tasks.abort_all();
         let (up, down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
         assert!(up > 0 && down > 0, "up {up} down {down}");
+        // Starving means next to nothing moves one way. The four peer tasks
+        // share two CPUs with the relay, and how the scheduler places them
+        // alone has made one way 3.5 times the other on a CI machine: the
+        // bound is an order of magnitude, not a fairness ratio.
         assert!(
-            up < 2 * down && down < 2 * up,
+            up < 10 * down && down < 10 * up,
             "one direction starved the other: up {up} bytes, down {down} bytes"
         );
     }
