@@ -16,6 +16,7 @@ const CONFIG: &str = portcullis::config::defaults::CONFIG_PATH;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use portcullis::ops::control::{self, ClientError, Request, Response};
+use portcullis::ops::handover::{Inherited, Successor};
 use portcullis::server::{load_certificates, Server};
 
 #[derive(Parser)]
@@ -71,6 +72,19 @@ enum Command {
     Reload {
         #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
         config: PathBuf,
+    },
+    /// Replace the running instance with a new process of the binary at its
+    /// path (after a package upgrade: the new version), or of --binary,
+    /// without closing a listener or cutting a session: the new process
+    /// takes over every listening socket, the old one drains. Exit 1, with
+    /// the reason, if the new process did not start; the old one serves on.
+    /// SIGUSR2 does the same without an answer.
+    Upgrade {
+        #[arg(long, short, value_name = "FILE", default_value = CONFIG)]
+        config: PathBuf,
+        /// The binary to start instead of the running one's path.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
     },
     /// Ask the running instance for its listeners (accepting or drained,
     /// open sessions), backends (drained, connect failures, last error) and
@@ -155,6 +169,7 @@ fn main() -> ExitCode {
             name,
         } => renew(&config, force, dry_run, name),
         Command::Reload { config } => reload(&config),
+        Command::Upgrade { config, binary } => upgrade(&config, binary),
         Command::Status { config, json } => runtime_view(&config, Request::Status, json),
         Command::Sessions {
             config,
@@ -499,6 +514,29 @@ fn reload(path: &Path) -> ExitCode {
 }
 
 /// `status`, `sessions`, `drain` and `enable`: asks, prints the answer.
+fn upgrade(path: &Path, binary: Option<PathBuf>) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    // The running instance has another working directory.
+    let binary = match binary.map(std::path::absolute).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("--binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A new process reads its config and certificates within a minute.
+    let limit = std::time::Duration::from_secs(120);
+    match ask_within(&config, Request::Upgrade { binary }, limit) {
+        Ok(Response::Upgraded(words)) => {
+            println!("{words}");
+            ExitCode::SUCCESS
+        }
+        other => refused(other, path),
+    }
+}
+
 fn runtime_view(path: &Path, request: Request, json: bool) -> ExitCode {
     use portcullis::ops::status;
     let Some(config) = load(path) else {
@@ -571,15 +609,36 @@ fn raise_open_files(max_connections: usize) {
 }
 
 fn run(path: &Path) -> ExitCode {
-    let Some(config) = load(path) else {
-        return ExitCode::FAILURE;
+    // Started by `portcullis upgrade`: the running process's sockets first,
+    // so that any failure below reaches it (it then serves on).
+    let handover = Successor::from_env();
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            if let Some(Ok((successor, _))) = handover {
+                successor.failed(&format!("config not valid: {e}"));
+            }
+            return ExitCode::FAILURE;
+        }
     };
     portcullis::ops::logging::init(config.log.format, &config.log.level);
+    let (successor, inherited) = match handover {
+        None => (None, Inherited::default()),
+        Some(Ok((successor, inherited))) => (Some(successor), inherited),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "upgrade: cannot take over");
+            return ExitCode::FAILURE;
+        }
+    };
     raise_open_files(config.max_connections);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
+            if let Some(s) = successor {
+                s.failed(&format!("cannot start the async runtime: {e}"));
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -587,25 +646,34 @@ fn run(path: &Path) -> ExitCode {
         // Installed before the first "listening" line: a SIGTERM right after
         // it must drain, not kill.
         let signals = Signals::install();
-        let server = match Server::bind_file(path) {
+        let server = match Server::bind_file_with(path, inherited) {
             Ok(s) => s,
             Err(errors) => {
-                for e in errors {
+                for e in &errors {
                     tracing::error!(error = %e, "cannot start");
+                }
+                if let Some(s) = successor {
+                    s.failed(&errors.join("; "));
                 }
                 return ExitCode::FAILURE;
             }
         };
         let reloader = server.reloader();
-        server.run(signals.serve(reloader)).await;
+        let shutdown = signals.serve(reloader);
+        match successor {
+            Some(s) => server.run_replacing(s, shutdown).await,
+            None => server.run(shutdown).await,
+        }
         ExitCode::SUCCESS
     })
 }
 
 /// SIGTERM and SIGINT end the process (after a drain); SIGHUP
-/// (`systemctl reload`, `kill -HUP`) asks for a reload.
+/// (`systemctl reload`, `kill -HUP`) asks for a reload; SIGUSR2 for an
+/// upgrade to the binary at this process's path (as nginx).
 struct Signals(
     Option<(
+        tokio::signal::unix::Signal,
         tokio::signal::unix::Signal,
         tokio::signal::unix::Signal,
         tokio::signal::unix::Signal,
@@ -619,8 +687,9 @@ impl Signals {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined2()),
         ) {
-            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
+            (Ok(term), Ok(int), Ok(hup), Ok(usr2)) => Signals(Some((term, int, hup, usr2))),
             _ => {
                 tracing::error!("cannot install signal handlers; stop with SIGKILL");
                 Signals(None)
@@ -630,7 +699,7 @@ impl Signals {
 
     /// Resolves on SIGTERM or SIGINT.
     async fn serve(self, reloader: portcullis::ops::reload::Reloader) {
-        let Some((mut term, mut int, mut hup)) = self.0 else {
+        let Some((mut term, mut int, mut hup, mut usr2)) = self.0 else {
             return std::future::pending().await;
         };
         loop {
@@ -638,6 +707,7 @@ impl Signals {
                 _ = term.recv() => return tracing::info!(signal = "SIGTERM", "signal received"),
                 _ = int.recv() => return tracing::info!(signal = "SIGINT", "signal received"),
                 _ = hup.recv() => reloader.trigger("SIGHUP"),
+                _ = usr2.recv() => reloader.trigger_upgrade("SIGUSR2"),
             }
         }
     }

@@ -126,7 +126,8 @@ fn the_systemd_unit_runs_the_proxy_as_the_readme_says() {
     // reload is refused; readiness and reloads are notified (tests/systemd.rs).
     assert_eq!(setting(&s, "ExecReload"), run_with("reload"));
     assert_eq!(setting(&s, "Type"), "notify");
-    assert_eq!(setting(&s, "NotifyAccess"), "main");
+    // `portcullis upgrade`: the new process's READY=1 must be heard.
+    assert_eq!(setting(&s, "NotifyAccess"), "all");
     assert_eq!(setting(&s, "KillSignal"), "SIGTERM");
     assert_eq!(setting(&s, "Restart"), "on-failure");
     // systemd must not SIGKILL a drain it was told to wait for.
@@ -937,7 +938,9 @@ fn the_debian_package_ships_current_man_pages_and_changelog() {
         );
     }
     let top = read("deploy/man/portcullis.1");
-    for sub in ["run", "check", "certs", "renew", "reload", "tlsa", "dns"] {
+    for sub in [
+        "run", "check", "certs", "renew", "reload", "upgrade", "tlsa", "dns",
+    ] {
         assert!(
             top.contains(&format!("portcullis\\-{sub}(1)")),
             "{sub}: {top}"
@@ -964,8 +967,13 @@ fn the_debian_package_ships_current_man_pages_and_changelog() {
         "{postinst}"
     );
     assert!(
-        !postinst.contains("systemctl start"),
-        "starts nothing before a config is written"
+        !postinst.contains("systemctl start") && !postinst.contains("systemctl restart"),
+        "starts nothing before a config is written, restarts nothing"
+    );
+    // A package upgrade hands a running instance over to the new binary.
+    assert!(
+        postinst.contains("portcullis upgrade --config /etc/portcullis/config.yaml"),
+        "{postinst}"
     );
 }
 

@@ -113,3 +113,56 @@ fn an_abstract_notify_socket_is_reached_too() {
     assert_eq!(next(&systemd, &run), "READY=1\nSTATUS=serving");
     assert!(run.stop().success());
 }
+
+/// `portcullis upgrade` under `Type=notify` with `NotifyAccess=all`: the old
+/// process names the new one the main process (`MAINPID=`), the new one
+/// says it serves, and the old one exits without `STOPPING=1` (systemd
+/// would take that for the service stopping).
+#[test]
+fn an_upgrade_hands_systemd_the_new_main_process() {
+    let dir = common::scratch();
+    let config = dir.path().join("portcullis.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let path = dir.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut run = Running::start(&config, &[("NOTIFY_SOCKET", path.display().to_string())]);
+    assert_eq!(next(&systemd, &run), "READY=1\nSTATUS=serving");
+
+    let (code, out, err) = common::process::portcullis(
+        &["upgrade", "--config", common::process::path_str(&config)],
+        Duration::from_secs(120),
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", run.log());
+    let pid: u32 = out
+        .strip_prefix("process ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(
+        next(&systemd, &run),
+        format!("MAINPID={pid}\nSTATUS=upgraded: process {pid} serves")
+    );
+    assert_eq!(next(&systemd, &run), "READY=1\nSTATUS=serving");
+
+    // The old process had no session: it exits at once, and quietly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = run.try_wait() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", run.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+
+    // The new one is the service now: its stop is the service's.
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert_eq!(next(&systemd, &run), "STOPPING=1\nSTATUS=draining");
+}

@@ -61,6 +61,11 @@ pub enum Request {
     Enable {
         name: String,
     },
+    /// Starts `binary` (the running one's own when `None`), hands it every
+    /// listening socket, and drains this process.
+    Upgrade {
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +80,8 @@ pub enum Response {
     Sessions(SessionsReport),
     /// What a drain or enable did, in words.
     Switched(String),
+    /// Which process serves now, in words.
+    Upgraded(String),
     Error(String),
 }
 
@@ -182,7 +189,41 @@ impl Control {
         Ok(Control { listener, path })
     }
 
-    /// Answers requests until `stop` fires, then removes the socket file.
+    /// The control socket the process this one replaces was serving
+    /// ([`super::handover`]), when it is `state_dir`'s; `None` when it is
+    /// another's (the config moved `state_dir`).
+    pub fn inherited(
+        socket: std::os::unix::net::UnixListener,
+        state_dir: &Path,
+    ) -> Result<Option<Control>, ControlError> {
+        let path = socket_path(state_dir);
+        let io_err = |source| ControlError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bound = socket.local_addr().map_err(io_err)?;
+        // The same file, however the config spells state_dir.
+        let same = |a: &Path| std::fs::canonicalize(a).ok();
+        if bound
+            .as_pathname()
+            .and_then(same)
+            .is_none_or(|b| Some(b) != same(&path))
+        {
+            return Ok(None);
+        }
+        socket.set_nonblocking(true).map_err(io_err)?;
+        let listener = UnixListener::from_std(socket).map_err(io_err)?;
+        Ok(Some(Control { listener, path }))
+    }
+
+    /// A copy of the listening socket, to hand to a new process.
+    pub fn socket(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
+    /// Answers requests until `stop` fires, then removes the socket file
+    /// (unless a new process serves it now, [`super::handover`]).
     /// `views` is swapped on reload; `reloader` is `None` when the server
     /// has no config file to reload from.
     pub async fn serve(
@@ -206,19 +247,13 @@ impl Control {
                     let cluster = cluster.clone();
                     let stop = stop.clone();
                     tokio::spawn(async move {
-                        let asked = answer(
-                            stream,
-                            Served {
-                                views: &views,
-                                runtime: &runtime,
-                                cluster: cluster.as_deref(),
-                                reloader: reloader.as_ref(),
-                            },
-                        );
-                        tokio::select! {
-                            _ = asked => {},
-                            _ = stop.cancelled() => {},
-                        }
+                        let served = Served {
+                            views: &views,
+                            runtime: &runtime,
+                            cluster: cluster.as_deref(),
+                            reloader: reloader.as_ref(),
+                        };
+                        answer(stream, served, &stop).await;
                     });
                 }
                 Err(e) => {
@@ -227,7 +262,9 @@ impl Control {
                 }
             }
         }
-        let _ = std::fs::remove_file(&self.path);
+        if !super::handover::handed_over() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -240,24 +277,35 @@ struct Served<'a> {
     reloader: Option<&'a Reloader>,
 }
 
-async fn answer(stream: UnixStream, served: Served<'_>) {
+/// Reads one request and answers it. `stop` ends the wait for the request
+/// and for its outcome, not the answer: an upgrade's outcome is ready just
+/// before this process stops serving, and must still reach the operator.
+async fn answer(stream: UnixStream, served: Served<'_>, stop: &CancellationToken) {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
-    let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
-    let response = match got {
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => {
-                debug!(?request, "control request");
-                handle(request, served).await
-            }
-            Err(e) => Response::Error(format!("bad request: {e}")),
-        },
-        _ => return,
+    let asked = async {
+        let mut line = String::new();
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
+        let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+        match got {
+            Ok(Ok(_)) => Some(match serde_json::from_str::<Request>(&line) {
+                Ok(request) => {
+                    debug!(?request, "control request");
+                    handle(request, served).await
+                }
+                Err(e) => Response::Error(format!("bad request: {e}")),
+            }),
+            _ => None,
+        }
     };
+    let response = tokio::select! {
+        biased;
+        r = asked => r,
+        _ = stop.cancelled() => None,
+    };
+    let Some(response) = response else { return };
     if let Ok(mut json) = serde_json::to_vec(&response) {
         json.push(b'\n');
-        let _ = write.write_all(&json).await;
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&json)).await;
     }
 }
 
@@ -286,6 +334,13 @@ async fn handle(request: Request, served: Served<'_>) -> Response {
                 Err(e) => Response::Error(format!(
                     "reload failed, still serving the previous configuration: {e}"
                 )),
+            },
+            None => Response::Error("this instance was not started from a config file".into()),
+        },
+        Request::Upgrade { binary } => match reloader {
+            Some(r) => match r.upgrade(binary).await {
+                Ok(words) => Response::Upgraded(words),
+                Err(e) => Response::Error(format!("upgrade failed, still serving: {e}")),
             },
             None => Response::Error("this instance was not started from a config file".into()),
         },
@@ -568,6 +623,23 @@ mod tests {
     use arc_swap::ArcSwap;
     use std::sync::Arc;
     use tokio::io::AsyncReadExt;
+
+    /// A new process (`portcullis upgrade`) serves the control socket it
+    /// was handed when it is its own state_dir's, however spelled.
+    #[tokio::test]
+    async fn an_inherited_control_socket_is_taken_for_its_own_state_dir_only() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let control = Control::bind(&a).unwrap();
+        let handed = std::os::unix::net::UnixListener::from(control.socket().unwrap());
+        let elsewhere = Control::inherited(handed.try_clone().unwrap(), &b).unwrap();
+        assert!(elsewhere.is_none());
+        let spelled = d.path().join("b/../a");
+        let taken = Control::inherited(handed, &spelled).unwrap();
+        assert!(taken.is_some());
+    }
 
     #[tokio::test]
     async fn bad_requests_get_an_error_and_a_second_instance_is_refused() {

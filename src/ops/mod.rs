@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod control;
+pub mod handover;
 pub mod logging;
 pub mod notify;
 pub mod reload;

@@ -28,9 +28,27 @@ pub struct Request {
     pub reply: Option<oneshot::Sender<Result<Changes, String>>>,
 }
 
-/// Asks the running server to reload; cheap to clone.
+/// One binary upgrade asked for (`portcullis upgrade`, SIGUSR2): start
+/// `binary` (this process's own when `None`), hand it the sockets, drain.
+#[derive(Debug)]
+pub struct Upgrade {
+    /// `SIGUSR2`, `portcullis upgrade`.
+    pub reason: &'static str,
+    pub binary: Option<PathBuf>,
+    /// What happened, in words: the new process's pid, or why not.
+    pub reply: Option<oneshot::Sender<Result<String, String>>>,
+}
+
+/// What the running server is asked to do between serving.
+#[derive(Debug)]
+pub enum Ask {
+    Reload(Request),
+    Upgrade(Upgrade),
+}
+
+/// Asks the running server to reload (or upgrade); cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Reloader(pub(crate) mpsc::Sender<Request>);
+pub struct Reloader(pub(crate) mpsc::Sender<Ask>);
 
 impl Reloader {
     /// Reloads and waits for the outcome.
@@ -40,11 +58,42 @@ impl Reloader {
             reason,
             reply: Some(tx),
         };
-        if self.0.send(request).await.is_err() {
+        if self.0.send(Ask::Reload(request)).await.is_err() {
             return Err("the server has stopped".into());
         }
         rx.await
             .unwrap_or_else(|_| Err("the server has stopped".into()))
+    }
+
+    /// Upgrades to `binary` and waits for the outcome.
+    pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        let request = Upgrade {
+            reason: "portcullis upgrade",
+            binary,
+            reply: Some(tx),
+        };
+        if self.0.send(Ask::Upgrade(request)).await.is_err() {
+            return Err("the server is stopping".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("the server is stopping".into()))
+    }
+
+    /// Asks for an upgrade to this process's own binary without waiting
+    /// (a signal handler); the outcome is logged.
+    pub fn trigger_upgrade(&self, reason: &'static str) {
+        let request = Upgrade {
+            reason,
+            binary: None,
+            reply: None,
+        };
+        if self.0.try_send(Ask::Upgrade(request)).is_err() {
+            warn!(
+                trigger = reason,
+                "upgrade not started: the server is busy or stopping; try again"
+            );
+        }
     }
 
     /// Asks for a reload without waiting (a signal handler, a file watcher).
@@ -54,7 +103,7 @@ impl Reloader {
             reply: None,
         };
         // A full queue already holds a reload that will read the same files.
-        let _ = self.0.try_send(request);
+        let _ = self.0.try_send(Ask::Reload(request));
     }
 }
 

@@ -1,7 +1,7 @@
 //! systemd's readiness protocol (`sd_notify(3)`, `Type=notify`): a
 //! datagram to `$NOTIFY_SOCKET` when the listeners are bound (`READY=1`),
-//! around each reload (`RELOADING=1`, then `READY=1`) and at shutdown
-//! (`STOPPING=1`). Written by hand: it is one `sendto` of a few bytes, and
+//! around each reload (`RELOADING=1`, then `READY=1`), at shutdown
+//! (`STOPPING=1`), and when a new process takes over (`MAINPID=`). Written by hand: it is one `sendto` of a few bytes, and
 //! libsystemd would be a C dependency for it. Without `$NOTIFY_SOCKET`
 //! (not under systemd) every call does nothing.
 
@@ -20,6 +20,14 @@ pub fn reloading() {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+}
+
+/// A new process serves now (`portcullis upgrade`): systemd follows it as
+/// the service's main process; this one drains and exits.
+pub fn main_pid(pid: u32) {
+    notify(&format!(
+        "MAINPID={pid}\nSTATUS=upgraded: process {pid} serves"
+    ));
 }
 
 /// Shutdown begins: no longer accepting, draining.

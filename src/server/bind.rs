@@ -15,6 +15,7 @@ use super::BuildError;
 use crate::acme::challenge::Challenges;
 use crate::config::{Config, Listener};
 use crate::metrics::Metrics;
+use crate::ops::handover::Inherited;
 use crate::proxy::context::ListenerCtx;
 use crate::proxy::runtime::Runtime;
 use crate::tls::hosts::HostTable;
@@ -36,6 +37,33 @@ impl BindKey {
             BindKey::Addr(addr)
         }
     }
+
+    /// The key's name between an old and a new process (`handover`).
+    pub(super) fn wire(&self) -> String {
+        match self {
+            BindKey::Addr(a) => format!("tcp {a}"),
+            BindKey::Ephemeral(listener, a) => format!("tcp {a} {listener}"),
+        }
+    }
+}
+
+/// The admin endpoint's socket between an old and a new process.
+pub(super) fn admin_key(addr: SocketAddr) -> String {
+    format!("admin {addr}")
+}
+
+/// The socket for `key`: the one a replaced process handed over, or a new
+/// one bound to `addr`.
+fn take_or_bind(
+    inherited: &mut Inherited,
+    key: &str,
+    addr: SocketAddr,
+    v4_any: &BTreeSet<u16>,
+) -> io::Result<TcpListener> {
+    match inherited.take_tcp(key) {
+        Some(socket) => socket,
+        None => bind_socket(addr, v4_any),
+    }
 }
 
 /// Sockets bound at start, each with its accept loop's settings and its
@@ -51,6 +79,7 @@ pub(super) fn bind_listeners(
     challenges: &Arc<Challenges>,
     metrics: &Arc<Metrics>,
     runtime: &Arc<Runtime>,
+    inherited: &mut Inherited,
 ) -> Result<(Sockets, Vec<BuildError>), Vec<BuildError>> {
     let v4_any = v4_any_ports(config.listeners.values());
     let mut sockets = Vec::new();
@@ -63,8 +92,9 @@ pub(super) fn bind_listeners(
         for addr in &l.bind {
             // Each address its own: a reload may give it to another listener.
             let settings = Arc::new(ArcSwap::new(ctx.clone()));
-            match bind_socket(*addr, &v4_any) {
-                Ok(s) => sockets.push((BindKey::new(&l.name, *addr), settings, s, l.name.clone())),
+            let key = BindKey::new(&l.name, *addr);
+            match take_or_bind(inherited, &key.wire(), *addr, &v4_any) {
+                Ok(s) => sockets.push((key, settings, s, l.name.clone())),
                 Err(source) => errors.push(BuildError::Bind {
                     listener: l.name.clone(),
                     addr: *addr,
@@ -78,10 +108,14 @@ pub(super) fn bind_listeners(
 
 /// The admin endpoint's socket, if `admin.bind` is set; a failure goes
 /// into `errors`.
-pub(super) fn bind_admin(config: &Config, errors: &mut Vec<BuildError>) -> Option<TcpListener> {
+pub(super) fn bind_admin(
+    config: &Config,
+    errors: &mut Vec<BuildError>,
+    inherited: &mut Inherited,
+) -> Option<TcpListener> {
     let a = config.admin.as_ref()?;
     let v4_any = v4_any_ports(config.listeners.values());
-    match bind_socket(a.bind, &v4_any) {
+    match take_or_bind(inherited, &admin_key(a.bind), a.bind, &v4_any) {
         Ok(s) => Some(s),
         Err(source) => {
             errors.push(BuildError::AdminBind {

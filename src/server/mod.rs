@@ -11,6 +11,7 @@ mod bind;
 mod reload;
 mod running;
 mod snapshot;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::acme::challenge::Challenges;
 use crate::acme::Managed;
@@ -31,8 +32,9 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::config::{diff, Config};
 use crate::metrics::Metrics;
 use crate::ops::control::{Control, ControlError};
+use crate::ops::handover::{Inherited, Successor};
 use crate::ops::notify::Notifier;
-use crate::ops::reload::{self as reload_request, Reloader, Watcher};
+use crate::ops::reload::{self as reload_request, Ask, Reloader, Watcher};
 use crate::proxy::runtime::Runtime;
 use crate::tls::certs::CertError;
 use crate::tls::hosts::{HostTable, NoDefaultHost};
@@ -41,6 +43,7 @@ use bind::{bind_admin, bind_listeners, Sockets};
 use running::Running;
 pub use snapshot::load_certificates;
 use snapshot::{build, notifier, HostSlot};
+use upgrade::own_binary;
 
 /// Why a server could not be built, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +99,8 @@ pub struct Server {
     /// Whether `state_dir` could be written at start.
     writable: bool,
     reloads: (
-        mpsc::Sender<reload_request::Request>,
-        mpsc::Receiver<reload_request::Request>,
+        mpsc::Sender<reload_request::Ask>,
+        mpsc::Receiver<reload_request::Ask>,
     ),
     /// Watching since before the files were read (`bind_file`).
     watcher: Option<Watcher>,
@@ -115,12 +118,17 @@ impl Server {
     /// Loads certificates and binds every listener address and the control
     /// socket. Must be called inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Server, Vec<BuildError>> {
-        Server::bind_from(config, None)
+        Server::bind_from(config, None, &mut Inherited::default())
     }
 
     /// [`Server::bind`], for the config read from `file` when there is one
-    /// (notification emails name it in the commands they suggest).
-    fn bind_from(config: &Config, file: Option<&Path>) -> Result<Server, Vec<BuildError>> {
+    /// (notification emails name it in the commands they suggest), taking
+    /// the sockets a replaced process handed over where they fit.
+    fn bind_from(
+        config: &Config,
+        file: Option<&Path>,
+        inherited: &mut Inherited,
+    ) -> Result<Server, Vec<BuildError>> {
         let tls = TlsContext::new().map_err(|e| vec![e.into()])?;
         let writable = store::open_state_dir(&config.state_dir).map_err(|source| {
             vec![BuildError::StateDir {
@@ -128,7 +136,20 @@ impl Server {
                 source,
             }]
         })?;
-        let control = match (Control::bind(&config.state_dir), &writable) {
+        let handed = match inherited
+            .take("control")
+            .map(std::os::unix::net::UnixListener::from)
+        {
+            Some(socket) => {
+                Control::inherited(socket, &config.state_dir).map_err(|e| vec![e.into()])?
+            }
+            None => None,
+        };
+        let bound = match handed {
+            Some(control) => Ok(control),
+            None => Control::bind(&config.state_dir),
+        };
+        let control = match (bound, &writable) {
             (Ok(c), _) => Some(c),
             (Err(e @ ControlError::Running(_)), _) | (Err(e), Ok(())) => {
                 return Err(vec![e.into()])
@@ -173,8 +194,9 @@ impl Server {
             &challenges,
             &metrics,
             &runtime,
+            inherited,
         )?;
-        let admin = bind_admin(config, &mut errors);
+        let admin = bind_admin(config, &mut errors, inherited);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -203,6 +225,14 @@ impl Server {
     /// and it is watched for changes. The watch starts before the files are
     /// read, so a change made while starting is not missed.
     pub fn bind_file(path: &Path) -> Result<Server, Vec<String>> {
+        Server::bind_file_with(path, Inherited::default())
+    }
+
+    /// [`Server::bind_file`] in a process that replaces another
+    /// (`portcullis upgrade`): the sockets it handed over serve the
+    /// addresses they served there; those the config no longer names close.
+    pub fn bind_file_with(path: &Path, mut inherited: Inherited) -> Result<Server, Vec<String>> {
+        own_binary();
         // Absolute, so the watcher's (absolute) event paths compare with it
         // and with the state_dir below it.
         let path =
@@ -222,8 +252,14 @@ impl Server {
         if let Some(w) = watcher.as_mut() {
             w.watch(&diff::watched_files(path, &config));
         }
-        let mut server = Server::bind_from(&config, Some(path))
+        let mut server = Server::bind_from(&config, Some(path), &mut inherited)
             .map_err(|es| es.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        for key in inherited.keys() {
+            info!(
+                socket = key,
+                "upgrade: the config no longer names this socket; closed here"
+            );
+        }
         server.reloads = reloads;
         server.watcher = watcher;
         Ok(server)
@@ -250,28 +286,53 @@ impl Server {
         out
     }
 
-    /// Serves until `shutdown` resolves, then drains.
+    /// Serves until `shutdown` resolves, then drains; or until a new
+    /// process took over (`portcullis upgrade`), then drains too.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (mut state, mut reload_rx) = Running::start(self);
+        self.serve(None, shutdown).await;
+    }
+
+    /// [`Server::run`] in a process that replaces another: it accepts at
+    /// once, says so, and starts its ACME tasks, control socket and admin
+    /// endpoint once the other has stopped its own.
+    pub async fn run_replacing(self, successor: Successor, shutdown: impl Future<Output = ()>) {
+        self.serve(Some(successor), shutdown).await;
+    }
+
+    async fn serve(self, successor: Option<Successor>, shutdown: impl Future<Output = ()>) {
+        let (mut state, mut reload_rx, services) = Running::start(self);
+        if let Some(successor) = successor {
+            upgrade::take_over(successor).await;
+        }
+        state.start_services(services);
         crate::ops::systemd::ready("serving");
         tokio::pin!(shutdown);
         let mut probe =
             tokio::time::interval_at(tokio::time::Instant::now() + STATE_PROBE, STATE_PROBE);
-        loop {
+        let replaced = loop {
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => break None,
                 request = reload_rx.recv() => match request {
-                    Some(r) => {
+                    Some(Ask::Reload(r)) => {
                         state.reload(r).await;
                         state.probe_state_dir();
                     }
-                    None => break,
+                    Some(Ask::Upgrade(u)) => {
+                        if let Some(new) = state.upgrade(u).await {
+                            break Some(new);
+                        }
+                    }
+                    None => break None,
                 },
                 _ = probe.tick() => state.probe_state_dir(),
             }
+        };
+        match replaced {
+            Some(new) => state.step_down(new).await,
+            None => {
+                crate::ops::systemd::stopping();
+                state.shut_down().await;
+            }
         }
-
-        crate::ops::systemd::stopping();
-        state.shut_down().await;
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -33,6 +34,14 @@ use crate::proxy::runtime::{Runtime, Topology};
 use crate::tls::hosts::{HostTable, Source};
 use crate::tls::{store, TlsContext};
 
+/// A socket's copy, or `None` (said at debug: that socket is bound afresh
+/// by a new process, and the upgrade fails if it cannot be).
+fn copy(socket: std::io::Result<OwnedFd>) -> Option<OwnedFd> {
+    socket
+        .map_err(|e| debug!(error = %e, "cannot copy a listening socket"))
+        .ok()
+}
+
 /// How long sessions get to close once the grace period is over.
 const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -45,6 +54,18 @@ pub(super) struct Bound {
     /// Ends this address's relays (the grace after its removal is over).
     pub(super) relays: CancellationToken,
     pub(super) local: Option<SocketAddr>,
+    /// A copy of the socket, for a new process to take over
+    /// (`portcullis upgrade`); `None` if it could not be copied.
+    pub(super) socket: Option<OwnedFd>,
+}
+
+/// What starts once the process this one replaces has stopped its own
+/// (`portcullis upgrade`), or at once: the ACME tasks, the control socket,
+/// the admin endpoint.
+pub(super) struct Services {
+    pending_acme: Vec<Managed>,
+    control: Option<Control>,
+    admin: Option<TcpListener>,
 }
 
 /// The server while it runs: the one writer of the host table, the listener
@@ -82,13 +103,17 @@ pub(super) struct Running {
     /// Live sessions and drain switches; told what the config names after
     /// each start and reload.
     pub(super) runtime: Arc<Runtime>,
+    /// Copies of the control socket and of the admin endpoint's (with its
+    /// key), for a new process to take over.
+    pub(super) control_socket: Option<OwnedFd>,
+    pub(super) admin_socket: Option<(String, OwnedFd)>,
 }
 
 impl Running {
-    /// Takes over a bound server: its sockets accept, its ACME tasks and
-    /// the background tasks (control socket, expiry watch, admin endpoint)
-    /// start. Returns the receiver of reload requests.
-    pub(super) fn start(server: Server) -> (Running, mpsc::Receiver<reload::Request>) {
+    /// Takes over a bound server: its sockets accept. Returns the receiver
+    /// of reload requests, and the services to start next
+    /// ([`Running::start_services`]).
+    pub(super) fn start(server: Server) -> (Running, mpsc::Receiver<reload::Ask>, Services) {
         let Server {
             config,
             config_file,
@@ -108,6 +133,11 @@ impl Running {
             cluster,
             runtime,
         } = server;
+        let admin_socket = match (&admin, &config.admin) {
+            (Some(socket), Some(a)) => copy(socket.as_fd().try_clone_to_owned())
+                .map(|fd| (super::bind::admin_key(a.bind), fd)),
+            _ => None,
+        };
         let mut state = Running {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
@@ -143,38 +173,57 @@ impl Running {
             control_serving: control.is_some(),
             cluster: cluster.clone(),
             runtime,
+            control_socket: control.as_ref().and_then(|c| copy(c.socket())),
+            admin_socket,
         };
         for (key, ctx, socket, name) in sockets {
             state.start_accepting(key, name, ctx, socket);
         }
-        state.sync_acme(pending_acme);
-        state.publish_views();
         state.publish_topology();
-        let (views, stop) = (&state.views, &state.background_stop);
+        let services = Services {
+            pending_acme,
+            control,
+            admin,
+        };
+        (state, reload_rx, services)
+    }
+
+    /// Starts the ACME tasks and the background tasks: control socket,
+    /// expiry watch, admin endpoint, and following the cluster store.
+    pub(super) fn start_services(&mut self, services: Services) {
+        let Services {
+            pending_acme,
+            control,
+            admin,
+        } = services;
+        self.sync_acme(pending_acme);
+        self.publish_views();
+        let (views, stop) = (&self.views, &self.background_stop);
+        let cluster = self.cluster.clone();
         if let Some(cluster) = &cluster {
-            let certs = state.acme_hooks.routes.clone();
+            let certs = self.acme_hooks.routes.clone();
             let follow = cluster.clone().follow(certs, stop.clone());
-            state.background.spawn(follow);
+            self.background.spawn(follow);
         }
         if let Some(control) = control {
-            let reloader = Some(state.reloader.clone());
+            let reloader = Some(self.reloader.clone());
             let serve = control.serve(
                 views.clone(),
-                state.runtime.clone(),
+                self.runtime.clone(),
                 cluster.clone(),
                 reloader,
                 stop.clone(),
             );
-            state.background.spawn(serve);
+            self.background.spawn(serve);
         }
-        let watch = notify::expiry_watch(notifier, views.clone(), stop.clone());
-        state.background.spawn(watch);
+        let watch = notify::expiry_watch(self.notifier.clone(), views.clone(), stop.clone());
+        self.background.spawn(watch);
         if let Some(admin) = admin {
+            let metrics = self.metrics.clone();
             let serve =
                 crate::ops::admin::serve(admin, metrics, views.clone(), cluster, stop.clone());
-            state.background.spawn(serve);
+            self.background.spawn(serve);
         }
-        (state, reload_rx)
     }
 
     /// Tries writing to `state_dir` again: says when that changes, and binds
@@ -207,6 +256,7 @@ impl Running {
                 info!(
                     "control socket ready: portcullis certs, renew and reload reach this instance"
                 );
+                self.control_socket = copy(control.socket());
                 self.background.spawn(control.serve(
                     self.views.clone(),
                     self.runtime.clone(),
@@ -228,6 +278,7 @@ impl Running {
         socket: TcpListener,
     ) {
         let local = socket.local_addr().ok();
+        let copied = copy(socket.as_fd().try_clone_to_owned());
         if let Some(addr) = local {
             info!(listener = %listener, addr = %addr, "listening");
             self.metrics.accepting(&listener, addr, true);
@@ -257,6 +308,7 @@ impl Running {
                 listen,
                 relays: stop.relays,
                 local,
+                socket: copied,
             },
         );
     }
@@ -386,7 +438,13 @@ impl Running {
         self.stop.accepting.cancel();
         self.accepts.wait().await;
         self.tracker.close();
-        if tokio::time::timeout(shutdown_grace, self.tracker.wait())
+        self.finish(shutdown_grace).await;
+    }
+
+    /// Gives the open sessions `grace` to end, then ends the rest; waits
+    /// for the background tasks.
+    pub(super) async fn finish(self, grace: std::time::Duration) {
+        if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_err()
         {
@@ -394,6 +452,7 @@ impl Running {
                 sessions = self.tracker.len(),
                 "grace period over: closing remaining sessions"
             );
+            self.stop.accepting.cancel();
             self.stop.relays.cancel();
             // Every phase watches one of the two tokens or has its own short
             // deadline; this bound only keeps a bug from hanging the exit.

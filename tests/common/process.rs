@@ -186,6 +186,11 @@ impl Running {
         }
     }
 
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// SIGTERM, and the exit status (bounded); the whole log is in
     /// [`Running::log`] afterwards.
     pub fn stop(&mut self) -> std::process::ExitStatus {
