@@ -46,7 +46,7 @@ impl fmt::Display for Changes {
             ("listeners removed", &self.listeners_removed),
             ("listeners changed", &self.listeners_changed),
             ("settings changed", &self.settings_changed),
-            ("needs a restart to apply", &self.need_restart),
+            ("needs portcullis upgrade (or a restart) to apply", &self.need_restart),
         ];
         let mut first = true;
         for (label, items) in parts.iter().filter(|(_, items)| !items.is_empty()) {
@@ -217,7 +217,7 @@ hosts:
             "{text}"
         );
         assert!(
-            text.ends_with("needs a restart to apply: max_connections"),
+            text.ends_with("needs portcullis upgrade (or a restart) to apply: max_connections"),
             "{text}"
         );
     }
