@@ -640,6 +640,10 @@ fn renew_without_an_instance_says_how_to_start_one() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains(&want), "{err}");
     assert!(out.is_empty(), "{out}");
+    // Nothing to upgrade either: said the same way, and nothing started.
+    let (code, out, err) = portcullis(&["upgrade", "--config", path_str(&config)], QUICK);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains(&want), "{err}");
 
     // A socket file left by a killed instance answers nobody: the same.
     std::fs::create_dir(&state).unwrap();
