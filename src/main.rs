@@ -533,6 +533,13 @@ fn upgrade(path: &Path, binary: Option<PathBuf>) -> ExitCode {
             println!("{words}");
             ExitCode::SUCCESS
         }
+        // A version from before `upgrade` (0.3) does not know the request.
+        Ok(Response::Error(e)) if e.starts_with("bad request: unknown variant") => {
+            eprintln!(
+                "the running portcullis predates `portcullis upgrade`: restart it once (systemctl restart portcullis); later versions upgrade in place"
+            );
+            ExitCode::FAILURE
+        }
         other => refused(other, path),
     }
 }
@@ -642,7 +649,7 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         // Installed before the first "listening" line: a SIGTERM right after
         // it must drain, not kill.
         let signals = Signals::install();
@@ -665,7 +672,11 @@ fn run(path: &Path) -> ExitCode {
             None => server.run(shutdown).await,
         }
         ExitCode::SUCCESS
-    })
+    });
+    // Sessions are drained by now; a blocking wait of an upgrade given up
+    // (at most a tick from noticing) need not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }
 
 /// SIGTERM and SIGINT end the process (after a drain); SIGHUP

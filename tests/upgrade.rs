@@ -453,7 +453,10 @@ async fn a_new_process_that_fails_leaves_the_old_one_serving() {
     // A binary that exits at once.
     let (code, out, err) = upgrade(&path, &["--binary", "/bin/false"]).await;
     assert_eq!(code, 1, "{out}");
-    assert!(err.contains("upgrade failed, still serving"), "{err}");
+    assert!(
+        err.contains("upgrade failed") && err.contains("still serving, nothing closed"),
+        "{err}"
+    );
     assert!(
         err.contains("exited (exit status: 1) before it was ready"),
         "{err}"
@@ -531,6 +534,176 @@ hosts:
     fresh.check().await;
     session.close().await;
     another.close().await;
+    fresh.close().await;
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = run.try_wait() {
+                return (s, run);
+            }
+            assert!(Instant::now() < deadline, "the old process still runs");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{}", status.1.log());
+    signal(pid, "-TERM");
+    wait_ended(pid, Duration::from_secs(30), &|| status.1.log());
+}
+
+/// What the old process logged about the new one it started last.
+fn started_pid(run: &Running) -> u32 {
+    let log = run.log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("upgrade: new process started"))
+        .unwrap_or_else(|| panic!("no new process started:\n{log}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+fn script(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// While a new process is starting, the old one goes on as before: it
+/// answers, reloads, refuses a second upgrade at once; and a SIGTERM stops
+/// it at once, the new process with it, not after the upgrade's minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_upgrade_the_old_process_answers_and_a_stop_ends_both() {
+    let echo = Backend::start("", true).await;
+    let dir = common::scratch();
+    let path = dir.path().join("portcullis.yaml");
+    std::fs::write(&path, config("127.0.0.1:9", echo.addr)).unwrap();
+    let mut run = Running::start(&path, &[]);
+    let relay = addr_of(&mut run, "relay");
+    run.wait_control(&dir.path().join("state"));
+    let mut session = Echo::open(relay).await;
+
+    // A "binary" that never gets ready.
+    let slow = script(dir.path(), "slow", "#!/bin/sh\nexec sleep 300\n");
+    let first = tokio::spawn({
+        let path = path.clone();
+        let slow = slow.clone();
+        async move { upgrade(&path, &["--binary", path_str(&slow)]).await }
+    });
+    run.wait_log(&["upgrade: new process started"], QUICK)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let slow_pid = started_pid(&run);
+
+    let (code, _, err) = upgrade(&path, &[]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("an upgrade is already under way"), "{err}");
+    let (code, out, err) = portcullis(&["reload", "--config", path_str(&path)], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    session.check().await;
+    Echo::open(relay).await.check().await;
+
+    let began = Instant::now();
+    signal(run.pid(), "-TERM");
+    session.close().await;
+    let (code, _, err) = first.await.unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("upgrade failed"), "{err}");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = run.stop_wait(QUICK);
+        (status, run)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{}", status.1.log());
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "the stop waited for the upgrade: {:?}",
+        began.elapsed()
+    );
+    wait_ended(slow_pid, Duration::from_secs(10), &|| status.1.log());
+}
+
+/// A new process that says it is ready and dies before it is told to go:
+/// the old one accepts again on its copies of the sockets and starts its
+/// services again (control socket, admin endpoint), and a later upgrade
+/// goes through. The new process here is a script that speaks the
+/// handover and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_dies_before_it_takes_over_leaves_the_old_one_serving() {
+    if !common::tool("python3", "a_new_process_that_dies_before_it_takes_over") {
+        return;
+    }
+    let echo = Backend::start("", true).await;
+    let dir = common::scratch();
+    let path = dir.path().join("portcullis.yaml");
+    let yaml = format!(
+        "{}admin: {{ bind: \"127.0.0.1:0\" }}\n",
+        config("127.0.0.1:9", echo.addr)
+    );
+    std::fs::write(&path, &yaml).unwrap();
+    let mut run = Running::start(&path, &[]);
+    let relay = addr_of(&mut run, "relay");
+    let admin = run
+        .wait_log(&["admin endpoint listening"], QUICK)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let admin = admin
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap()
+        .to_string();
+    run.wait_control(&dir.path().join("state"));
+    let mut session = Echo::open(relay).await;
+
+    let fake = script(
+        dir.path(),
+        "ready-then-gone",
+        r#"#!/usr/bin/env python3
+import os, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect("\0" + os.environ["PORTCULLIS_UPGRADE_SOCKET"])
+s.send(b"hello " + os.environ["PORTCULLIS_UPGRADE_TOKEN"].encode())
+while True:
+    msg, fds, _, _ = socket.recv_fds(s, 4096, 4)
+    for fd in fds:
+        os.close(fd)
+    if msg == b"end":
+        break
+s.send(b"ready 0.0.0-fake")
+s.close()
+"#,
+    );
+    let (code, _, err) = upgrade(&path, &["--binary", path_str(&fake)]).await;
+    assert_eq!(code, 1, "{err}\n{}", run.log());
+    assert!(
+        err.contains("ended before it took over") && err.contains("accepting again"),
+        "{err}"
+    );
+
+    // Everything serves again: the old session, new ones, the control
+    // socket, the admin endpoint.
+    session.check().await;
+    let mut fresh = Echo::open(relay).await;
+    fresh.check().await;
+    let (code, out, err) = portcullis(&["status", "--config", path_str(&path)], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    let (status, _) = common::admin_get(&admin, "/healthz").await;
+    assert!(status.contains("200"), "{status}");
+    let log = run.log();
+    assert!(
+        log.contains("upgrade failed: accepting here again"),
+        "{log}"
+    );
+
+    // And a real upgrade still goes through.
+    let (code, out, err) = upgrade(&path, &[]).await;
+    assert_eq!(code, 0, "{out}{err}\n{}", run.log());
+    let pid = new_pid(&out);
+    Echo::open(relay).await.check().await;
+    session.close().await;
     fresh.close().await;
     let status = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(30);

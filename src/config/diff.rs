@@ -46,7 +46,10 @@ impl fmt::Display for Changes {
             ("listeners removed", &self.listeners_removed),
             ("listeners changed", &self.listeners_changed),
             ("settings changed", &self.settings_changed),
-            ("needs portcullis upgrade (or a restart) to apply", &self.need_restart),
+            (
+                "needs portcullis upgrade (or a restart) to apply",
+                &self.need_restart,
+            ),
         ];
         let mut first = true;
         for (label, items) in parts.iter().filter(|(_, items)| !items.is_empty()) {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::reload::Reloader;
@@ -233,6 +234,7 @@ impl Control {
         cluster: Option<Arc<Cluster>>,
         reloader: Option<Reloader>,
         stop: CancellationToken,
+        answers: TaskTracker,
     ) {
         loop {
             let accepted = tokio::select! {
@@ -246,7 +248,7 @@ impl Control {
                     let reloader = reloader.clone();
                     let cluster = cluster.clone();
                     let stop = stop.clone();
-                    tokio::spawn(async move {
+                    answers.spawn(async move {
                         let served = Served {
                             views: &views,
                             runtime: &runtime,
@@ -277,32 +279,39 @@ struct Served<'a> {
     reloader: Option<&'a Reloader>,
 }
 
-/// Reads one request and answers it. `stop` ends the wait for the request
-/// and for its outcome, not the answer: an upgrade's outcome is ready just
-/// before this process stops serving, and must still reach the operator.
+/// Reads one request and answers it. `stop` ends the wait for the request,
+/// and for the outcome of anything but an upgrade: that one ends as the
+/// process hands over, and its answer must still reach the operator (the
+/// caller waits for `answers` before the process exits).
 async fn answer(stream: UnixStream, served: Served<'_>, stop: &CancellationToken) {
     let (read, mut write) = stream.into_split();
-    let asked = async {
+    let read = async {
         let mut line = String::new();
         let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_LIMIT));
-        let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
-        match got {
-            Ok(Ok(_)) => Some(match serde_json::from_str::<Request>(&line) {
-                Ok(request) => {
-                    debug!(?request, "control request");
-                    handle(request, served).await
-                }
-                Err(e) => Response::Error(format!("bad request: {e}")),
-            }),
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+            Ok(Ok(_)) => Some(serde_json::from_str::<Request>(&line)),
             _ => None,
         }
     };
-    let response = tokio::select! {
-        biased;
-        r = asked => r,
+    let request = tokio::select! {
+        r = read => r,
         _ = stop.cancelled() => None,
     };
-    let Some(response) = response else { return };
+    let response = match request {
+        None => return,
+        Some(Err(e)) => Response::Error(format!("bad request: {e}")),
+        Some(Ok(request @ Request::Upgrade { .. })) => {
+            debug!(?request, "control request");
+            handle(request, served).await
+        }
+        Some(Ok(request)) => {
+            debug!(?request, "control request");
+            tokio::select! {
+                r = handle(request, served) => r,
+                _ = stop.cancelled() => return,
+            }
+        }
+    };
     if let Ok(mut json) = serde_json::to_vec(&response) {
         json.push(b'\n');
         let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&json)).await;
@@ -340,7 +349,7 @@ async fn handle(request: Request, served: Served<'_>) -> Response {
         Request::Upgrade { binary } => match reloader {
             Some(r) => match r.upgrade(binary).await {
                 Ok(words) => Response::Upgraded(words),
-                Err(e) => Response::Error(format!("upgrade failed, still serving: {e}")),
+                Err(e) => Response::Error(format!("upgrade failed: {e}")),
             },
             None => Response::Error("this instance was not started from a config file".into()),
         },
@@ -658,7 +667,14 @@ mod tests {
         let stop = CancellationToken::new();
         let views = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let runtime = Runtime::new();
-        let served = tokio::spawn(control.serve(views, runtime, None, None, stop.clone()));
+        let served = tokio::spawn(control.serve(
+            views,
+            runtime,
+            None,
+            None,
+            stop.clone(),
+            TaskTracker::new(),
+        ));
 
         let mut s = UnixStream::connect(socket_path(d.path())).await.unwrap();
         s.write_all(b"{\"command\":\"reboot\"}\n").await.unwrap();

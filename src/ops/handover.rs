@@ -3,17 +3,22 @@
 //! two. What each side does around it is [`crate::server`]'s.
 //!
 //! The old process listens on an abstract Unix socket whose name it gives
-//! the new one in `$PORTCULLIS_UPGRADE_SOCKET`, and takes only the process
-//! it started (`SO_PEERCRED`): no file is left behind, no `state_dir` is
-//! needed, and no other local process can take the sockets. It is a
-//! `SOCK_SEQPACKET` socket, so every message arrives whole and alone, with
-//! the descriptor sent with it (`SCM_RIGHTS`).
+//! the new one in `$PORTCULLIS_UPGRADE_SOCKET`, with a random token in
+//! `$PORTCULLIS_UPGRADE_TOKEN` (a process's environment is readable by its
+//! own user only); it takes only a connection that says the token first.
+//! No file is left behind, no `state_dir` is needed, and no other local
+//! process can take the sockets. It is a `SOCK_SEQPACKET` socket, so every
+//! message arrives whole and alone, with the descriptor sent with it
+//! (`SCM_RIGHTS`).
 //!
+//! - new → old: `hello TOKEN`.
 //! - old → new: `socket KEY` with the socket, once for each; then `end`.
-//! - new → old: `ready` once it accepts on them; or `failed REASON`.
+//! - new → old: `ready VERSION` once it accepts on them; or `failed REASON`.
 //! - old → new: `go` once it no longer accepts and its ACME tasks, control
 //!   socket and admin endpoint have stopped. The new process starts those
-//!   only then, so two processes never order certificates at once.
+//!   only then, so two processes do not order certificates at once. Or
+//!   `abort`: the old process gave up waiting, serves on, and the new one
+//!   drains what it accepted and exits without starting them.
 //!
 //! Passing descriptors over a socket rather than leaving them open across
 //! `exec` (nginx, systemd's `LISTEN_FDS`): that needs a `pre_exec` hook in
@@ -37,6 +42,8 @@ use rustix::net::{
 
 /// Where the new process finds the old one.
 pub const ENV: &str = "PORTCULLIS_UPGRADE_SOCKET";
+/// What it says first, so that the old one knows it.
+pub const TOKEN_ENV: &str = "PORTCULLIS_UPGRADE_TOKEN";
 
 /// The longest message either side sends (a `failed` reason is cut there).
 const MESSAGE: usize = 4096;
@@ -45,10 +52,11 @@ const TICK: Duration = Duration::from_millis(100);
 
 static HANDED_OVER: AtomicBool = AtomicBool::new(false);
 
-/// Marks this process as having handed its sockets on: the control socket
-/// file is the new process's now and stays when this one stops.
-pub fn mark_handed_over() {
-    HANDED_OVER.store(true, Ordering::SeqCst);
+/// Marks this process as having handed its sockets on (or not, once more):
+/// the control socket file is the new process's and stays when this one
+/// stops.
+pub fn mark_handed_over(handed: bool) {
+    HANDED_OVER.store(handed, Ordering::SeqCst);
 }
 
 /// Whether this process handed its sockets to a new one.
@@ -60,16 +68,22 @@ pub fn handed_over() -> bool {
 pub struct Offer {
     listener: OwnedFd,
     name: String,
+    token: String,
 }
 
 impl Offer {
     /// Listens on a fresh abstract name.
     pub fn open() -> io::Result<Offer> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let name = format!("portcullis-upgrade-{}-{nanos:08x}", std::process::id());
+        let mut random = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut random)
+            .map_err(|_| io::Error::other("no random bytes for the upgrade token"))?;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let name = format!(
+            "portcullis-upgrade-{}-{}",
+            std::process::id(),
+            hex(&random[..4])
+        );
+        let token = hex(&random[4..]);
         let listener = net::socket_with(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
@@ -83,34 +97,37 @@ impl Offer {
         net::listen(&listener, 4)?;
         // accept(2) honours the receive timeout: each wait is one tick.
         sockopt::set_socket_timeout(&listener, sockopt::Timeout::Recv, Some(TICK))?;
-        Ok(Offer { listener, name })
+        Ok(Offer {
+            listener,
+            name,
+            token,
+        })
     }
 
-    /// The value of [`ENV`] for the new process.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The values of [`ENV`] and [`TOKEN_ENV`] for the new process.
+    pub fn env(&self) -> [(&'static str, &str); 2] {
+        [(ENV, &self.name), (TOKEN_ENV, &self.token)]
     }
 
-    /// Waits until process `pid` connects, or `gone` says it ended, or
-    /// `deadline`. Others that connect are turned away.
+    /// Waits until the new process connects and says the token, or `gone`
+    /// says it ended, or `deadline`. Others that connect are turned away.
     pub fn accept(
         &self,
-        pid: u32,
         deadline: Instant,
         gone: &mut dyn FnMut() -> Option<String>,
     ) -> Result<Peer, String> {
+        let hello = format!("hello {}", self.token);
         loop {
             match net::accept_with(&self.listener, SocketFlags::CLOEXEC) {
-                Ok(fd) => match sockopt::socket_peercred(&fd) {
-                    Ok(cred) if cred.pid.as_raw_nonzero().get() as u32 == pid => {
-                        return Ok(Peer(fd))
+                Ok(fd) => {
+                    let peer = Peer(fd);
+                    match peer.recv(Duration::from_secs(1)) {
+                        Ok(Received::Message(text, _)) if text == hello => return Ok(peer),
+                        _ => tracing::warn!(
+                            "upgrade: a connection without the token was turned away"
+                        ),
                     }
-                    Ok(cred) => tracing::warn!(
-                        pid = cred.pid.as_raw_nonzero().get(),
-                        "upgrade: a process other than the new one connected; turned away"
-                    ),
-                    Err(e) => tracing::warn!(error = %e, "upgrade: cannot tell who connected"),
-                },
+                }
                 Err(e) if is_timeout(e) => {}
                 Err(e) => return Err(format!("upgrade socket: {e}")),
             }
@@ -139,8 +156,9 @@ pub enum Received {
 }
 
 impl Peer {
-    /// Connects to the old process named `name` (the value of [`ENV`]).
-    pub fn connect(name: &str) -> io::Result<Peer> {
+    /// Connects to the old process named `name` (the value of [`ENV`])
+    /// and says `token`.
+    pub fn connect(name: &str, token: &str) -> io::Result<Peer> {
         let fd = net::socket_with(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
@@ -148,7 +166,9 @@ impl Peer {
             None,
         )?;
         net::connect(&fd, &SocketAddrUnix::new_abstract_name(name.as_bytes())?)?;
-        Ok(Peer(fd))
+        let peer = Peer(fd);
+        peer.send(&format!("hello {token}"), None)?;
+        Ok(peer)
     }
 
     /// Sends one message, with `fd` if given.
@@ -273,6 +293,23 @@ impl Inherited {
 /// The new process's end: what it was given, and how it answers.
 pub struct Successor {
     peer: Peer,
+    /// The old process, which started this one: while it is this process's
+    /// parent, it still runs.
+    parent: Option<rustix::process::Pid>,
+}
+
+/// What the old process said after `ready`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Word {
+    /// It stopped its services: start them here.
+    Go,
+    /// It ended without a word (a crash): nothing of it runs any more.
+    Gone,
+    /// It gave up on this process and serves on: drain and exit, and start
+    /// nothing that would run twice.
+    Abandoned(String),
+    /// Nothing within the wait.
+    Silent,
 }
 
 impl Successor {
@@ -280,18 +317,21 @@ impl Successor {
     /// `None` when this process was started some other way.
     pub fn from_env() -> Option<Result<(Successor, Inherited), String>> {
         let name = std::env::var(ENV).ok().filter(|n| !n.is_empty())?;
-        Some(Successor::receive(&name))
+        let token = std::env::var(TOKEN_ENV).unwrap_or_default();
+        Some(Successor::receive(&name, &token))
     }
 
-    fn receive(name: &str) -> Result<(Successor, Inherited), String> {
-        let peer = Peer::connect(name)
+    fn receive(name: &str, token: &str) -> Result<(Successor, Inherited), String> {
+        let peer = Peer::connect(name, token)
             .map_err(|e| format!("cannot reach the process to replace ({ENV}={name}): {e}"))?;
+        let parent = rustix::process::getppid();
         let mut sockets = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (text, mut fds) = peer.recv_until(deadline, &mut || None)?;
             if text == "end" {
-                return Ok((Successor { peer }, Inherited(sockets)));
+                let successor = Successor { peer, parent };
+                return Ok((successor, Inherited(sockets)));
             }
             match (text.strip_prefix("socket "), fds.pop()) {
                 (Some(key), Some(fd)) if fds.is_empty() => {
@@ -304,7 +344,8 @@ impl Successor {
 
     /// Says this process accepts on its sockets now.
     pub fn ready(&self) -> io::Result<()> {
-        self.peer.send("ready", None)
+        self.peer
+            .send(&format!("ready {}", env!("CARGO_PKG_VERSION")), None)
     }
 
     /// Says why this process cannot take over; the old one keeps serving.
@@ -314,24 +355,28 @@ impl Successor {
         }
     }
 
-    /// Waits (blocking, up to `limit`) until the old process says `go`:
-    /// `Ok` then or when it is gone, `Err` when it did not say in time.
-    pub fn wait_go(self, limit: Duration) -> Result<(), String> {
+    /// Waits (blocking, up to `limit`) for the old process's word.
+    pub fn wait_go(self, limit: Duration) -> Word {
         let deadline = Instant::now() + limit;
         loop {
-            match self.peer.recv(TICK) {
-                Ok(Received::Message(text, _)) if text == "go" => return Ok(()),
+            let closed = match self.peer.recv(TICK) {
+                Ok(Received::Message(text, _)) if text == "go" => return Word::Go,
+                Ok(Received::Message(text, _)) if text == "abort" => {
+                    return Word::Abandoned("it gave up waiting for this one".into())
+                }
                 Ok(Received::Message(text, _)) => {
-                    return Err(format!("unexpected message from the old process: {text:?}"))
+                    return Word::Abandoned(format!("unexpected message {text:?}"))
                 }
-                // The old process is gone: nothing of it runs any more.
-                Ok(Received::Closed) => return Ok(()),
-                Ok(Received::Nothing) if Instant::now() < deadline => {}
-                Ok(Received::Nothing) => {
-                    return Err(format!("no word from the old process within {limit:?}"))
-                }
-                Err(e) => return Err(e.to_string()),
-            }
+                Ok(Received::Nothing) if Instant::now() < deadline => continue,
+                Ok(Received::Nothing) => return Word::Silent,
+                Ok(Received::Closed) => "it closed the connection".to_string(),
+                Err(e) => e.to_string(),
+            };
+            return if rustix::process::getppid() == self.parent {
+                Word::Abandoned(closed)
+            } else {
+                Word::Gone
+            };
         }
     }
 }
@@ -348,15 +393,21 @@ pub fn send_sockets(peer: &Peer, sockets: &[(String, OwnedFd)]) -> io::Result<()
 mod tests {
     use super::*;
 
+    /// The old side's accept, on a thread, for a successor in this process.
+    fn accept(offer: Offer) -> std::thread::JoinHandle<Result<Peer, String>> {
+        std::thread::spawn(move || {
+            offer.accept(Instant::now() + Duration::from_secs(5), &mut || None)
+        })
+    }
+
     #[test]
     fn sockets_and_messages_cross_and_strangers_are_turned_away() {
         let offer = Offer::open().unwrap();
-        let name = offer.name().to_string();
-        // A connection from a process other than the one expected (pid 1):
-        // turned away, and the wait goes on to its deadline.
-        let stranger = Peer::connect(&name).unwrap();
+        let [(_, name), (_, token)] = offer.env().map(|(k, v)| (k, v.to_string()));
+        // Without the token: turned away, and the wait goes on.
+        let stranger = Peer::connect(&name, "guess").unwrap();
         let soon = Instant::now() + Duration::from_millis(300);
-        assert!(offer.accept(1, soon, &mut || None).is_err());
+        assert!(offer.accept(soon, &mut || None).is_err());
         assert!(matches!(
             stranger.recv(Duration::from_secs(1)).unwrap(),
             Received::Closed
@@ -364,51 +415,70 @@ mod tests {
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        // Connected from this process: its pid is ours.
-        let child = std::thread::spawn(move || {
-            let (successor, mut inherited) = Successor::receive(&name).unwrap();
+        let old = accept(offer);
+        let new = std::thread::spawn(move || {
+            let (successor, mut inherited) = Successor::receive(&name, &token).unwrap();
             assert_eq!(inherited.keys().collect::<Vec<_>>(), ["tcp 127.0.0.1:1"]);
             let got = std::net::TcpListener::from(inherited.take("tcp 127.0.0.1:1").unwrap());
             assert_eq!(got.local_addr().unwrap(), addr);
             successor.ready().unwrap();
             successor.wait_go(Duration::from_secs(5))
         });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let peer = offer
-            .accept(std::process::id(), deadline, &mut || None)
-            .unwrap();
+        let peer = old.join().unwrap().unwrap();
         send_sockets(&peer, &[("tcp 127.0.0.1:1".into(), listener.into())]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
         let (text, _) = peer.recv_until(deadline, &mut || None).unwrap();
-        assert_eq!(text, "ready");
+        assert_eq!(text, format!("ready {}", env!("CARGO_PKG_VERSION")));
         peer.send("go", None).unwrap();
-        assert_eq!(child.join().unwrap(), Ok(()));
+        assert_eq!(new.join().unwrap(), Word::Go);
         // The other side is gone: a wait ends at once, with the reason.
         let gone = peer.recv_until(deadline, &mut || Some("exited".into()));
         assert_eq!(gone.unwrap_err(), "exited");
     }
 
+    /// The old process gave up (`abort`, or it closed the connection and
+    /// still runs: here the test process is both): the new one is
+    /// abandoned and must start nothing.
     #[test]
-    fn a_successor_whose_old_process_is_gone_goes_ahead() {
+    fn a_successor_the_old_process_gave_up_on_is_abandoned() {
+        for last in ["abort", "close"] {
+            let offer = Offer::open().unwrap();
+            let [(_, name), (_, token)] = offer.env().map(|(k, v)| (k, v.to_string()));
+            let old = accept(offer);
+            let new = std::thread::spawn(move || {
+                let (successor, _) = Successor::receive(&name, &token).unwrap();
+                successor.wait_go(Duration::from_secs(5))
+            });
+            let peer = old.join().unwrap().unwrap();
+            send_sockets(&peer, &[]).unwrap();
+            if last == "abort" {
+                peer.send("abort", None).unwrap();
+            }
+            drop(peer);
+            let word = new.join().unwrap();
+            assert!(matches!(word, Word::Abandoned(_)), "{last}: {word:?}");
+        }
+    }
+
+    #[test]
+    fn a_successor_that_hears_nothing_says_so() {
         let offer = Offer::open().unwrap();
-        let name = offer.name().to_string();
-        let child = std::thread::spawn(move || {
-            let (successor, _) = Successor::receive(&name).unwrap();
-            successor.wait_go(Duration::from_secs(5))
+        let [(_, name), (_, token)] = offer.env().map(|(k, v)| (k, v.to_string()));
+        let old = accept(offer);
+        let new = std::thread::spawn(move || {
+            let (successor, _) = Successor::receive(&name, &token).unwrap();
+            successor.wait_go(Duration::from_millis(300))
         });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let peer = offer
-            .accept(std::process::id(), deadline, &mut || None)
-            .unwrap();
+        let peer = old.join().unwrap().unwrap();
         send_sockets(&peer, &[]).unwrap();
-        drop(peer);
-        assert_eq!(child.join().unwrap(), Ok(()));
+        assert_eq!(new.join().unwrap(), Word::Silent);
     }
 
     #[test]
     fn a_long_reason_is_cut_on_a_character_boundary() {
         let long = "é".repeat(MESSAGE);
         let cut = cut(&long, MESSAGE - 1);
-        assert!(cut.len() < MESSAGE);
+        assert_eq!(cut.len(), MESSAGE - 2);
         assert!(cut.chars().all(|c| c == 'é'));
     }
 }

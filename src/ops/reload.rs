@@ -59,10 +59,13 @@ impl Reloader {
             reply: Some(tx),
         };
         if self.0.send(Ask::Reload(request)).await.is_err() {
-            return Err("the server has stopped".into());
+            return Err(
+                "this process is stopping, or has handed over to a new one: ask again".into(),
+            );
         }
-        rx.await
-            .unwrap_or_else(|_| Err("the server has stopped".into()))
+        rx.await.unwrap_or_else(|_| {
+            Err("this process is stopping, or has handed over to a new one: ask again".into())
+        })
     }
 
     /// Upgrades to `binary` and waits for the outcome.
@@ -74,10 +77,13 @@ impl Reloader {
             reply: Some(tx),
         };
         if self.0.send(Ask::Upgrade(request)).await.is_err() {
-            return Err("the server is stopping".into());
+            return Err(
+                "this process is stopping, or has handed over to a new one: ask again".into(),
+            );
         }
-        rx.await
-            .unwrap_or_else(|_| Err("the server is stopping".into()))
+        rx.await.unwrap_or_else(|_| {
+            Err("this process is stopping, or has handed over to a new one: ask again".into())
+        })
     }
 
     /// Asks for an upgrade to this process's own binary without waiting

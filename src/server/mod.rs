@@ -301,38 +301,80 @@ impl Server {
 
     async fn serve(self, successor: Option<Successor>, shutdown: impl Future<Output = ()>) {
         let (mut state, mut reload_rx, services) = Running::start(self);
+        tokio::pin!(shutdown);
         if let Some(successor) = successor {
-            upgrade::take_over(successor).await;
+            // A signal while waiting: this process stops before it ever
+            // started its services; the old one, also signalled, stops too.
+            let go = tokio::select! {
+                go = upgrade::take_over(successor) => go,
+                _ = &mut shutdown => false,
+            };
+            if !go {
+                state.shut_down().await;
+                return;
+            }
+            // The old process named this one already; so does this one, in
+            // case the old one ended before it could.
+            crate::ops::systemd::main_pid(std::process::id());
         }
         state.start_services(services);
         crate::ops::systemd::ready("serving");
-        tokio::pin!(shutdown);
         let mut probe =
             tokio::time::interval_at(tokio::time::Instant::now() + STATE_PROBE, STATE_PROBE);
-        let replaced = loop {
+        let mut upgrading: Option<upgrade::Pending> = None;
+        let handed_over = loop {
             tokio::select! {
-                _ = &mut shutdown => break None,
+                _ = &mut shutdown => break false,
                 request = reload_rx.recv() => match request {
                     Some(Ask::Reload(r)) => {
                         state.reload(r).await;
                         state.probe_state_dir();
                     }
-                    Some(Ask::Upgrade(u)) => {
-                        if let Some(new) = state.upgrade(u).await {
-                            break Some(new);
+                    Some(Ask::Upgrade(u)) if upgrading.is_some() => {
+                        let why = "an upgrade is already under way; this process serves on";
+                        warn!(trigger = u.reason, "upgrade not started: {why}");
+                        if let Some(r) = u.reply {
+                            let _ = r.send(Err(why.into()));
                         }
                     }
-                    None => break None,
+                    Some(Ask::Upgrade(u)) => upgrading = state.begin_upgrade(u),
+                    None => break false,
                 },
+                outcome = upgrade::finished(&mut upgrading) => {
+                    if let Some(pending) = upgrading.take() {
+                        if state.upgraded(pending, outcome).await.is_ok() {
+                            break true;
+                        }
+                    }
+                }
                 _ = probe.tick() => state.probe_state_dir(),
             }
         };
-        match replaced {
-            Some(new) => state.step_down(new).await,
-            None => {
-                crate::ops::systemd::stopping();
-                state.shut_down().await;
+        if !handed_over {
+            // An upgrade under way is given up: its new process is ended.
+            drop(upgrading);
+            crate::ops::systemd::stopping();
+            state.shut_down().await;
+            return;
+        }
+        // What was asked of this process meanwhile is the new one's now.
+        reload_rx.close();
+        while let Ok(ask) = reload_rx.try_recv() {
+            let why = "this process has handed over to a new one: ask again".to_string();
+            match ask {
+                Ask::Reload(r) => {
+                    if let Some(reply) = r.reply {
+                        let _ = reply.send(Err(why));
+                    }
+                }
+                Ask::Upgrade(u) => {
+                    warn!(trigger = u.reason, "upgrade not started: {why}");
+                    if let Some(reply) = u.reply {
+                        let _ = reply.send(Err(why));
+                    }
+                }
             }
         }
+        state.drain_after_upgrade().await;
     }
 }

@@ -42,6 +42,16 @@ fn copy(socket: std::io::Result<OwnedFd>) -> Option<OwnedFd> {
         .ok()
 }
 
+/// A tokio listening socket from a copy of one.
+pub(super) fn copy_listener(fd: &OwnedFd) -> std::io::Result<TcpListener> {
+    let socket = std::net::TcpListener::from(fd.try_clone()?);
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket)
+}
+
+/// How long the control socket's last answers get to be written at exit.
+const ANSWERS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long sessions get to close once the grace period is over.
 const FINAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -63,9 +73,9 @@ pub(super) struct Bound {
 /// (`portcullis upgrade`), or at once: the ACME tasks, the control socket,
 /// the admin endpoint.
 pub(super) struct Services {
-    pending_acme: Vec<Managed>,
-    control: Option<Control>,
-    admin: Option<TcpListener>,
+    pub(super) pending_acme: Vec<Managed>,
+    pub(super) control: Option<Control>,
+    pub(super) admin: Option<TcpListener>,
 }
 
 /// The server while it runs: the one writer of the host table, the listener
@@ -107,6 +117,9 @@ pub(super) struct Running {
     /// key), for a new process to take over.
     pub(super) control_socket: Option<OwnedFd>,
     pub(super) admin_socket: Option<(String, OwnedFd)>,
+    /// The control socket's answers under way: an upgrade's is written as
+    /// the process hands over, and waited for before it exits.
+    pub(super) answers: TaskTracker,
 }
 
 impl Running {
@@ -173,8 +186,9 @@ impl Running {
             control_serving: control.is_some(),
             cluster: cluster.clone(),
             runtime,
-            control_socket: control.as_ref().and_then(|c| copy(c.socket())),
+            control_socket: None,
             admin_socket,
+            answers: TaskTracker::new(),
         };
         for (key, ctx, socket, name) in sockets {
             state.start_accepting(key, name, ctx, socket);
@@ -205,17 +219,6 @@ impl Running {
             let follow = cluster.clone().follow(certs, stop.clone());
             self.background.spawn(follow);
         }
-        if let Some(control) = control {
-            let reloader = Some(self.reloader.clone());
-            let serve = control.serve(
-                views.clone(),
-                self.runtime.clone(),
-                cluster.clone(),
-                reloader,
-                stop.clone(),
-            );
-            self.background.spawn(serve);
-        }
         let watch = notify::expiry_watch(self.notifier.clone(), views.clone(), stop.clone());
         self.background.spawn(watch);
         if let Some(admin) = admin {
@@ -224,6 +227,24 @@ impl Running {
                 crate::ops::admin::serve(admin, metrics, views.clone(), cluster, stop.clone());
             self.background.spawn(serve);
         }
+        if let Some(control) = control {
+            self.serve_control(control);
+        }
+    }
+
+    /// Answers on the control socket until the services stop, keeping a
+    /// copy of it for a new process (`portcullis upgrade`).
+    fn serve_control(&mut self, control: Control) {
+        self.control_socket = copy(control.socket());
+        self.background.spawn(control.serve(
+            self.views.clone(),
+            self.runtime.clone(),
+            self.cluster.clone(),
+            Some(self.reloader.clone()),
+            self.background_stop.clone(),
+            self.answers.clone(),
+        ));
+        self.control_serving = true;
     }
 
     /// Tries writing to `state_dir` again: says when that changes, and binds
@@ -256,15 +277,7 @@ impl Running {
                 info!(
                     "control socket ready: portcullis certs, renew and reload reach this instance"
                 );
-                self.control_socket = copy(control.socket());
-                self.background.spawn(control.serve(
-                    self.views.clone(),
-                    self.runtime.clone(),
-                    self.cluster.clone(),
-                    Some(self.reloader.clone()),
-                    self.background_stop.clone(),
-                ));
-                self.control_serving = true;
+                self.serve_control(control);
             }
             Err(e) => debug!(error = %e, "control socket still unavailable"),
         }
@@ -465,6 +478,13 @@ impl Running {
         }
         self.background.close();
         self.background.wait().await;
-        info!("stopped");
+        self.answers.close();
+        if tokio::time::timeout(ANSWERS_WAIT, self.answers.wait())
+            .await
+            .is_err()
+        {
+            debug!("control answers still being written at exit");
+        }
+        info!(pid = std::process::id(), "stopped");
     }
 }

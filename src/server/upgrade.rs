@@ -1,84 +1,142 @@
 //! `portcullis upgrade` (and SIGUSR2) on the server's side. The old process
 //! starts the new binary, hands it every listening socket
-//! ([`crate::ops::handover`]) and waits until it serves; then it stops
-//! accepting, stops its ACME tasks, control socket and admin endpoint, tells
-//! the new process to start its own, and drains its sessions as a shutdown
-//! does. A new process that fails to start, to read its config or to bind
-//! is ended and the old one serves on, nothing closed.
+//! ([`crate::ops::handover`]) and waits, serving on, until it serves too;
+//! then it stops accepting, stops its ACME tasks, control socket and admin
+//! endpoint, tells the new process to start its own, and drains its
+//! sessions as a shutdown does. A new process that fails to start, to read
+//! its config or to bind, or that is not ready in time, is ended and the
+//! old one serves on, nothing closed; so it does if the new one dies before
+//! it is told to go.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use super::running::Running;
-use crate::ops::handover::{self, Offer, Peer, Successor};
+use super::running::{copy_listener, Running, Services};
+use crate::ops::control::Control;
+use crate::ops::handover::{self, Offer, Peer, Successor, Word};
 use crate::ops::reload::Upgrade;
 
 /// How long a new process may take from its start to serving: reading its
 /// config and certificates, binding what was not handed over.
 const READY_WITHIN: Duration = Duration::from_secs(60);
 /// How long a new process waits for the old one to stop its services
-/// before it starts its own anyway.
+/// before it starts its own anyway (the old one is stuck).
 const GO_WITHIN: Duration = Duration::from_secs(30);
 /// Bound on the old process's services (ACME tasks, control socket, admin
-/// endpoint) stopping.
+/// endpoint) stopping; they stop at their next step, at once in practice.
 const SERVICES_STOP: Duration = Duration::from_secs(10);
 /// How long a new process that did not take over gets to end on SIGTERM.
 const END_WITHIN: Duration = Duration::from_secs(15);
 
+type Reply = Option<oneshot::Sender<Result<String, String>>>;
+
 static OWN_BINARY: OnceLock<Option<PathBuf>> = OnceLock::new();
 
-/// This process's binary, as its path was at start: once a package upgrade
-/// has replaced the file, that path runs the new one.
+/// This process's binary, as its path was given at start: once a package
+/// upgrade has replaced the file, or a symlink has been moved to another
+/// version, that path runs the new one. A bare name (found in `$PATH`) is
+/// taken as the file it resolved to.
 pub(super) fn own_binary() -> Option<PathBuf> {
     OWN_BINARY
-        .get_or_init(|| std::env::current_exe().ok())
+        .get_or_init(|| {
+            let argv0 = std::env::args_os().next().map(PathBuf::from);
+            match argv0 {
+                Some(p) if p.components().count() > 1 => std::path::absolute(p).ok(),
+                _ => std::env::current_exe().ok(),
+            }
+        })
         .clone()
 }
 
-/// A new process that serves on the sockets this one handed it.
-pub(super) struct NewProcess {
+/// A new process on its way up, started by a blocking task. Dropped (the
+/// old process is stopping), the task gives up and ends the new process.
+pub(super) struct Pending {
+    task: JoinHandle<Result<Started, String>>,
+    cancel: Arc<AtomicBool>,
+    reply: Reply,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A new process that said it serves.
+pub(super) struct Started {
     pid: u32,
+    version: String,
     peer: Peer,
-    reply: Option<oneshot::Sender<Result<String, String>>>,
+    child: Child,
+}
+
+/// Waits for the upgrade under way, if any (forever when none is).
+pub(super) async fn finished(pending: &mut Option<Pending>) -> Result<Started, String> {
+    match pending {
+        Some(p) => match (&mut p.task).await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(format!("upgrade task: {e}")),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Says why an upgrade did not happen, to whoever asked and in the log.
+fn refuse(reply: Reply, why: String) {
+    error!(error = %why, "upgrade failed: still serving here, nothing closed");
+    if let Some(r) = reply {
+        let _ = r.send(Err(format!("{why}; still serving, nothing closed")));
+    }
 }
 
 impl Running {
-    /// Starts a new process and hands it the sockets: `Some` once it serves;
-    /// `None` when it did not, said to whoever asked and in the log, with
-    /// this process serving on as before.
-    pub(super) async fn upgrade(&mut self, ask: Upgrade) -> Option<NewProcess> {
+    /// Starts a new process for `ask` and hands it the sockets, on a
+    /// blocking task; `None` when it could not even start (said already).
+    pub(super) fn begin_upgrade(&self, ask: Upgrade) -> Option<Pending> {
         let Upgrade {
             reason,
             binary,
             reply,
         } = ask;
         info!(trigger = reason, "upgrade: starting a new process");
-        match self.launch(binary).await {
-            Ok((pid, peer)) => Some(NewProcess { pid, peer, reply }),
-            Err(e) => {
-                error!(error = %e, "upgrade failed: still serving here, nothing closed");
-                if let Some(r) = reply {
-                    let _ = r.send(Err(e));
-                }
-                None
-            }
-        }
-    }
-
-    async fn launch(&self, binary: Option<PathBuf>) -> Result<(u32, Peer), String> {
-        let config = self
+        let prepared = self
             .config_file
             .clone()
-            .ok_or("this instance was not started from a config file")?;
-        let binary = binary
-            .or_else(own_binary)
-            .ok_or("cannot tell which binary this process runs: give --binary")?;
+            .ok_or_else(|| "this instance was not started from a config file".to_string());
+        let prepared = prepared.and_then(|config| {
+            let binary = binary
+                .or_else(own_binary)
+                .ok_or("cannot tell which binary this process runs: give --binary")?;
+            Ok((config, binary, self.upgrade_sockets()?))
+        });
+        let (config, binary, sockets) = match prepared {
+            Ok(p) => p,
+            Err(why) => {
+                refuse(reply, why);
+                return None;
+            }
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let cancelled = cancel.clone();
+        let task =
+            tokio::task::spawn_blocking(move || start_new(&binary, &config, &sockets, &cancelled));
+        Some(Pending {
+            task,
+            cancel,
+            reply,
+        })
+    }
+
+    /// Copies of every socket a new process takes over, by key.
+    fn upgrade_sockets(&self) -> Result<Vec<(String, OwnedFd)>, String> {
         let copy = |what: &str, fd: &OwnedFd| {
             fd.try_clone()
                 .map_err(|e| format!("cannot copy the {what} socket: {e}"))
@@ -95,56 +153,135 @@ impl Running {
         if let Some((key, fd)) = &self.admin_socket {
             sockets.push((key.clone(), copy("admin", fd)?));
         }
-        tokio::task::spawn_blocking(move || start_new(&binary, &config, &sockets))
-            .await
-            .map_err(|e| format!("upgrade task: {e}"))?
+        Ok(sockets)
     }
 
-    /// Gives way to `new`: stops accepting (the sockets accept in the new
-    /// process), stops the services and tells the new process to start
-    /// them, then drains. Sessions already accepted here finish their
-    /// handshake or STARTTLS dialogue and relay as usual; those still
-    /// before their relay once the handshake timeout is over get their
-    /// protocol's goodbye; the rest relay until they end or the grace does.
-    pub(super) async fn step_down(mut self, new: NewProcess) {
-        let NewProcess { pid, peer, reply } = new;
-        let grace = self.config.timeouts.shutdown_grace;
+    /// Once the upgrade task ended: gives way to the new process if it
+    /// serves. `Ok` once it was told to go (this process then drains);
+    /// `Err` when it was not (said already; this process serves on).
+    pub(super) async fn upgraded(
+        &mut self,
+        mut pending: Pending,
+        outcome: Result<Started, String>,
+    ) -> Result<(), ()> {
+        let reply = pending.reply.take();
+        let Started {
+            pid,
+            version,
+            peer,
+            child,
+        } = match outcome {
+            Ok(started) => started,
+            Err(why) => {
+                refuse(reply, why);
+                return Err(());
+            }
+        };
+        reap(child);
         let open = self.tracker.len();
         info!(
             new_pid = pid,
+            version = %version,
             open_sessions = open,
-            grace = ?grace,
-            "upgrade: the new process serves; no new connections here, draining"
+            "upgrade: the new process serves; stopping accepting and the services here"
         );
-        if let Some(r) = reply {
-            let _ = r.send(Ok(format!(
-                "process {pid} serves now; process {} stopped accepting and drains {open} open session(s), at most {}",
-                std::process::id(),
-                humantime::format_duration(grace)
-            )));
-        }
-        crate::ops::systemd::main_pid(pid);
-        handover::mark_handed_over();
         for bound in self.bound.values() {
             bound.listen.cancel();
         }
         self.accepts.close();
         self.accepts.wait().await;
+        crate::ops::systemd::main_pid(pid);
+        handover::mark_handed_over(true);
         self.background_stop.cancel();
         self.acme = None;
-        self.watcher = None;
         self.background.close();
         if tokio::time::timeout(SERVICES_STOP, self.background.wait())
             .await
             .is_err()
         {
-            warn!("upgrade: background tasks still stopping; the new process starts its own");
+            warn!("upgrade: background tasks still stopping after 10 s; the new process starts its own");
         }
         if let Err(e) = peer.send("go", None) {
-            warn!(error = %e, "upgrade: cannot tell the new process to start its services; it starts them within 30 s");
+            let why =
+                format!("new process {pid} ended before it took over ({e}); this one serves on");
+            error!(error = %why, "upgrade failed: accepting here again");
+            crate::ops::systemd::main_pid(std::process::id());
+            self.resume();
+            if let Some(r) = reply {
+                let _ = r.send(Err(format!("{why}, accepting again")));
+            }
+            return Err(());
         }
         drop(peer);
+        self.watcher = None;
+        // The new process holds every socket now; the ones it did not take
+        // (gone from the config) close here, so their clients are refused
+        // instead of waiting.
+        for bound in self.bound.values_mut() {
+            bound.socket = None;
+        }
+        self.control_socket = None;
+        self.admin_socket = None;
+        let grace = self.config.timeouts.shutdown_grace;
+        info!(
+            new_pid = pid,
+            open_sessions = self.tracker.len(),
+            grace = ?grace,
+            "upgrade: the new process took over; draining here"
+        );
+        if let Some(r) = reply {
+            let _ = r.send(Ok(format!(
+                "process {pid} (portcullis {version}) serves now; process {} stopped accepting and drains {open} open session(s), at most {}",
+                std::process::id(),
+                humantime::format_duration(grace)
+            )));
+        }
+        Ok(())
+    }
 
+    /// Accepts again on the copies of the sockets and starts the services
+    /// again: the new process died before it took over.
+    fn resume(&mut self) {
+        handover::mark_handed_over(false);
+        self.background_stop = tokio_util::sync::CancellationToken::new();
+        self.background.reopen();
+        self.accepts.reopen();
+        for (key, bound) in std::mem::take(&mut self.bound) {
+            let socket = bound.socket.as_ref().map(copy_listener);
+            match socket {
+                Some(Ok(socket)) => self.start_accepting(key, bound.listener, bound.ctx, socket),
+                Some(Err(e)) => {
+                    error!(listener = %bound.listener, addr = ?bound.local, error = %e, "cannot accept here again: restart portcullis")
+                }
+                None => {
+                    error!(listener = %bound.listener, addr = ?bound.local, "no copy of this socket: restart portcullis")
+                }
+            }
+        }
+        let control = self.control_socket.as_ref().and_then(|fd| {
+            let socket = std::os::unix::net::UnixListener::from(fd.try_clone().ok()?);
+            Control::inherited(socket, &self.config.state_dir)
+                .ok()
+                .flatten()
+        });
+        let admin = self
+            .admin_socket
+            .as_ref()
+            .and_then(|(_, fd)| copy_listener(fd).ok());
+        self.start_services(Services {
+            pending_acme: Vec::new(),
+            control,
+            admin,
+        });
+    }
+
+    /// The drain after a new process took over. Sessions accepted here
+    /// finish their handshake or STARTTLS dialogue and relay as usual;
+    /// those still before their relay once the handshake timeout is over
+    /// get their protocol's goodbye; the rest relay until they end or the
+    /// grace does.
+    pub(super) async fn drain_after_upgrade(self) {
+        let grace = self.config.timeouts.shutdown_grace;
         let began = tokio::time::Instant::now();
         self.tracker.close();
         let settle = self.config.timeouts.handshake.min(grace);
@@ -159,32 +296,46 @@ impl Running {
 }
 
 /// In the new process, once it accepts: says so to the old one and waits
-/// until that has stopped its services.
-pub(super) async fn take_over(successor: Successor) {
+/// for its word. `false`: the old one gave up on this one and serves on.
+pub(super) async fn take_over(successor: Successor) -> bool {
     if let Err(e) = successor.ready() {
-        warn!(error = %e, "upgrade: cannot tell the old process this one serves");
+        warn!(error = %e, "upgrade: cannot tell the old process this one serves; it serves on, so this one ends");
+        return false;
     }
     info!("upgrade: serving; waiting for the old process to stop its ACME tasks, control socket and admin endpoint");
-    match tokio::task::spawn_blocking(move || successor.wait_go(GO_WITHIN)).await {
-        Ok(Ok(())) => info!("upgrade: the old process stepped down; starting the services here"),
-        Ok(Err(e)) => warn!(error = %e, "upgrade: starting the services here anyway"),
-        Err(e) => warn!(error = %e, "upgrade: starting the services here anyway"),
+    let word = tokio::task::spawn_blocking(move || successor.wait_go(GO_WITHIN))
+        .await
+        .unwrap_or(Word::Silent);
+    match word {
+        Word::Go => info!("upgrade: the old process stepped down; starting the services here"),
+        Word::Gone => {
+            warn!("upgrade: the old process ended without a word; starting the services here")
+        }
+        Word::Silent => warn!(
+            "upgrade: no word from the old process within 30 s; starting the services here anyway"
+        ),
+        Word::Abandoned(why) => {
+            warn!(reason = %why, "upgrade: the old process serves on; draining what this one accepted, then exiting");
+            return false;
+        }
     }
+    true
 }
 
 /// Starts `binary` on `config`, hands it `sockets`, and waits until it
-/// serves (its pid, and the connection to it) or fails (why; it is ended).
+/// serves, or fails (why; it is told so and ended), or `cancel` is set.
 fn start_new(
     binary: &Path,
     config: &Path,
     sockets: &[(String, OwnedFd)],
-) -> Result<(u32, Peer), String> {
+    cancel: &AtomicBool,
+) -> Result<Started, String> {
     let offer = Offer::open().map_err(|e| format!("cannot open the upgrade socket: {e}"))?;
     let mut child = Command::new(binary)
         .arg("run")
         .arg("--config")
         .arg(config)
-        .env(handover::ENV, offer.name())
+        .envs(offer.env())
         .stdin(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
@@ -192,22 +343,53 @@ fn start_new(
     info!(pid, binary = %binary.display(), "upgrade: new process started");
     let deadline = Instant::now() + READY_WITHIN;
     let outcome = {
-        let mut gone = || exited(&mut child);
-        offer.accept(pid, deadline, &mut gone).and_then(|peer| {
-            handover::send_sockets(&peer, sockets)
-                .map_err(|e| format!("cannot hand over the sockets: {e}"))?;
-            let (text, _) = peer.recv_until(deadline, &mut gone)?;
-            match (text.as_str(), text.strip_prefix("failed ")) {
-                ("ready", _) => Ok(peer),
-                (_, Some(why)) => Err(why.to_string()),
-                _ => Err(format!("unexpected message {text:?}")),
+        let mut gone = || {
+            if cancel.load(Ordering::SeqCst) {
+                return Some("this process is stopping".to_string());
             }
-        })
+            exited(&mut child)
+        };
+        converse(&offer, sockets, deadline, &mut gone)
     };
-    outcome.map(|peer| (pid, peer)).map_err(|why| {
-        end(&mut child);
-        format!("new process {pid} ({}): {why}", binary.display())
-    })
+    match outcome {
+        Ok((peer, version)) => Ok(Started {
+            pid,
+            version,
+            peer,
+            child,
+        }),
+        Err(why) => {
+            end(&mut child);
+            Err(format!("new process {pid} ({}): {why}", binary.display()))
+        }
+    }
+}
+
+/// The exchange up to `ready`: the peer and the new process's version. On
+/// any failure after it connected, it is told to give up (`abort`).
+fn converse(
+    offer: &Offer,
+    sockets: &[(String, OwnedFd)],
+    deadline: Instant,
+    gone: &mut dyn FnMut() -> Option<String>,
+) -> Result<(Peer, String), String> {
+    let peer = offer.accept(deadline, gone)?;
+    let answer = handover::send_sockets(&peer, sockets)
+        .map_err(|e| format!("cannot hand over the sockets: {e}"))
+        .and_then(|()| peer.recv_until(deadline, gone));
+    let why = match answer {
+        Ok((text, _)) => match (text.strip_prefix("ready"), text.strip_prefix("failed ")) {
+            (Some(version), _) => return Ok((peer, version.trim().to_string())),
+            (_, Some(why)) => return Err(why.to_string()),
+            _ => format!("unexpected message {text:?}"),
+        },
+        Err(e) if Instant::now() > deadline => {
+            format!("{e}: not ready within {}s", READY_WITHIN.as_secs())
+        }
+        Err(e) => e,
+    };
+    let _ = peer.send("abort", None);
+    Err(why)
 }
 
 /// Why `child` is gone, if it is.
@@ -239,4 +421,17 @@ fn end(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Reaps the new process whenever it ends while this one still runs, so
+/// that it does not linger as a zombie (chained upgrades, a stop).
+fn reap(mut child: Child) {
+    let spawned = std::thread::Builder::new()
+        .name("upgrade-reaper".into())
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot watch the new process; it is reaped when this one exits");
+    }
 }
