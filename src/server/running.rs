@@ -450,8 +450,20 @@ impl Running {
         info!(open_sessions = self.tracker.len(), grace = ?shutdown_grace, "shutting down: no new connections");
         self.stop.accepting.cancel();
         self.accepts.wait().await;
+        self.drop_socket_copies();
         self.tracker.close();
         self.finish(shutdown_grace).await;
+    }
+
+    /// Closes the copies kept for a new process: once no accept loop holds
+    /// a socket either, it is closed, and clients are refused at once
+    /// instead of waiting in its queue.
+    pub(super) fn drop_socket_copies(&mut self) {
+        for bound in self.bound.values_mut() {
+            bound.socket = None;
+        }
+        self.control_socket = None;
+        self.admin_socket = None;
     }
 
     /// Gives the open sessions `grace` to end, then ends the rest; waits

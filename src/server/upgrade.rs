@@ -215,13 +215,8 @@ impl Running {
         drop(peer);
         self.watcher = None;
         // The new process holds every socket now; the ones it did not take
-        // (gone from the config) close here, so their clients are refused
-        // instead of waiting.
-        for bound in self.bound.values_mut() {
-            bound.socket = None;
-        }
-        self.control_socket = None;
-        self.admin_socket = None;
+        // (gone from the config) close here.
+        self.drop_socket_copies();
         let grace = self.config.timeouts.shutdown_grace;
         info!(
             new_pid = pid,
