@@ -7,7 +7,9 @@
 //! itself to CPU 1. The exception is workload 7 (multi-core scaling): a
 //! fresh instance per worker count w = 1, 2, 4, … up to the online CPUs,
 //! with w workers pinned to w CPUs (CPU 0 first, the generator's CPU 1
-//! last, so shared only when w is every CPU). Everything is on loopback;
+//! last, so shared only when w is every CPU). Workload 8 (upgrades under
+//! load) starts a fresh instance per run and upgrades it the way each proxy
+//! does (HAProxy in master-worker mode). Everything is on loopback;
 //! no name is ever resolved.
 //! Every loop is bounded by count and time, and every proxy is killed when
 //! its guard drops (normal end, error, panic, Ctrl-C, or the overall limit).
@@ -42,7 +44,7 @@ usage: cargo bench --bench compare [-- OPTIONS]
   --idle N          idle sessions to open (default 9000, bounded by the fd limit)
   --bytes-mib N     bytes per relay run, MiB (default 1024)
   --names A,B,C     host-name counts of workload 6 (default 10,1000,10000)
-  --workloads LIST  which of 1-7 (default 1,2,3,4,5,6,7)
+  --workloads LIST  which of 1-8 (default 1,2,3,4,5,6,7,8)
   --only LIST       which of portcullis,haproxy,nginx (default: all installed)
   --quick           1 run, 2 s windows, 2,000 idle, 256 MiB, names 10,1000
   --out FILE        JSON output (default target/bench/compare.json)
@@ -76,7 +78,7 @@ impl Opts {
             idle: 9000,
             bytes: 1 << 30,
             names: vec![10, 1000, 10000],
-            workloads: (1..=7).collect(),
+            workloads: (1..=8).collect(),
             only: ALL.to_vec(),
             out: None,
             keep: false,
@@ -98,7 +100,7 @@ impl Opts {
                     })?
                 }
                 "--workloads" => {
-                    o.workloads = list(&val()?, |x| x.parse().ok().filter(|n| (1..=7).contains(n)))?
+                    o.workloads = list(&val()?, |x| x.parse().ok().filter(|n| (1..=8).contains(n)))?
                         .into_iter()
                         .collect()
                 }
@@ -268,6 +270,7 @@ impl Bench {
             backend,
             certs: spec_certs,
             workers,
+            upgradable: tag.starts_with("upgrade"),
         };
         match proxies::start(&self.tools, kind, &spec).await {
             Ok(r) => Some(r),
@@ -906,6 +909,100 @@ async fn run(opts: Opts) -> Result<(), String> {
                         h.proxy_us_per_hs / one.proxy_us_per_hs,
                     );
                 }
+            }
+        }
+    }
+    if w.contains(&8) {
+        let w8 = "8 upgrade under load";
+        let (times, every) = (5, Duration::from_secs(1));
+        eprintln!(
+            "\n== 8: binary upgrades under load: {} connections each doing connect, full handshake, echo, close for {} s, once without and once with {times} upgrades {every:?} apart (nginx: reloads, SIGHUP); fresh proxy each",
+            b.opts.conc,
+            times + 1
+        );
+        for run in 0..runs {
+            for kind in b.order(run) {
+                let mut got = Vec::new();
+                for upgrade in [false, true] {
+                    let tag = format!("upgrade-{run}-{upgrade}");
+                    let Some(mut p) = b.start(kind, &tag, &two, backend.addr, 1).await else {
+                        continue;
+                    };
+                    let u = workloads::upgrades(
+                        &mut p,
+                        &b.tools,
+                        &two_names,
+                        b.opts.conc,
+                        (times, every),
+                        upgrade,
+                    )
+                    .await;
+                    drop(p);
+                    eprintln!(
+                        "  [{w8} run {}] {:<10} {}/{} upgrades  {} connections, {} failed  connect-to-echo p50 {:.1} ms p99 {:.1} ms max {:.0} ms{}",
+                        run + 1,
+                        kind.label(),
+                        u.upgrades,
+                        if upgrade { times } else { 0 },
+                        u.count,
+                        u.failed,
+                        u.p50_ms,
+                        u.p99_ms,
+                        u.max_ms,
+                        u.first_error
+                            .as_ref()
+                            .map(|e| format!("  first error: {e}"))
+                            .unwrap_or_default()
+                    );
+                    if upgrade && u.upgrades < times {
+                        b.note(format!(
+                            "8 run {}: {} upgraded {} of {times} times: {}",
+                            run + 1,
+                            kind.label(),
+                            u.upgrades,
+                            u.first_error.clone().unwrap_or_default()
+                        ));
+                    }
+                    got.push(u);
+                }
+                let [quiet, upgraded] = &got[..] else {
+                    continue;
+                };
+                b.report.add(
+                    w8,
+                    "failed connections",
+                    Better::Lower,
+                    kind,
+                    upgraded.failed as f64,
+                );
+                b.report.add(
+                    w8,
+                    "connections completed, with / without upgrades",
+                    Better::Higher,
+                    kind,
+                    upgraded.count as f64 / quiet.count.max(1) as f64,
+                );
+                b.report.add(
+                    w8,
+                    "connect to echo p99 ms, with upgrades",
+                    Better::Lower,
+                    kind,
+                    upgraded.p99_ms,
+                );
+                b.report.add(
+                    w8,
+                    "connect to echo p99, with / without upgrades",
+                    Better::Lower,
+                    kind,
+                    upgraded.p99_ms / quiet.p99_ms,
+                );
+                b.report.add(
+                    w8,
+                    "connect to echo max ms, with upgrades",
+                    Better::Lower,
+                    kind,
+                    upgraded.max_ms,
+                );
             }
         }
     }

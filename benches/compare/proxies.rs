@@ -183,6 +183,9 @@ pub struct Spec<'a> {
     /// processes (nginx `worker_processes`); the proxy is pinned to as many
     /// CPUs (`proxy_cpus`). 1 everywhere but workload 7.
     pub workers: usize,
+    /// Workload 8 (upgrades): HAProxy runs in master-worker mode (`-W`),
+    /// whose master re-executes itself on SIGUSR2.
+    pub upgradable: bool,
 }
 
 /// A running proxy; killed (with its workers) when dropped, also on panic.
@@ -196,6 +199,9 @@ pub struct Running {
     pub startup: Duration,
     child: Child,
     log: PathBuf,
+    dir: PathBuf,
+    /// Processes that took over from `pid` (workload 8), killed with it.
+    adopted: Vec<u32>,
 }
 
 impl Running {
@@ -282,7 +288,65 @@ impl Drop for Running {
         for w in workers {
             kill(w);
         }
+        for pid in &self.adopted {
+            let workers = procfs::children(*pid);
+            kill(*pid);
+            for w in workers {
+                kill(w);
+            }
+        }
         let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Replaces the running binary with a new process of it, the way each
+    /// proxy is made to: `portcullis upgrade`; SIGUSR2 to HAProxy's master
+    /// (master-worker mode: it re-executes itself, starts new workers and
+    /// soft-stops the old ones). nginx's binary upgrade (SIGUSR2 to the
+    /// master) is ignored in the foreground (`daemon off`, as here: "the
+    /// changing binary signal is ignored"), so it gets its reload, SIGHUP
+    /// (new workers from the same binary, old ones finish), the nearest it
+    /// has. Returns when the command returned or the signal was sent.
+    pub async fn upgrade(&mut self, tools: &Tools) -> Result<(), String> {
+        let current = self.adopted.last().copied().unwrap_or(self.pid);
+        match self.kind {
+            Kind::Portcullis => {
+                let out = tokio::process::Command::new(&tools.portcullis)
+                    .arg("upgrade")
+                    .arg("--config")
+                    .arg(self.dir.join("portcullis.yaml"))
+                    .output()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() {
+                    return Err(format!("{}{}", text, String::from_utf8_lossy(&out.stderr)));
+                }
+                let pid = text
+                    .strip_prefix("process ")
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| format!("no pid in {text:?}"))?;
+                self.adopted.push(pid);
+                Ok(())
+            }
+            Kind::Haproxy => signal("-USR2", current),
+            Kind::Nginx => signal("-HUP", current),
+        }
+    }
+}
+
+fn signal(sig: &str, pid: u32) -> Result<(), String> {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("kill {sig} {pid} failed"))
     }
 }
 
@@ -427,10 +491,11 @@ pub async fn start(tools: &Tools, kind: Kind, spec: &Spec<'_>) -> io::Result<Run
             let path = spec.dir.join("haproxy.cfg");
             fs::write(&path, haproxy_config(spec, addr)?)?;
             let prog = tools.haproxy.clone().ok_or(io::ErrorKind::NotFound)?;
-            (
-                prog,
-                vec!["-db".into(), "-f".into(), path.display().to_string()],
-            )
+            let mut args = vec!["-db".into(), "-f".into(), path.display().to_string()];
+            if spec.upgradable {
+                args.insert(0, "-W".into());
+            }
+            (prog, args)
         }
         Kind::Nginx => {
             let path = spec.dir.join("nginx.conf");
@@ -477,6 +542,8 @@ pub async fn start(tools: &Tools, kind: Kind, spec: &Spec<'_>) -> io::Result<Run
         startup: Duration::ZERO,
         child,
         log,
+        dir: spec.dir.clone(),
+        adopted: Vec::new(),
     };
     let names = Names::new(spec.certs);
     let probe = TlsConnector::from(client::config(&names, false, true));

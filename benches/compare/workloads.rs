@@ -442,3 +442,98 @@ pub async fn latency(
     }
     l
 }
+
+#[derive(Debug, Default)]
+pub struct Upgrades {
+    /// Upgrades that went through.
+    pub upgrades: usize,
+    /// Connections that got their handshake and echo.
+    pub count: u64,
+    /// Connections refused, reset, timed out or failed in the handshake or
+    /// the echo.
+    pub failed: u64,
+    /// Connect to echo, ms, over the whole window.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub first_error: Option<String>,
+}
+
+/// Workload 8: `conc` loops of connect, full handshake, one echo, close,
+/// for `times + 1` slots of `every`; with `upgrade`, the proxy's binary is
+/// upgraded at the start of every slot but the first.
+pub async fn upgrades(
+    proxy: &mut Running,
+    tools: &crate::proxies::Tools,
+    names: &Names,
+    conc: usize,
+    (times, every): (usize, Duration),
+    upgrade: bool,
+) -> Upgrades {
+    let connector = TlsConnector::from(client::config(names, false, false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let mut set = JoinSet::new();
+    for t in 0..conc {
+        let (names, addr, connector) = (names.clone(), proxy.addr, connector.clone());
+        let (stop, first_error) = (stop.clone(), first_error.clone());
+        set.spawn(async move {
+            let (mut took, mut failed) = (Vec::new(), 0u64);
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = &names.names[(t + k) % names.len()];
+                k += 1;
+                let began = Instant::now();
+                match client::open(&connector, addr, name).await {
+                    Ok((tls, _)) => {
+                        took.push(began.elapsed().as_secs_f64() * 1e3);
+                        client::close(tls).await;
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        if let Ok(mut first) = first_error.lock() {
+                            first.get_or_insert_with(|| e.to_string());
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (took, failed)
+        });
+    }
+    let mut out = Upgrades::default();
+    tokio::time::sleep(every).await;
+    for _ in 0..times {
+        let slot = Instant::now() + every;
+        if upgrade {
+            match proxy.upgrade(tools).await {
+                Ok(()) => out.upgrades += 1,
+                Err(e) => {
+                    if let Ok(mut first) = first_error.lock() {
+                        first.get_or_insert(format!("upgrade: {e}"));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep_until(slot.into()).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(r) = set.join_next().await {
+            if let Ok((took, failed)) = r {
+                all.extend(took);
+                out.failed += failed;
+            }
+        }
+    })
+    .await;
+    set.abort_all();
+    all.sort_by(f64::total_cmp);
+    out.count = all.len() as u64;
+    out.p50_ms = percentile(&all, 0.50);
+    out.p99_ms = percentile(&all, 0.99);
+    out.max_ms = all.last().copied().unwrap_or(f64::NAN);
+    out.first_error = first_error.lock().ok().and_then(|f| f.clone());
+    out
+}
