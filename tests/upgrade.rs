@@ -523,11 +523,26 @@ hosts:
     assert!(!log.contains("stopped"), "{log}");
 
     // Once the config is right again, the upgrade goes through, and the
-    // sessions keep relaying in the old process.
+    // sessions keep relaying in the old process. A listener drained there
+    // stays drained in the new one.
     std::fs::write(&path, &yaml).unwrap();
+    let (code, out, err) = portcullis(&["drain", "--config", path_str(&path), "imaps"], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = upgrade(&path, &[]).await;
     assert_eq!(code, 0, "{out}{err}");
     let pid = new_pid(&out);
+    let (code, out, err) = portcullis(&["status", "--config", path_str(&path)], QUICK);
+    assert_eq!(code, 0, "{out}{err}");
+    let imaps = out
+        .lines()
+        .find(|l| l.starts_with("imaps "))
+        .unwrap_or_default();
+    assert!(imaps.contains("drained"), "{out}");
+    let relay_line = out
+        .lines()
+        .find(|l| l.starts_with("relay "))
+        .unwrap_or_default();
+    assert!(relay_line.contains("accepting"), "{out}");
     session.check().await;
     another.check().await;
     let mut fresh = Echo::open(relay).await;
@@ -627,11 +642,11 @@ async fn during_an_upgrade_the_old_process_answers_and_a_stop_ends_both() {
     wait_ended(slow_pid, Duration::from_secs(10), &|| status.1.log());
 }
 
-/// A new process that says it is ready and dies before it is told to go:
-/// the old one accepts again on its copies of the sockets and starts its
+/// A new process that says it is ready and dies before it took over: the
+/// old one accepts again on its copies of the sockets and starts its
 /// services again (control socket, admin endpoint), and a later upgrade
 /// goes through. The new process here is a script that speaks the
-/// handover and exits.
+/// handover up to `ready` and exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_that_dies_before_it_takes_over_leaves_the_old_one_serving() {
     if !common::tool("python3", "a_new_process_that_dies_before_it_takes_over") {
@@ -658,10 +673,20 @@ async fn a_new_process_that_dies_before_it_takes_over_leaves_the_old_one_serving
     run.wait_control(&dir.path().join("state"));
     let mut session = Echo::open(relay).await;
 
-    let fake = script(
-        dir.path(),
-        "ready-then-gone",
-        r#"#!/usr/bin/env python3
+    // One says ready and dies; one says ready, is told to go, and says it
+    // was told to stop (as a new process does on SIGTERM at that moment).
+    for (name, after_ready) in [
+        ("ready-then-gone", "s.close()"),
+        (
+            "ready-then-refuse",
+            "assert s.recv(4096) == b\"go\"\ns.send(b\"failed this process was told to stop\")",
+        ),
+    ] {
+        let fake = script(
+            dir.path(),
+            name,
+            &format!(
+                r#"#!/usr/bin/env python3
 import os, socket
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect("\0" + os.environ["PORTCULLIS_UPGRADE_SOCKET"])
@@ -673,15 +698,18 @@ while True:
     if msg == b"end":
         break
 s.send(b"ready 0.0.0-fake")
-s.close()
-"#,
-    );
-    let (code, _, err) = upgrade(&path, &["--binary", path_str(&fake)]).await;
-    assert_eq!(code, 1, "{err}\n{}", run.log());
-    assert!(
-        err.contains("ended before it took over") && err.contains("accepting again"),
-        "{err}"
-    );
+{after_ready}
+"#
+            ),
+        );
+        let (code, _, err) = upgrade(&path, &["--binary", path_str(&fake)]).await;
+        assert_eq!(code, 1, "{name}: {err}\n{}", run.log());
+        assert!(
+            err.contains("did not take over") && err.contains("accepts again"),
+            "{name}: {err}"
+        );
+        session.check().await;
+    }
 
     // Everything serves again: the old session, new ones, the control
     // socket, the admin endpoint.
@@ -693,8 +721,10 @@ s.close()
     let (status, _) = common::admin_get(&admin, "/healthz").await;
     assert!(status.contains("200"), "{status}");
     let log = run.log();
-    assert!(
-        log.contains("upgrade failed: accepting here again"),
+    assert_eq!(
+        log.matches("upgrade failed: the new process did not take over; accepting here again")
+            .count(),
+        2,
         "{log}"
     );
 

@@ -293,11 +293,17 @@ async fn answer(stream: UnixStream, served: Served<'_>, stop: &CancellationToken
             _ => None,
         }
     };
+    let stopped = || {
+        Response::Error(
+            "this process is stopping, or has handed over to a new one: ask again".into(),
+        )
+    };
     let request = tokio::select! {
         r = read => r,
         _ = stop.cancelled() => None,
     };
     let response = match request {
+        None if stop.is_cancelled() => stopped(),
         None => return,
         Some(Err(e)) => Response::Error(format!("bad request: {e}")),
         Some(Ok(request @ Request::Upgrade { .. })) => {
@@ -308,7 +314,7 @@ async fn answer(stream: UnixStream, served: Served<'_>, stop: &CancellationToken
             debug!(?request, "control request");
             tokio::select! {
                 r = handle(request, served) => r,
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => stopped(),
             }
         }
     };

@@ -12,13 +12,18 @@
 //! (`SCM_RIGHTS`).
 //!
 //! - new → old: `hello TOKEN`.
-//! - old → new: `socket KEY` with the socket, once for each; then `end`.
+//! - old → new: `socket KEY` with the socket, once for each; `drained
+//!   NAME` for each listener or backend drained there; then `end`.
 //! - new → old: `ready VERSION` once it accepts on them; or `failed REASON`.
 //! - old → new: `go` once it no longer accepts and its ACME tasks, control
-//!   socket and admin endpoint have stopped. The new process starts those
-//!   only then, so two processes do not order certificates at once. Or
-//!   `abort`: the old process gave up waiting, serves on, and the new one
-//!   drains what it accepted and exits without starting them.
+//!   socket and admin endpoint have stopped. Or `abort`: the old process
+//!   gave up, serves on, and the new one drains what it accepted and exits
+//!   without starting anything. The old process says `abort` whenever it
+//!   gives up, so a connection closed without it means the old process
+//!   died.
+//! - new → old: `started` (it is systemd's main process now, and starts
+//!   its services), or `failed REASON` (it was told to stop). Only then
+//!   does the old process drain; without it, it accepts again.
 //!
 //! Passing descriptors over a socket rather than leaving them open across
 //! `exec` (nginx, systemd's `LISTEN_FDS`): that needs a `pre_exec` hook in
@@ -264,14 +269,19 @@ fn cut(text: &str, limit: usize) -> &str {
     &text[..end]
 }
 
-/// The sockets a new process was given, by key, until it takes them.
+/// The sockets a new process was given, by key, until it takes them; and
+/// what was drained in the old one.
 #[derive(Debug, Default)]
-pub struct Inherited(BTreeMap<String, OwnedFd>);
+pub struct Inherited {
+    sockets: BTreeMap<String, OwnedFd>,
+    /// Listener names and backend addresses, as `portcullis drain` takes them.
+    pub drained: Vec<String>,
+}
 
 impl Inherited {
     /// The TCP listening socket sent as `key`, if there is one.
     pub fn take_tcp(&mut self, key: &str) -> Option<io::Result<tokio::net::TcpListener>> {
-        let fd = self.0.remove(key)?;
+        let fd = self.sockets.remove(key)?;
         let std = std::net::TcpListener::from(fd);
         Some(
             std.set_nonblocking(true)
@@ -281,35 +291,32 @@ impl Inherited {
 
     /// The socket sent as `key`, if there is one.
     pub fn take(&mut self, key: &str) -> Option<OwnedFd> {
-        self.0.remove(key)
+        self.sockets.remove(key)
     }
 
     /// Keys not taken (their sockets close when this drops).
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
+        self.sockets.keys().map(String::as_str)
     }
 }
 
 /// The new process's end: what it was given, and how it answers.
 pub struct Successor {
     peer: Peer,
-    /// The old process, which started this one: while it is this process's
-    /// parent, it still runs.
-    parent: Option<rustix::process::Pid>,
 }
 
 /// What the old process said after `ready`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Word {
-    /// It stopped its services: start them here.
+    /// It stopped its services: take over.
     Go,
+    /// Nothing within the wait: it is stuck; take over anyway.
+    Silent,
     /// It ended without a word (a crash): nothing of it runs any more.
     Gone,
-    /// It gave up on this process and serves on: drain and exit, and start
-    /// nothing that would run twice.
+    /// It gave up on this process and serves on, or this process was told
+    /// to stop: drain and exit, and start nothing that would run twice.
     Abandoned(String),
-    /// Nothing within the wait.
-    Silent,
 }
 
 impl Successor {
@@ -324,18 +331,20 @@ impl Successor {
     fn receive(name: &str, token: &str) -> Result<(Successor, Inherited), String> {
         let peer = Peer::connect(name, token)
             .map_err(|e| format!("cannot reach the process to replace ({ENV}={name}): {e}"))?;
-        let parent = rustix::process::getppid();
-        let mut sockets = BTreeMap::new();
+        let mut inherited = Inherited::default();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (text, mut fds) = peer.recv_until(deadline, &mut || None)?;
             if text == "end" {
-                let successor = Successor { peer, parent };
-                return Ok((successor, Inherited(sockets)));
+                return Ok((Successor { peer }, inherited));
+            }
+            if let Some(name) = text.strip_prefix("drained ") {
+                inherited.drained.push(name.to_string());
+                continue;
             }
             match (text.strip_prefix("socket "), fds.pop()) {
                 (Some(key), Some(fd)) if fds.is_empty() => {
-                    sockets.insert(key.to_string(), fd);
+                    inherited.sockets.insert(key.to_string(), fd);
                 }
                 _ => return Err(format!("unexpected message from the old process: {text:?}")),
             }
@@ -355,11 +364,16 @@ impl Successor {
         }
     }
 
-    /// Waits (blocking, up to `limit`) for the old process's word.
-    pub fn wait_go(self, limit: Duration) -> Word {
+    /// Waits (blocking, up to `limit`) for the old process's word. When
+    /// `stop` is set meanwhile, tells the old one so (it accepts again).
+    pub fn wait_go(&self, limit: Duration, stop: &AtomicBool) -> Word {
         let deadline = Instant::now() + limit;
         loop {
-            let closed = match self.peer.recv(TICK) {
+            if stop.load(Ordering::SeqCst) {
+                let _ = self.peer.send("failed this process was told to stop", None);
+                return Word::Abandoned("this process was told to stop".into());
+            }
+            match self.peer.recv(TICK) {
                 Ok(Received::Message(text, _)) if text == "go" => return Word::Go,
                 Ok(Received::Message(text, _)) if text == "abort" => {
                     return Word::Abandoned("it gave up waiting for this one".into())
@@ -367,24 +381,31 @@ impl Successor {
                 Ok(Received::Message(text, _)) => {
                     return Word::Abandoned(format!("unexpected message {text:?}"))
                 }
-                Ok(Received::Nothing) if Instant::now() < deadline => continue,
+                Ok(Received::Nothing) if Instant::now() < deadline => {}
                 Ok(Received::Nothing) => return Word::Silent,
-                Ok(Received::Closed) => "it closed the connection".to_string(),
-                Err(e) => e.to_string(),
-            };
-            return if rustix::process::getppid() == self.parent {
-                Word::Abandoned(closed)
-            } else {
-                Word::Gone
-            };
+                Ok(Received::Closed) | Err(_) => return Word::Gone,
+            }
         }
+    }
+
+    /// Says this process took over: the old one drains now.
+    pub fn started(&self) -> io::Result<()> {
+        self.peer.send("started", None)
     }
 }
 
-/// Sends `sockets` (key, socket) and `end` to the new process.
-pub fn send_sockets(peer: &Peer, sockets: &[(String, OwnedFd)]) -> io::Result<()> {
+/// Sends `sockets` (key, socket), the `drained` names and `end` to the
+/// new process.
+pub fn send_sockets(
+    peer: &Peer,
+    sockets: &[(String, OwnedFd)],
+    drained: &[String],
+) -> io::Result<()> {
     for (key, fd) in sockets {
         peer.send(&format!("socket {key}"), Some(fd.as_fd()))?;
+    }
+    for name in drained {
+        peer.send(&format!("drained {name}"), None)?;
     }
     peer.send("end", None)
 }
@@ -400,10 +421,15 @@ mod tests {
         })
     }
 
+    fn names(offer: &Offer) -> (String, String) {
+        let [(_, name), (_, token)] = offer.env().map(|(k, v)| (k, v.to_string()));
+        (name, token)
+    }
+
     #[test]
     fn sockets_and_messages_cross_and_strangers_are_turned_away() {
         let offer = Offer::open().unwrap();
-        let [(_, name), (_, token)] = offer.env().map(|(k, v)| (k, v.to_string()));
+        let (name, token) = names(&offer);
         // Without the token: turned away, and the wait goes on.
         let stranger = Peer::connect(&name, "guess").unwrap();
         let soon = Instant::now() + Duration::from_millis(300);
@@ -419,59 +445,86 @@ mod tests {
         let new = std::thread::spawn(move || {
             let (successor, mut inherited) = Successor::receive(&name, &token).unwrap();
             assert_eq!(inherited.keys().collect::<Vec<_>>(), ["tcp 127.0.0.1:1"]);
+            assert_eq!(inherited.drained, ["imaps", "127.0.0.1:143"]);
             let got = std::net::TcpListener::from(inherited.take("tcp 127.0.0.1:1").unwrap());
             assert_eq!(got.local_addr().unwrap(), addr);
             successor.ready().unwrap();
-            successor.wait_go(Duration::from_secs(5))
+            let word = successor.wait_go(Duration::from_secs(5), &AtomicBool::new(false));
+            successor.started().unwrap();
+            word
         });
         let peer = old.join().unwrap().unwrap();
-        send_sockets(&peer, &[("tcp 127.0.0.1:1".into(), listener.into())]).unwrap();
+        let drained = ["imaps".to_string(), "127.0.0.1:143".to_string()];
+        send_sockets(
+            &peer,
+            &[("tcp 127.0.0.1:1".into(), listener.into())],
+            &drained,
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let (text, _) = peer.recv_until(deadline, &mut || None).unwrap();
         assert_eq!(text, format!("ready {}", env!("CARGO_PKG_VERSION")));
         peer.send("go", None).unwrap();
+        let (text, _) = peer.recv_until(deadline, &mut || None).unwrap();
+        assert_eq!(text, "started");
         assert_eq!(new.join().unwrap(), Word::Go);
         // The other side is gone: a wait ends at once, with the reason.
         let gone = peer.recv_until(deadline, &mut || Some("exited".into()));
         assert_eq!(gone.unwrap_err(), "exited");
     }
 
-    /// The old process gave up (`abort`, or it closed the connection and
-    /// still runs: here the test process is both): the new one is
-    /// abandoned and must start nothing.
+    /// What the new process makes of each thing the old one can do after
+    /// `ready`: give up (`abort`), die (a close without a word), say
+    /// nothing; and what it says when it is told to stop itself.
     #[test]
-    fn a_successor_the_old_process_gave_up_on_is_abandoned() {
-        for last in ["abort", "close"] {
+    fn every_answer_to_ready_is_understood() {
+        for (case, expect) in [
+            ("abort", "abandoned"),
+            ("close", "gone"),
+            ("silence", "silent"),
+            ("stop", "abandoned"),
+        ] {
             let offer = Offer::open().unwrap();
-            let [(_, name), (_, token)] = offer.env().map(|(k, v)| (k, v.to_string()));
+            let (name, token) = names(&offer);
             let old = accept(offer);
             let new = std::thread::spawn(move || {
                 let (successor, _) = Successor::receive(&name, &token).unwrap();
-                successor.wait_go(Duration::from_secs(5))
+                let stop = AtomicBool::new(case == "stop");
+                successor.wait_go(Duration::from_millis(300), &stop)
             });
             let peer = old.join().unwrap().unwrap();
-            send_sockets(&peer, &[]).unwrap();
-            if last == "abort" {
-                peer.send("abort", None).unwrap();
+            send_sockets(&peer, &[], &[]).unwrap();
+            match case {
+                "abort" => peer.send("abort", None).unwrap(),
+                "close" => drop(peer),
+                _ => {}
             }
-            drop(peer);
             let word = new.join().unwrap();
-            assert!(matches!(word, Word::Abandoned(_)), "{last}: {word:?}");
+            let got = match &word {
+                Word::Abandoned(_) => "abandoned",
+                Word::Gone => "gone",
+                Word::Silent => "silent",
+                Word::Go => "go",
+            };
+            assert_eq!(got, expect, "{case}: {word:?}");
         }
     }
 
     #[test]
-    fn a_successor_that_hears_nothing_says_so() {
+    fn a_successor_told_to_stop_says_so() {
         let offer = Offer::open().unwrap();
-        let [(_, name), (_, token)] = offer.env().map(|(k, v)| (k, v.to_string()));
+        let (name, token) = names(&offer);
         let old = accept(offer);
         let new = std::thread::spawn(move || {
             let (successor, _) = Successor::receive(&name, &token).unwrap();
-            successor.wait_go(Duration::from_millis(300))
+            successor.wait_go(Duration::from_secs(5), &AtomicBool::new(true))
         });
         let peer = old.join().unwrap().unwrap();
-        send_sockets(&peer, &[]).unwrap();
-        assert_eq!(new.join().unwrap(), Word::Silent);
+        send_sockets(&peer, &[], &[]).unwrap();
+        assert!(matches!(new.join().unwrap(), Word::Abandoned(_)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (text, _) = peer.recv_until(deadline, &mut || None).unwrap();
+        assert_eq!(text, "failed this process was told to stop");
     }
 
     #[test]

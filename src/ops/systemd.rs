@@ -22,8 +22,9 @@ pub fn reloading() {
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 
-/// A new process serves now (`portcullis upgrade`): systemd follows it as
-/// the service's main process; this one drains and exits.
+/// Process `pid` is the service's main process (`portcullis upgrade`): the
+/// new process says so of itself when it takes over, and an old one of
+/// itself when the new one did not.
 pub fn main_pid(pid: u32) {
     notify(&format!(
         "MAINPID={pid}\nSTATUS=upgraded: process {pid} serves"

@@ -367,6 +367,23 @@ impl Runtime {
         flag.drained.swap(drained, Ordering::Relaxed) != drained
     }
 
+    /// What is drained now, by the names `drain` takes: listener names and
+    /// backend addresses (handed to a new process on upgrade).
+    pub fn drained(&self) -> Vec<String> {
+        let topology = self.topology();
+        let listeners = topology
+            .listeners
+            .keys()
+            .filter(|name| self.listener_drained(name))
+            .cloned();
+        let backends = topology
+            .backends
+            .keys()
+            .filter(|a| self.backend(**a).is_some_and(|g| g.is_drained()))
+            .map(ToString::to_string);
+        listeners.chain(backends).collect()
+    }
+
     /// Whether a listener is drained now.
     pub fn listener_drained(&self, name: &str) -> bool {
         self.listeners

@@ -112,6 +112,8 @@ pub struct Server {
     cluster: Option<Arc<Cluster>>,
     /// Live sessions and drain switches (`portcullis status`, `drain`).
     runtime: Arc<Runtime>,
+    /// Listeners and backends drained in the process this one replaces.
+    drained: Vec<String>,
 }
 
 impl Server {
@@ -218,6 +220,7 @@ impl Server {
             notifier,
             cluster,
             runtime,
+            drained: Vec::new(),
         })
     }
 
@@ -233,6 +236,7 @@ impl Server {
     /// addresses they served there; those the config no longer names close.
     pub fn bind_file_with(path: &Path, mut inherited: Inherited) -> Result<Server, Vec<String>> {
         own_binary();
+        let drained = std::mem::take(&mut inherited.drained);
         // Absolute, so the watcher's (absolute) event paths compare with it
         // and with the state_dir below it.
         let path =
@@ -260,6 +264,7 @@ impl Server {
                 "upgrade: the config no longer names this socket; closed here"
             );
         }
+        server.drained = drained;
         server.reloads = reloads;
         server.watcher = watcher;
         Ok(server)
@@ -303,19 +308,29 @@ impl Server {
         let (mut state, mut reload_rx, services) = Running::start(self);
         tokio::pin!(shutdown);
         if let Some(successor) = successor {
-            // A signal while waiting: this process stops before it ever
-            // started its services; the old one, also signalled, stops too.
+            // A signal while waiting: the old process hears this one will
+            // not take over (and accepts again); this one stops before it
+            // ever started its services.
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let taking = upgrade::take_over(successor, stop.clone());
+            tokio::pin!(taking);
             let go = tokio::select! {
-                go = upgrade::take_over(successor) => go,
-                _ = &mut shutdown => false,
+                go = &mut taking => go,
+                _ = &mut shutdown => {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // Within a tick. Unless the old process said go in
+                    // that moment: this one is the main process then, and
+                    // its stop is the service's.
+                    if taking.await {
+                        crate::ops::systemd::stopping();
+                    }
+                    false
+                }
             };
             if !go {
                 state.shut_down().await;
                 return;
             }
-            // The old process named this one already; so does this one, in
-            // case the old one ended before it could.
-            crate::ops::systemd::main_pid(std::process::id());
         }
         state.start_services(services);
         crate::ops::systemd::ready("serving");
@@ -342,8 +357,10 @@ impl Server {
                 },
                 outcome = upgrade::finished(&mut upgrading) => {
                     if let Some(pending) = upgrading.take() {
-                        if state.upgraded(pending, outcome).await.is_ok() {
-                            break true;
+                        match state.upgraded(pending, outcome, shutdown.as_mut()).await {
+                            upgrade::Handover::Done => break true,
+                            upgrade::Handover::Resumed => {}
+                            upgrade::Handover::Stopping => break false,
                         }
                     }
                 }

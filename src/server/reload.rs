@@ -120,7 +120,7 @@ impl Running {
                 Some(c) => Arc::new(ArcSwap::new(c.clone())),
                 None => continue, // built above for every listener
             };
-            self.start_accepting(key, name, ctx, socket);
+            self.start_accepting(key, name, ctx, socket, None);
         }
         self.config = config;
         self.slots = snapshot.slots;

@@ -145,6 +145,7 @@ impl Running {
             notifier,
             cluster,
             runtime,
+            drained,
         } = server;
         let admin_socket = match (&admin, &config.admin) {
             (Some(socket), Some(a)) => copy(socket.as_fd().try_clone_to_owned())
@@ -190,10 +191,28 @@ impl Running {
             admin_socket,
             answers: TaskTracker::new(),
         };
+        // Drained in the process this one replaces: so here, before the
+        // first accept.
+        for name in &drained {
+            state
+                .runtime
+                .set_drained(&crate::proxy::runtime::Target::Listener(name.clone()), true);
+        }
         for (key, ctx, socket, name) in sockets {
-            state.start_accepting(key, name, ctx, socket);
+            state.start_accepting(key, name, ctx, socket, None);
         }
         state.publish_topology();
+        for name in &drained {
+            match state.runtime.target(name) {
+                Ok(target) => {
+                    state.runtime.set_drained(&target, true);
+                    info!(target = %target, "upgrade: drained, as in the old process");
+                }
+                Err(e) => {
+                    info!(error = %e, "upgrade: drained in the old process, gone from the config")
+                }
+            }
+        }
         let services = Services {
             pending_acme,
             control,
@@ -289,6 +308,7 @@ impl Running {
         listener: String,
         ctx: Arc<ArcSwap<ListenerCtx>>,
         socket: TcpListener,
+        relays: Option<CancellationToken>,
     ) {
         let local = socket.local_addr().ok();
         let copied = copy(socket.as_fd().try_clone_to_owned());
@@ -303,7 +323,7 @@ impl Running {
         let listen = self.stop.accepting.child_token();
         let stop = Stop {
             accepting: self.stop.accepting.clone(),
-            relays: self.stop.relays.child_token(),
+            relays: relays.unwrap_or_else(|| self.stop.relays.child_token()),
         };
         self.accepts.spawn(accept_loop(
             socket,
@@ -489,7 +509,12 @@ impl Running {
             }
         }
         self.background.close();
-        self.background.wait().await;
+        if tokio::time::timeout(FINAL_WAIT, self.background.wait())
+            .await
+            .is_err()
+        {
+            warn!("background tasks still running at exit");
+        }
         self.answers.close();
         if tokio::time::timeout(ANSWERS_WAIT, self.answers.wait())
             .await

@@ -2,14 +2,17 @@
 //! starts the new binary, hands it every listening socket
 //! ([`crate::ops::handover`]) and waits, serving on, until it serves too;
 //! then it stops accepting, stops its ACME tasks, control socket and admin
-//! endpoint, tells the new process to start its own, and drains its
-//! sessions as a shutdown does. A new process that fails to start, to read
-//! its config or to bind, or that is not ready in time, is ended and the
-//! old one serves on, nothing closed; so it does if the new one dies before
-//! it is told to go.
+//! endpoint, tells the new process to go, and once that one says it took
+//! over, drains its sessions as a shutdown does. A new process that fails
+//! to start, to read its config or to bind, or that is not ready in time,
+//! is told to give up and ended, and the old one serves on, nothing
+//! closed; a new process that does not say it took over (it died, or was
+//! told to stop) leaves the old one accepting again.
 
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -20,7 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::running::{copy_listener, Running, Services};
-use crate::ops::control::Control;
+use crate::ops::control::{Control, ControlError};
 use crate::ops::handover::{self, Offer, Peer, Successor, Word};
 use crate::ops::reload::Upgrade;
 
@@ -33,6 +36,8 @@ const GO_WITHIN: Duration = Duration::from_secs(30);
 /// Bound on the old process's services (ACME tasks, control socket, admin
 /// endpoint) stopping; they stop at their next step, at once in practice.
 const SERVICES_STOP: Duration = Duration::from_secs(10);
+/// How long a new process has, once told to go, to say it took over.
+const STARTED_WITHIN: Duration = Duration::from_secs(10);
 /// How long a new process that did not take over gets to end on SIGTERM.
 const END_WITHIN: Duration = Duration::from_secs(15);
 
@@ -74,8 +79,42 @@ impl Drop for Pending {
 pub(super) struct Started {
     pid: u32,
     version: String,
-    peer: Peer,
+    link: Link,
     child: Child,
+}
+
+/// The connection to a new process: dropped before it took over, it tells
+/// that process to give up (`abort`), so a close without it always means
+/// this process died.
+struct Link(Option<Peer>);
+
+impl Link {
+    fn peer(&self) -> Option<&Peer> {
+        self.0.as_ref()
+    }
+
+    /// The new process took over: close without a word.
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(peer) = &self.0 {
+            let _ = peer.send("abort", None);
+        }
+    }
+}
+
+/// How an upgrade that got as far as `ready` ended.
+pub(super) enum Handover {
+    /// The new process took over: drain.
+    Done,
+    /// It did not: this process accepts again and serves on.
+    Resumed,
+    /// This process was told to stop meanwhile; the new one gave up.
+    Stopping,
 }
 
 /// Waits for the upgrade under way, if any (forever when none is).
@@ -126,8 +165,10 @@ impl Running {
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let cancelled = cancel.clone();
-        let task =
-            tokio::task::spawn_blocking(move || start_new(&binary, &config, &sockets, &cancelled));
+        let drained = self.runtime.drained();
+        let task = tokio::task::spawn_blocking(move || {
+            start_new(&binary, &config, (&sockets, &drained), &cancelled)
+        });
         Some(Pending {
             task,
             cancel,
@@ -157,27 +198,26 @@ impl Running {
     }
 
     /// Once the upgrade task ended: gives way to the new process if it
-    /// serves. `Ok` once it was told to go (this process then drains);
-    /// `Err` when it was not (said already; this process serves on).
-    pub(super) async fn upgraded(
+    /// serves, unless `shutdown` fires first.
+    pub(super) async fn upgraded<F: Future<Output = ()>>(
         &mut self,
         mut pending: Pending,
         outcome: Result<Started, String>,
-    ) -> Result<(), ()> {
+        mut shutdown: Pin<&mut F>,
+    ) -> Handover {
         let reply = pending.reply.take();
         let Started {
             pid,
             version,
-            peer,
+            link,
             child,
         } = match outcome {
             Ok(started) => started,
             Err(why) => {
                 refuse(reply, why);
-                return Err(());
+                return Handover::Resumed;
             }
         };
-        reap(child);
         let open = self.tracker.len();
         info!(
             new_pid = pid,
@@ -190,29 +230,70 @@ impl Running {
         }
         self.accepts.close();
         self.accepts.wait().await;
-        crate::ops::systemd::main_pid(pid);
         handover::mark_handed_over(true);
         self.background_stop.cancel();
         self.acme = None;
         self.background.close();
-        if tokio::time::timeout(SERVICES_STOP, self.background.wait())
-            .await
-            .is_err()
-        {
-            warn!("upgrade: background tasks still stopping after 10 s; the new process starts its own");
-        }
-        if let Err(e) = peer.send("go", None) {
-            let why =
-                format!("new process {pid} ended before it took over ({e}); this one serves on");
-            error!(error = %why, "upgrade failed: accepting here again");
-            crate::ops::systemd::main_pid(std::process::id());
-            self.resume();
-            if let Some(r) = reply {
-                let _ = r.send(Err(format!("{why}, accepting again")));
+        let stopped = tokio::select! {
+            done = tokio::time::timeout(SERVICES_STOP, self.background.wait()) => done.is_ok(),
+            _ = shutdown.as_mut() => {
+                return self.given_up(link, child, reply, "this process was told to stop", Handover::Stopping);
             }
-            return Err(());
+        };
+        if !stopped {
+            warn!("upgrade: background tasks still stopping after 10 s; telling the new process to go anyway");
         }
-        drop(peer);
+        // Told to go, the new process names itself systemd's main process
+        // and answers `started`; nothing else counts.
+        if let Some(Err(e)) = link.peer().map(|p| p.send("go", None)) {
+            let why = format!("it cannot be told to go: {e}");
+            return self.given_up(link, child, reply, &why, Handover::Resumed);
+        }
+        let mut child = child;
+        let heard = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + STARTED_WITHIN;
+            let answer = match link.peer() {
+                Some(p) => p.recv_until(deadline, &mut || exited(&mut child)),
+                None => Err("no connection".into()),
+            };
+            (link, child, answer)
+        });
+        let heard = tokio::select! {
+            heard = heard => heard,
+            _ = shutdown.as_mut() => {
+                // The blocking wait ends within STARTED_WITHIN; the link it
+                // holds then tells the new process to give up.
+                error!("upgrade: stopping before the new process took over; it gives up too");
+                if let Some(r) = reply {
+                    let _ = r.send(Err("this process was told to stop".into()));
+                }
+                return Handover::Stopping;
+            }
+        };
+        let (link, child, answer) = match heard {
+            Ok(heard) => heard,
+            Err(e) => {
+                // The task panicked: link and child went with it (the link
+                // said abort as it dropped).
+                error!(error = %e, "upgrade: the wait for the new process failed; accepting here again");
+                crate::ops::systemd::main_pid(std::process::id());
+                self.resume();
+                if let Some(r) = reply {
+                    let _ = r.send(Err(format!("upgrade task: {e}; this one accepts again")));
+                }
+                return Handover::Resumed;
+            }
+        };
+        match answer {
+            Ok((text, _)) if text == "started" => {}
+            Ok((text, _)) => {
+                let why = text.strip_prefix("failed ").unwrap_or(&text).to_string();
+                return self.given_up(link, child, reply, &why, Handover::Resumed);
+            }
+            Err(why) => return self.given_up(link, child, reply, &why, Handover::Resumed),
+        }
+        link.done();
+        reap(child);
         self.watcher = None;
         // The new process holds every socket now; the ones it did not take
         // (gone from the config) close here.
@@ -231,7 +312,45 @@ impl Running {
                 humantime::format_duration(grace)
             )));
         }
-        Ok(())
+        Handover::Done
+    }
+
+    /// The new process did not take over (`why`): it is told to give up
+    /// and ended, systemd hears this process is the main one again, and
+    /// unless this process is stopping it accepts again.
+    fn given_up(
+        &mut self,
+        link: Link,
+        mut child: Child,
+        reply: Reply,
+        why: &str,
+        how: Handover,
+    ) -> Handover {
+        drop(link);
+        let pid = child.id();
+        let ended = std::thread::Builder::new()
+            .name("upgrade-end".into())
+            .spawn(move || end(&mut child));
+        if let Err(e) = ended {
+            warn!(error = %e, pid, "cannot wait for the new process to end");
+        }
+        crate::ops::systemd::main_pid(std::process::id());
+        let resumed = matches!(how, Handover::Resumed);
+        if resumed {
+            error!(new_pid = pid, reason = %why, "upgrade failed: the new process did not take over; accepting here again");
+            self.resume();
+        }
+        if let Some(r) = reply {
+            let again = if resumed {
+                "; this one accepts again"
+            } else {
+                ""
+            };
+            let _ = r.send(Err(format!(
+                "new process {pid} did not take over ({why}){again}"
+            )));
+        }
+        how
     }
 
     /// Accepts again on the copies of the sockets and starts the services
@@ -243,22 +362,44 @@ impl Running {
         self.accepts.reopen();
         for (key, bound) in std::mem::take(&mut self.bound) {
             let socket = bound.socket.as_ref().map(copy_listener);
+            let relays = Some(bound.relays);
             match socket {
-                Some(Ok(socket)) => self.start_accepting(key, bound.listener, bound.ctx, socket),
-                Some(Err(e)) => {
-                    error!(listener = %bound.listener, addr = ?bound.local, error = %e, "cannot accept here again: restart portcullis")
+                Some(Ok(socket)) => {
+                    self.start_accepting(key, bound.listener, bound.ctx, socket, relays)
                 }
-                None => {
-                    error!(listener = %bound.listener, addr = ?bound.local, "no copy of this socket: restart portcullis")
+                failed => {
+                    let why = match failed {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "no copy of it".into(),
+                    };
+                    error!(listener = %bound.listener, addr = ?bound.local, error = %why, "cannot accept on this address again: restart portcullis");
+                    if let Some(addr) = bound.local {
+                        self.metrics.accepting(&bound.listener, addr, false);
+                    }
                 }
             }
         }
         let control = self.control_socket.as_ref().and_then(|fd| {
-            let socket = std::os::unix::net::UnixListener::from(fd.try_clone().ok()?);
-            Control::inherited(socket, &self.config.state_dir)
-                .ok()
-                .flatten()
+            let socket = fd
+                .try_clone()
+                .map(std::os::unix::net::UnixListener::from)
+                .map_err(|e| ControlError::Io {
+                    path: self.config.state_dir.clone(),
+                    source: e,
+                })
+                .and_then(|s| Control::inherited(s, &self.config.state_dir));
+            match socket {
+                Ok(Some(control)) => Some(control),
+                Ok(None) => None,
+                Err(e) => {
+                    error!(error = %e, "cannot serve the control socket again; binding it anew");
+                    None
+                }
+            }
         });
+        // A control socket not served here is bound again by the next
+        // state_dir probe.
+        self.control_serving = control.is_some();
         let admin = self
             .admin_socket
             .as_ref()
@@ -291,27 +432,40 @@ impl Running {
 }
 
 /// In the new process, once it accepts: says so to the old one and waits
-/// for its word. `false`: the old one gave up on this one and serves on.
-pub(super) async fn take_over(successor: Successor) -> bool {
+/// for its word; once told to go (or when the old one is gone, or stuck),
+/// names itself systemd's main process and says it took over. `false`:
+/// the old one serves on, or `stop` fired; this process must drain and
+/// exit without starting anything.
+pub(super) async fn take_over(successor: Successor, stop: Arc<AtomicBool>) -> bool {
     if let Err(e) = successor.ready() {
         warn!(error = %e, "upgrade: cannot tell the old process this one serves; it serves on, so this one ends");
         return false;
     }
     info!("upgrade: serving; waiting for the old process to stop its ACME tasks, control socket and admin endpoint");
-    let word = tokio::task::spawn_blocking(move || successor.wait_go(GO_WITHIN))
-        .await
-        .unwrap_or(Word::Silent);
-    match word {
-        Word::Go => info!("upgrade: the old process stepped down; starting the services here"),
-        Word::Gone => {
-            warn!("upgrade: the old process ended without a word; starting the services here")
+    let waited = tokio::task::spawn_blocking(move || {
+        let word = successor.wait_go(GO_WITHIN, &stop);
+        (successor, word)
+    })
+    .await;
+    let Ok((successor, word)) = waited else {
+        warn!("upgrade: the wait for the old process failed; this one ends");
+        return false;
+    };
+    match &word {
+        Word::Go => info!("upgrade: the old process stepped down; taking over"),
+        Word::Gone => warn!("upgrade: the old process ended without a word; taking over"),
+        Word::Silent => {
+            warn!("upgrade: no word from the old process within 30 s; taking over anyway")
         }
-        Word::Silent => warn!(
-            "upgrade: no word from the old process within 30 s; starting the services here anyway"
-        ),
         Word::Abandoned(why) => {
-            warn!(reason = %why, "upgrade: the old process serves on; draining what this one accepted, then exiting");
+            warn!(reason = %why, "upgrade: not taking over; draining what this one accepted, then exiting");
             return false;
+        }
+    }
+    crate::ops::systemd::main_pid(std::process::id());
+    if let Err(e) = successor.started() {
+        if word != Word::Gone {
+            warn!(error = %e, "upgrade: cannot tell the old process; taking over anyway");
         }
     }
     true
@@ -322,7 +476,7 @@ pub(super) async fn take_over(successor: Successor) -> bool {
 fn start_new(
     binary: &Path,
     config: &Path,
-    sockets: &[(String, OwnedFd)],
+    (sockets, drained): (&[(String, OwnedFd)], &[String]),
     cancel: &AtomicBool,
 ) -> Result<Started, String> {
     let offer = Offer::open().map_err(|e| format!("cannot open the upgrade socket: {e}"))?;
@@ -344,13 +498,13 @@ fn start_new(
             }
             exited(&mut child)
         };
-        converse(&offer, sockets, deadline, &mut gone)
+        converse(&offer, sockets, drained, deadline, &mut gone)
     };
     match outcome {
         Ok((peer, version)) => Ok(Started {
             pid,
             version,
-            peer,
+            link: Link(Some(peer)),
             child,
         }),
         Err(why) => {
@@ -365,11 +519,12 @@ fn start_new(
 fn converse(
     offer: &Offer,
     sockets: &[(String, OwnedFd)],
+    drained: &[String],
     deadline: Instant,
     gone: &mut dyn FnMut() -> Option<String>,
 ) -> Result<(Peer, String), String> {
     let peer = offer.accept(deadline, gone)?;
-    let answer = handover::send_sockets(&peer, sockets)
+    let answer = handover::send_sockets(&peer, sockets, drained)
         .map_err(|e| format!("cannot hand over the sockets: {e}"))
         .and_then(|()| peer.recv_until(deadline, gone));
     let why = match answer {
