@@ -40,8 +40,9 @@ fn hup(run: &Running) {
     assert!(sent.success());
 }
 
-#[test]
-fn systemd_hears_ready_reloading_and_stopping() {
+/// portcullis on [`CONFIG`] with `$NOTIFY_SOCKET` at a socket of the
+/// test's (20 s read timeout): the scratch dir, the socket, the process.
+fn under_systemd() -> (tempfile::TempDir, UnixDatagram, Running) {
     let dir = common::scratch();
     let config = dir.path().join("portcullis.yaml");
     std::fs::write(&config, CONFIG).unwrap();
@@ -50,7 +51,14 @@ fn systemd_hears_ready_reloading_and_stopping() {
     systemd
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut run = Running::start(&config, &[("NOTIFY_SOCKET", path.display().to_string())]);
+    let run = Running::start(&config, &[("NOTIFY_SOCKET", path.display().to_string())]);
+    (dir, systemd, run)
+}
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let (dir, systemd, mut run) = under_systemd();
+    let config = dir.path().join("portcullis.yaml");
 
     let ready = next(&systemd, &run);
     assert_eq!(ready, "READY=1\nSTATUS=serving");
@@ -120,15 +128,8 @@ fn an_abstract_notify_socket_is_reached_too() {
 /// (systemd would take that for the service stopping).
 #[test]
 fn an_upgrade_hands_systemd_the_new_main_process() {
-    let dir = common::scratch();
+    let (dir, systemd, mut run) = under_systemd();
     let config = dir.path().join("portcullis.yaml");
-    std::fs::write(&config, CONFIG).unwrap();
-    let path = dir.path().join("notify.sock");
-    let systemd = UnixDatagram::bind(&path).unwrap();
-    systemd
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut run = Running::start(&config, &[("NOTIFY_SOCKET", path.display().to_string())]);
     assert_eq!(next(&systemd, &run), "READY=1\nSTATUS=serving");
 
     let (code, out, err) = common::process::portcullis(

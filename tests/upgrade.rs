@@ -103,6 +103,18 @@ fn wait_ended(pid: u32, limit: Duration, log: &dyn Fn() -> String) {
     }
 }
 
+/// Waits (bounded) for a process whose sessions all closed to exit by
+/// itself, with success.
+async fn exits(mut run: Running) -> Running {
+    tokio::task::spawn_blocking(move || {
+        let status = run.stop_wait(Duration::from_secs(30));
+        assert!(status.success(), "{status}\n{}", run.log());
+        run
+    })
+    .await
+    .unwrap()
+}
+
 fn signal(pid: u32, sig: &str) {
     let sent = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -396,21 +408,7 @@ async fn five_upgrades_refuse_nothing_and_cut_no_session() {
     }
     // Their last session closed, the old processes exit by themselves, well
     // before the 120 s grace.
-    let started = first.pid();
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = first.try_wait() {
-                return (s, first);
-            }
-            assert!(Instant::now() < deadline, "process {started} still runs");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
-    let (status, first) = status;
-    assert!(status.success(), "{status}\n{}", first.log());
+    let first = exits(first).await;
     let log = || first.log();
     for pid in &pids[1..UPGRADES] {
         wait_ended(*pid, Duration::from_secs(30), &log);
@@ -550,21 +548,9 @@ hosts:
     session.close().await;
     another.close().await;
     fresh.close().await;
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = run.try_wait() {
-                return (s, run);
-            }
-            assert!(Instant::now() < deadline, "the old process still runs");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
-    assert!(status.0.success(), "{}", status.1.log());
+    let run = exits(run).await;
     signal(pid, "-TERM");
-    wait_ended(pid, Duration::from_secs(30), &|| status.1.log());
+    wait_ended(pid, Duration::from_secs(30), &|| run.log());
 }
 
 /// What the old process logged about the new one it started last.
@@ -627,19 +613,13 @@ async fn during_an_upgrade_the_old_process_answers_and_a_stop_ends_both() {
     let (code, _, err) = first.await.unwrap();
     assert_eq!(code, 1);
     assert!(err.contains("upgrade failed"), "{err}");
-    let status = tokio::task::spawn_blocking(move || {
-        let status = run.stop_wait(QUICK);
-        (status, run)
-    })
-    .await
-    .unwrap();
-    assert!(status.0.success(), "{}", status.1.log());
+    let run = exits(run).await;
     assert!(
         began.elapsed() < Duration::from_secs(20),
         "the stop waited for the upgrade: {:?}",
         began.elapsed()
     );
-    wait_ended(slow_pid, Duration::from_secs(10), &|| status.1.log());
+    wait_ended(slow_pid, Duration::from_secs(10), &|| run.log());
 }
 
 /// A new process that says it is ready and dies before it took over: the
@@ -735,19 +715,7 @@ s.send(b"ready 0.0.0-fake")
     Echo::open(relay).await.check().await;
     session.close().await;
     fresh.close().await;
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = run.try_wait() {
-                return (s, run);
-            }
-            assert!(Instant::now() < deadline, "the old process still runs");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
-    assert!(status.0.success(), "{}", status.1.log());
+    let run = exits(run).await;
     signal(pid, "-TERM");
-    wait_ended(pid, Duration::from_secs(30), &|| status.1.log());
+    wait_ended(pid, Duration::from_secs(30), &|| run.log());
 }
