@@ -107,7 +107,7 @@ fn wait_ended(pid: u32, limit: Duration, log: &dyn Fn() -> String) {
 /// itself, with success.
 async fn exits(mut run: Running) -> Running {
     tokio::task::spawn_blocking(move || {
-        let status = run.stop_wait(Duration::from_secs(30));
+        let status = run.wait_exit(Duration::from_secs(30));
         assert!(status.success(), "{status}\n{}", run.log());
         run
     })

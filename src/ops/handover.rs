@@ -269,6 +269,13 @@ fn cut(text: &str, limit: usize) -> &str {
     &text[..end]
 }
 
+/// A listening TCP socket, handed over or copied, as tokio's.
+pub fn tcp_listener(fd: OwnedFd) -> io::Result<tokio::net::TcpListener> {
+    let socket = std::net::TcpListener::from(fd);
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket)
+}
+
 /// The sockets a new process was given, by key, until it takes them; and
 /// what was drained in the old one.
 #[derive(Debug, Default)]
@@ -281,12 +288,7 @@ pub struct Inherited {
 impl Inherited {
     /// The TCP listening socket sent as `key`, if there is one.
     pub fn take_tcp(&mut self, key: &str) -> Option<io::Result<tokio::net::TcpListener>> {
-        let fd = self.sockets.remove(key)?;
-        let std = std::net::TcpListener::from(fd);
-        Some(
-            std.set_nonblocking(true)
-                .and_then(|()| tokio::net::TcpListener::from_std(std)),
-        )
+        self.sockets.remove(key).map(tcp_listener)
     }
 
     /// The socket sent as `key`, if there is one.

@@ -50,6 +50,16 @@ pub enum Ask {
 #[derive(Clone, Debug)]
 pub struct Reloader(pub(crate) mpsc::Sender<Ask>);
 
+/// Why a request got no outcome: the process stopped taking them.
+const GONE: &str = "this process is stopping, or has handed over to a new one: ask again";
+
+/// Sends `outcome` to whoever asked, if anyone waits for it.
+pub fn answer<T>(reply: Option<oneshot::Sender<Result<T, String>>>, outcome: Result<T, String>) {
+    if let Some(reply) = reply {
+        let _ = reply.send(outcome);
+    }
+}
+
 impl Reloader {
     /// Reloads and waits for the outcome.
     pub async fn reload(&self, reason: &'static str) -> Result<Changes, String> {
@@ -58,14 +68,7 @@ impl Reloader {
             reason,
             reply: Some(tx),
         };
-        if self.0.send(Ask::Reload(request)).await.is_err() {
-            return Err(
-                "this process is stopping, or has handed over to a new one: ask again".into(),
-            );
-        }
-        rx.await.unwrap_or_else(|_| {
-            Err("this process is stopping, or has handed over to a new one: ask again".into())
-        })
+        self.ask(Ask::Reload(request), rx).await
     }
 
     /// Upgrades to `binary` and waits for the outcome.
@@ -76,14 +79,18 @@ impl Reloader {
             binary,
             reply: Some(tx),
         };
-        if self.0.send(Ask::Upgrade(request)).await.is_err() {
-            return Err(
-                "this process is stopping, or has handed over to a new one: ask again".into(),
-            );
+        self.ask(Ask::Upgrade(request), rx).await
+    }
+
+    async fn ask<T>(
+        &self,
+        ask: Ask,
+        outcome: oneshot::Receiver<Result<T, String>>,
+    ) -> Result<T, String> {
+        if self.0.send(ask).await.is_err() {
+            return Err(GONE.into());
         }
-        rx.await.unwrap_or_else(|_| {
-            Err("this process is stopping, or has handed over to a new one: ask again".into())
-        })
+        outcome.await.unwrap_or_else(|_| Err(GONE.into()))
     }
 
     /// Asks for an upgrade to this process's own binary without waiting

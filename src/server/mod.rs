@@ -220,7 +220,7 @@ impl Server {
             notifier,
             cluster,
             runtime,
-            drained: Vec::new(),
+            drained: std::mem::take(&mut inherited.drained),
         })
     }
 
@@ -235,8 +235,8 @@ impl Server {
     /// (`portcullis upgrade`): the sockets it handed over serve the
     /// addresses they served there; those the config no longer names close.
     pub fn bind_file_with(path: &Path, mut inherited: Inherited) -> Result<Server, Vec<String>> {
+        // Fixed now, as started: an upgrade later runs what is at this path.
         own_binary();
-        let drained = std::mem::take(&mut inherited.drained);
         // Absolute, so the watcher's (absolute) event paths compare with it
         // and with the state_dir below it.
         let path =
@@ -264,7 +264,6 @@ impl Server {
                 "upgrade: the config no longer names this socket; closed here"
             );
         }
-        server.drained = drained;
         server.reloads = reloads;
         server.watcher = watcher;
         Ok(server)
@@ -348,9 +347,7 @@ impl Server {
                     Some(Ask::Upgrade(u)) if upgrading.is_some() => {
                         let why = "an upgrade is already under way; this process serves on";
                         warn!(trigger = u.reason, "upgrade not started: {why}");
-                        if let Some(r) = u.reply {
-                            let _ = r.send(Err(why.into()));
-                        }
+                        reload_request::answer(u.reply, Err(why.into()));
                     }
                     Some(Ask::Upgrade(u)) => upgrading = state.begin_upgrade(u),
                     None => break false,
@@ -379,16 +376,10 @@ impl Server {
         while let Ok(ask) = reload_rx.try_recv() {
             let why = "this process has handed over to a new one: ask again".to_string();
             match ask {
-                Ask::Reload(r) => {
-                    if let Some(reply) = r.reply {
-                        let _ = reply.send(Err(why));
-                    }
-                }
+                Ask::Reload(r) => reload_request::answer(r.reply, Err(why)),
                 Ask::Upgrade(u) => {
                     warn!(trigger = u.reason, "upgrade not started: {why}");
-                    if let Some(reply) = u.reply {
-                        let _ = reply.send(Err(why));
-                    }
+                    reload_request::answer(u.reply, Err(why));
                 }
             }
         }

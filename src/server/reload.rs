@@ -49,9 +49,7 @@ impl Running {
                 );
             }
         }
-        if let Some(reply) = request.reply {
-            let _ = reply.send(result);
-        }
+        reload::answer(request.reply, result);
     }
 
     /// Read, parse, validate, build, bind what is new; only then swap.

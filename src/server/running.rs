@@ -44,9 +44,7 @@ fn copy(socket: std::io::Result<OwnedFd>) -> Option<OwnedFd> {
 
 /// A tokio listening socket from a copy of one.
 pub(super) fn copy_listener(fd: &OwnedFd) -> std::io::Result<TcpListener> {
-    let socket = std::net::TcpListener::from(fd.try_clone()?);
-    socket.set_nonblocking(true)?;
-    TcpListener::from_std(socket)
+    crate::ops::handover::tcp_listener(fd.try_clone()?)
 }
 
 /// How long the control socket's last answers get to be written at exit.

@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use super::running::{copy_listener, Running, Services};
 use crate::ops::control::{Control, ControlError};
 use crate::ops::handover::{self, Offer, Peer, Successor, Word};
-use crate::ops::reload::Upgrade;
+use crate::ops::reload::{answer, Upgrade};
 
 /// How long a new process may take from its start to serving: reading its
 /// config and certificates, binding what was not handed over.
@@ -131,9 +131,7 @@ pub(super) async fn finished(pending: &mut Option<Pending>) -> Result<Started, S
 /// Says why an upgrade did not happen, to whoever asked and in the log.
 fn refuse(reply: Reply, why: String) {
     error!(error = %why, "upgrade failed: still serving here, nothing closed");
-    if let Some(r) = reply {
-        let _ = r.send(Err(format!("{why}; still serving, nothing closed")));
-    }
+    answer(reply, Err(format!("{why}; still serving, nothing closed")));
 }
 
 impl Running {
@@ -237,7 +235,7 @@ impl Running {
         let stopped = tokio::select! {
             done = tokio::time::timeout(SERVICES_STOP, self.background.wait()) => done.is_ok(),
             _ = shutdown.as_mut() => {
-                return self.given_up(link, child, reply, "this process was told to stop", Handover::Stopping);
+                return self.given_up(pid, Some((link, child)), reply, "this process was told to stop", Handover::Stopping);
             }
         };
         if !stopped {
@@ -247,50 +245,44 @@ impl Running {
         // and answers `started`; nothing else counts.
         if let Some(Err(e)) = link.peer().map(|p| p.send("go", None)) {
             let why = format!("it cannot be told to go: {e}");
-            return self.given_up(link, child, reply, &why, Handover::Resumed);
+            return self.given_up(pid, Some((link, child)), reply, &why, Handover::Resumed);
         }
         let mut child = child;
         let heard = tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + STARTED_WITHIN;
-            let answer = match link.peer() {
+            let heard = match link.peer() {
                 Some(p) => p.recv_until(deadline, &mut || exited(&mut child)),
                 None => Err("no connection".into()),
             };
-            (link, child, answer)
+            (link, child, heard)
         });
         let heard = tokio::select! {
             heard = heard => heard,
             _ = shutdown.as_mut() => {
                 // The blocking wait ends within STARTED_WITHIN; the link it
                 // holds then tells the new process to give up.
-                error!("upgrade: stopping before the new process took over; it gives up too");
-                if let Some(r) = reply {
-                    let _ = r.send(Err("this process was told to stop".into()));
-                }
-                return Handover::Stopping;
+                let why = "this process was told to stop";
+                return self.given_up(pid, None, reply, why, Handover::Stopping);
             }
         };
-        let (link, child, answer) = match heard {
+        let (link, child, heard) = match heard {
             Ok(heard) => heard,
             Err(e) => {
                 // The task panicked: link and child went with it (the link
                 // said abort as it dropped).
-                error!(error = %e, "upgrade: the wait for the new process failed; accepting here again");
-                crate::ops::systemd::main_pid(std::process::id());
-                self.resume();
-                if let Some(r) = reply {
-                    let _ = r.send(Err(format!("upgrade task: {e}; this one accepts again")));
-                }
-                return Handover::Resumed;
+                let why = format!("upgrade task: {e}");
+                return self.given_up(pid, None, reply, &why, Handover::Resumed);
             }
         };
-        match answer {
+        match heard {
             Ok((text, _)) if text == "started" => {}
             Ok((text, _)) => {
                 let why = text.strip_prefix("failed ").unwrap_or(&text).to_string();
-                return self.given_up(link, child, reply, &why, Handover::Resumed);
+                return self.given_up(pid, Some((link, child)), reply, &why, Handover::Resumed);
             }
-            Err(why) => return self.given_up(link, child, reply, &why, Handover::Resumed),
+            Err(why) => {
+                return self.given_up(pid, Some((link, child)), reply, &why, Handover::Resumed)
+            }
         }
         link.done();
         reap(child);
@@ -305,51 +297,51 @@ impl Running {
             grace = ?grace,
             "upgrade: the new process took over; draining here"
         );
-        if let Some(r) = reply {
-            let _ = r.send(Ok(format!(
-                "process {pid} (portcullis {version}) serves now; process {} stopped accepting and drains {open} open session(s), at most {}",
-                std::process::id(),
-                humantime::format_duration(grace)
-            )));
-        }
+        answer(reply, Ok(format!(
+            "process {pid} (portcullis {version}) serves now; process {} stopped accepting and drains {open} open session(s), at most {}",
+            std::process::id(),
+            humantime::format_duration(grace)
+        )));
         Handover::Done
     }
 
-    /// The new process did not take over (`why`): it is told to give up
-    /// and ended, systemd hears this process is the main one again, and
-    /// unless this process is stopping it accepts again.
+    /// New process `pid` did not take over (`why`): it is told to give up
+    /// and ended (unless a task holding its link and child does that),
+    /// systemd hears this process is the main one again, and unless this
+    /// process is stopping it accepts again.
     fn given_up(
         &mut self,
-        link: Link,
-        mut child: Child,
+        pid: u32,
+        new: Option<(Link, Child)>,
         reply: Reply,
         why: &str,
         how: Handover,
     ) -> Handover {
-        drop(link);
-        let pid = child.id();
-        let ended = std::thread::Builder::new()
-            .name("upgrade-end".into())
-            .spawn(move || end(&mut child));
-        if let Err(e) = ended {
-            warn!(error = %e, pid, "cannot wait for the new process to end");
+        if let Some((link, mut child)) = new {
+            drop(link);
+            let ended = std::thread::Builder::new()
+                .name("upgrade-end".into())
+                .spawn(move || end(&mut child));
+            if let Err(e) = ended {
+                warn!(error = %e, pid, "cannot wait for the new process to end");
+            }
         }
         crate::ops::systemd::main_pid(std::process::id());
         let resumed = matches!(how, Handover::Resumed);
-        if resumed {
+        let again = if resumed {
             error!(new_pid = pid, reason = %why, "upgrade failed: the new process did not take over; accepting here again");
             self.resume();
-        }
-        if let Some(r) = reply {
-            let again = if resumed {
-                "; this one accepts again"
-            } else {
-                ""
-            };
-            let _ = r.send(Err(format!(
+            "; this one accepts again"
+        } else {
+            error!(new_pid = pid, reason = %why, "upgrade given up: stopping");
+            ""
+        };
+        answer(
+            reply,
+            Err(format!(
                 "new process {pid} did not take over ({why}){again}"
-            )));
-        }
+            )),
+        );
         how
     }
 

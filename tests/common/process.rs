@@ -187,7 +187,7 @@ impl Running {
     }
 
     /// Waits (bounded) for its exit, without signalling it.
-    pub fn stop_wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -195,17 +195,11 @@ impl Running {
             }
             assert!(
                 Instant::now() < deadline,
-                "still running:
-{}",
+                "no exit within {limit:?}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Its exit status, if it has exited.
-    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().unwrap()
     }
 
     /// SIGTERM, and the exit status (bounded); the whole log is in
@@ -216,18 +210,7 @@ impl Running {
             .status()
             .unwrap();
         assert!(sent.success());
-        let deadline = Instant::now() + QUICK;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit within {QUICK:?} of SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = self.wait_exit(QUICK);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
